@@ -1,0 +1,235 @@
+//! [`IpvsHandle`]: the async API over one netlink socket.
+
+use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+
+use tokio::sync::Mutex;
+
+use crate::{
+    connection::{Connection, NetlinkSocket},
+    error::{Error, Result},
+    message::{IpvsAttribute, IpvsMessage},
+    request::{Change, Operation, Request, Target},
+    types::{Destination, DestinationEntry, Info, Service, ServiceEntry, ServiceKey, Timeouts},
+};
+
+/// A handle to the IPVS table of the network namespace it was opened in.
+///
+/// Cloning is cheap; clones share one socket and take turns on it. The IPVS family id is
+/// resolved on first use and again when the kernel stops recognising it (the `ip_vs` module
+/// was reloaded), so a handle opened before IPVS was loaded starts working once it is.
+#[derive(Clone)]
+pub struct IpvsHandle {
+    connection: Arc<Mutex<Connection<NetlinkSocket>>>,
+}
+
+impl std::fmt::Debug for IpvsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IpvsHandle").finish_non_exhaustive()
+    }
+}
+
+impl IpvsHandle {
+    /// Opens a generic-netlink socket in the current network namespace. Must be called within
+    /// a tokio runtime. Does not talk to the kernel yet, so it succeeds without IPVS.
+    pub fn new() -> Result<Self> {
+        let socket = NetlinkSocket::open().map_err(|source| Error::Io {
+            target: Target::new(Operation::ResolveFamily),
+            source,
+        })?;
+        Ok(Self { connection: Arc::new(Mutex::new(Connection::new(socket))) })
+    }
+
+    /// Sets how many messages a batch puts in one `sendmsg` (default 128). The replies of one
+    /// such chunk must fit the socket's receive buffer.
+    pub async fn set_window(&self, window: usize) {
+        self.connection.lock().await.set_window(window);
+    }
+
+    /// How many messages this handle has sent, by operation: what a caller that must prove it
+    /// wrote nothing can count.
+    pub async fn sent_messages(&self) -> HashMap<Operation, u64> {
+        self.connection.lock().await.sent.clone()
+    }
+
+    async fn execute(&self, request: Request) -> Result<Vec<IpvsMessage>> {
+        self.connection.lock().await.execute(&request).await
+    }
+
+    async fn change(&self, change: Change) -> Result<()> {
+        self.execute(Request::Change(change)).await.map(drop)
+    }
+
+    /// The IPVS version and connection table size (`ipvsadm --version`, `/proc/net/ip_vs`).
+    pub async fn info(&self) -> Result<Info> {
+        let request = Request::GetInfo;
+        let mut version = None;
+        let mut size = None;
+        for attr in self.execute(request.clone()).await?.into_iter().flat_map(|m| m.attributes) {
+            match attr {
+                IpvsAttribute::InfoVersion(v) => version = Some(v),
+                IpvsAttribute::InfoConnectionTableSize(v) => size = Some(v),
+                _ => {}
+            }
+        }
+        match (version, size) {
+            (Some(version), Some(connection_table_size)) => {
+                Ok(Info { version, connection_table_size })
+            }
+            _ => Err(malformed(&request, "the info reply lacks the version or table size")),
+        }
+    }
+
+    /// Adds a virtual service.
+    pub async fn add_service(&self, service: &Service) -> Result<()> {
+        self.change(Change::AddService(service.clone())).await
+    }
+
+    /// Changes an existing virtual service in place; its destinations and connections stay.
+    pub async fn update_service(&self, service: &Service) -> Result<()> {
+        self.change(Change::UpdateService(service.clone())).await
+    }
+
+    /// Deletes a virtual service with its destinations.
+    pub async fn delete_service(&self, key: &ServiceKey) -> Result<()> {
+        self.change(Change::DeleteService(*key)).await
+    }
+
+    /// Reads one virtual service.
+    pub async fn get_service(&self, key: &ServiceKey) -> Result<ServiceEntry> {
+        let request = Request::GetService(*key);
+        let messages = self.execute(request.clone()).await?;
+        services_from(&request, messages)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| malformed(&request, "the reply holds no service"))
+    }
+
+    /// Lists every virtual service of the namespace (a dump).
+    pub async fn list_services(&self) -> Result<Vec<ServiceEntry>> {
+        let request = Request::ListServices;
+        let messages = self.execute(request.clone()).await?;
+        services_from(&request, messages)
+    }
+
+    /// Adds a destination to a virtual service.
+    pub async fn add_destination(&self, service: &ServiceKey, destination: &Destination) -> Result<()> {
+        self.change(Change::AddDestination(*service, *destination)).await
+    }
+
+    /// Changes a destination's forwarding method, weight or thresholds.
+    pub async fn update_destination(
+        &self,
+        service: &ServiceKey,
+        destination: &Destination,
+    ) -> Result<()> {
+        self.change(Change::UpdateDestination(*service, *destination)).await
+    }
+
+    /// Deletes a destination.
+    pub async fn delete_destination(&self, service: &ServiceKey, address: SocketAddr) -> Result<()> {
+        self.change(Change::DeleteDestination(*service, address)).await
+    }
+
+    /// Lists the destinations of a virtual service (a dump). Fails with
+    /// [`Error::NoSuchService`] if the service does not exist; the kernel itself answers such
+    /// a dump with an empty list.
+    pub async fn list_destinations(&self, service: &ServiceKey) -> Result<Vec<DestinationEntry>> {
+        let destinations = self.destinations_of(service).await?;
+        if destinations.is_empty() {
+            // Tell an empty service from a missing one.
+            self.get_service(service).await.map_err(|err| match err {
+                Error::NoSuchService { .. } => Error::NoSuchService {
+                    target: Request::ListDestinations(*service).target(),
+                },
+                other => other,
+            })?;
+        }
+        Ok(destinations)
+    }
+
+    async fn destinations_of(&self, service: &ServiceKey) -> Result<Vec<DestinationEntry>> {
+        let request = Request::ListDestinations(*service);
+        let messages = self.execute(request.clone()).await?;
+        let family = service.family();
+        messages
+            .into_iter()
+            .flat_map(|m| m.attributes)
+            .filter_map(|attr| match attr {
+                IpvsAttribute::Destination(attrs) => Some(attrs),
+                _ => None,
+            })
+            .map(|attrs| {
+                DestinationEntry::from_attributes(&attrs, family)
+                    .map_err(|err| malformed(&request, &err.0))
+            })
+            .collect()
+    }
+
+    /// Lists every virtual service with its destinations, as `ipvsadm -Ln` shows them.
+    pub async fn dump(&self) -> Result<Vec<(ServiceEntry, Vec<DestinationEntry>)>> {
+        let services = self.list_services().await?;
+        let mut table = Vec::with_capacity(services.len());
+        for service in services {
+            let destinations = self.destinations_of(&service.service.key).await?;
+            table.push((service, destinations));
+        }
+        Ok(table)
+    }
+
+    /// Deletes every virtual service and destination of the namespace (`ipvsadm -C`).
+    pub async fn flush(&self) -> Result<()> {
+        self.execute(Request::Flush).await.map(drop)
+    }
+
+    /// The TCP, TCP FIN and UDP connection timeouts.
+    pub async fn timeouts(&self) -> Result<Timeouts> {
+        let request = Request::GetTimeouts;
+        let mut timeouts = Timeouts::default();
+        let mut seen = 0;
+        for attr in self.execute(request.clone()).await?.into_iter().flat_map(|m| m.attributes) {
+            match attr {
+                IpvsAttribute::TimeoutTcp(v) => timeouts.tcp = v,
+                IpvsAttribute::TimeoutTcpFin(v) => timeouts.tcp_fin = v,
+                IpvsAttribute::TimeoutUdp(v) => timeouts.udp = v,
+                _ => continue,
+            }
+            seen += 1;
+        }
+        if seen != 3 {
+            return Err(malformed(&request, "the config reply lacks a timeout"));
+        }
+        Ok(timeouts)
+    }
+
+    /// Sets the connection timeouts; a 0 leaves that timeout unchanged (`ipvsadm --set`).
+    pub async fn set_timeouts(&self, timeouts: Timeouts) -> Result<()> {
+        self.execute(Request::SetTimeouts(timeouts)).await.map(drop)
+    }
+
+    /// Zeroes the counters of one service, or of every service with `None` (`ipvsadm -Z`).
+    pub async fn zero(&self, service: Option<&ServiceKey>) -> Result<()> {
+        self.execute(Request::Zero(service.copied())).await.map(drop)
+    }
+
+    /// Applies many changes pipelined on the socket and returns one result per change, in
+    /// order. A failed change does not stop the ones after it.
+    pub async fn apply(&self, changes: &[Change]) -> Vec<Result<()>> {
+        self.connection.lock().await.apply(changes).await
+    }
+}
+
+fn malformed(request: &Request, reason: &str) -> Error {
+    Error::MalformedReply { target: request.target(), reason: reason.to_owned() }
+}
+
+fn services_from(request: &Request, messages: Vec<IpvsMessage>) -> Result<Vec<ServiceEntry>> {
+    messages
+        .into_iter()
+        .flat_map(|m| m.attributes)
+        .filter_map(|attr| match attr {
+            IpvsAttribute::Service(attrs) => Some(attrs),
+            _ => None,
+        })
+        .map(|attrs| ServiceEntry::from_attributes(&attrs).map_err(|err| malformed(request, &err.0)))
+        .collect()
+}
