@@ -1,1 +1,101 @@
-fn main() {}
+//! Build, test and benchmark tasks for kube-ipvs.
+//!
+//! `cargo xtask test` is the whole test suite: formatting, lints, unit tests, and the
+//! privileged tests against a real kernel in a VM (`cargo xtask vmtest`). The VM boots a stock
+//! Debian kernel under qemu with virtme-ng, sharing the host's root filesystem; inside it, this
+//! same binary runs as the guest-side runner (`xtask guest`).
+
+mod bench;
+mod guest;
+mod setup;
+mod util;
+mod vm;
+mod vmtest;
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Build, test and benchmark tasks for kube-ipvs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Run every test: rustfmt, clippy, unit tests, then the VM tests against a real kernel.
+    /// Installs what it needs (Debian packages, the kernel, virtme-ng) when it is missing.
+    Test {
+        #[command(flatten)]
+        vm: vm::VmOptions,
+    },
+    /// Run the privileged tests (`tests/vm`) inside a VM, each in its own network namespace.
+    Vmtest {
+        /// Run only the tests whose name contains this text.
+        #[arg(long)]
+        filter: Option<String>,
+        #[command(flatten)]
+        vm: vm::VmOptions,
+    },
+    /// Run a benchmark inside the VM and print its table.
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        which: bench::Which,
+        /// Virtual services to program.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Destinations per virtual service.
+        #[arg(long, default_value_t = 10)]
+        destinations: usize,
+        #[command(flatten)]
+        vm: vm::VmOptions,
+    },
+    /// Boot the VM and run one command in it (as root, in the initial network namespace).
+    Vm {
+        /// The command and its arguments.
+        #[arg(trailing_var_arg = true, required = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        vm: vm::VmOptions,
+    },
+    /// Inside the VM: load the kernel modules and carry out a plan written by the host.
+    #[command(hide = true)]
+    Guest {
+        /// The plan file.
+        plan: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Test { vm } => {
+            util::run(util::cargo(["fmt", "--all", "--", "--check"]))?;
+            util::run(util::cargo([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
+            util::run(util::cargo(["test"]))?;
+            vmtest::run(None, &vm)
+        }
+        Task::Vmtest { filter, vm } => vmtest::run(filter.as_deref(), &vm),
+        Task::Bench {
+            which,
+            services,
+            destinations,
+            vm,
+        } => bench::run(which, services, destinations, &vm),
+        Task::Vm { command, vm } => vm::run_command(command, &vm),
+        Task::Guest { plan } => guest::run(&plan),
+    }
+}

@@ -36,7 +36,9 @@ impl IpvsHandle {
             target: Target::new(Operation::ResolveFamily),
             source,
         })?;
-        Ok(Self { connection: Arc::new(Mutex::new(Connection::new(socket))) })
+        Ok(Self {
+            connection: Arc::new(Mutex::new(Connection::new(socket))),
+        })
     }
 
     /// Sets how many messages a batch puts in one `sendmsg` (default 128). The replies of one
@@ -64,7 +66,12 @@ impl IpvsHandle {
         let request = Request::GetInfo;
         let mut version = None;
         let mut size = None;
-        for attr in self.execute(request.clone()).await?.into_iter().flat_map(|m| m.attributes) {
+        for attr in self
+            .execute(request.clone())
+            .await?
+            .into_iter()
+            .flat_map(|m| m.attributes)
+        {
             match attr {
                 IpvsAttribute::InfoVersion(v) => version = Some(v),
                 IpvsAttribute::InfoConnectionTableSize(v) => size = Some(v),
@@ -72,10 +79,14 @@ impl IpvsHandle {
             }
         }
         match (version, size) {
-            (Some(version), Some(connection_table_size)) => {
-                Ok(Info { version, connection_table_size })
-            }
-            _ => Err(malformed(&request, "the info reply lacks the version or table size")),
+            (Some(version), Some(connection_table_size)) => Ok(Info {
+                version,
+                connection_table_size,
+            }),
+            _ => Err(malformed(
+                &request,
+                "the info reply lacks the version or table size",
+            )),
         }
     }
 
@@ -112,8 +123,13 @@ impl IpvsHandle {
     }
 
     /// Adds a destination to a virtual service.
-    pub async fn add_destination(&self, service: &ServiceKey, destination: &Destination) -> Result<()> {
-        self.change(Change::AddDestination(*service, *destination)).await
+    pub async fn add_destination(
+        &self,
+        service: &ServiceKey,
+        destination: &Destination,
+    ) -> Result<()> {
+        self.change(Change::AddDestination(*service, *destination))
+            .await
     }
 
     /// Changes a destination's forwarding method, weight or thresholds.
@@ -122,12 +138,18 @@ impl IpvsHandle {
         service: &ServiceKey,
         destination: &Destination,
     ) -> Result<()> {
-        self.change(Change::UpdateDestination(*service, *destination)).await
+        self.change(Change::UpdateDestination(*service, *destination))
+            .await
     }
 
     /// Deletes a destination.
-    pub async fn delete_destination(&self, service: &ServiceKey, address: SocketAddr) -> Result<()> {
-        self.change(Change::DeleteDestination(*service, address)).await
+    pub async fn delete_destination(
+        &self,
+        service: &ServiceKey,
+        address: SocketAddr,
+    ) -> Result<()> {
+        self.change(Change::DeleteDestination(*service, address))
+            .await
     }
 
     /// Lists the destinations of a virtual service (a dump). Fails with
@@ -186,7 +208,12 @@ impl IpvsHandle {
         let request = Request::GetTimeouts;
         let mut timeouts = Timeouts::default();
         let mut seen = 0;
-        for attr in self.execute(request.clone()).await?.into_iter().flat_map(|m| m.attributes) {
+        for attr in self
+            .execute(request.clone())
+            .await?
+            .into_iter()
+            .flat_map(|m| m.attributes)
+        {
             match attr {
                 IpvsAttribute::TimeoutTcp(v) => timeouts.tcp = v,
                 IpvsAttribute::TimeoutTcpFin(v) => timeouts.tcp_fin = v,
@@ -208,7 +235,9 @@ impl IpvsHandle {
 
     /// Zeroes the counters of one service, or of every service with `None` (`ipvsadm -Z`).
     pub async fn zero(&self, service: Option<&ServiceKey>) -> Result<()> {
-        self.execute(Request::Zero(service.copied())).await.map(drop)
+        self.execute(Request::Zero(service.copied()))
+            .await
+            .map(drop)
     }
 
     /// Applies many changes pipelined on the socket and returns one result per change, in
@@ -219,7 +248,10 @@ impl IpvsHandle {
 }
 
 fn malformed(request: &Request, reason: &str) -> Error {
-    Error::MalformedReply { target: request.target(), reason: reason.to_owned() }
+    Error::MalformedReply {
+        target: request.target(),
+        reason: reason.to_owned(),
+    }
 }
 
 fn services_from(request: &Request, messages: Vec<IpvsMessage>) -> Result<Vec<ServiceEntry>> {
@@ -230,6 +262,8 @@ fn services_from(request: &Request, messages: Vec<IpvsMessage>) -> Result<Vec<Se
             IpvsAttribute::Service(attrs) => Some(attrs),
             _ => None,
         })
-        .map(|attrs| ServiceEntry::from_attributes(&attrs).map_err(|err| malformed(request, &err.0)))
+        .map(|attrs| {
+            ServiceEntry::from_attributes(&attrs).map_err(|err| malformed(request, &err.0))
+        })
         .collect()
 }

@@ -135,17 +135,26 @@ pub enum ServiceKey {
 impl ServiceKey {
     /// A TCP service key.
     pub fn tcp(address: SocketAddr) -> Self {
-        Self::Inet { protocol: Protocol::Tcp, address }
+        Self::Inet {
+            protocol: Protocol::Tcp,
+            address,
+        }
     }
 
     /// A UDP service key.
     pub fn udp(address: SocketAddr) -> Self {
-        Self::Inet { protocol: Protocol::Udp, address }
+        Self::Inet {
+            protocol: Protocol::Udp,
+            address,
+        }
     }
 
     /// An SCTP service key.
     pub fn sctp(address: SocketAddr) -> Self {
-        Self::Inet { protocol: Protocol::Sctp, address }
+        Self::Inet {
+            protocol: Protocol::Sctp,
+            address,
+        }
     }
 
     /// The address family of the service.
@@ -195,7 +204,10 @@ impl ServiceKey {
         let protocol = Protocol::from_number(protocol.ok_or_else(|| missing("protocol"))?)?;
         let ip = parse_address(family, address.ok_or_else(|| missing("service address"))?)?;
         let port = port.ok_or_else(|| missing("service port"))?;
-        Ok(Self::Inet { protocol, address: SocketAddr::new(ip, port) })
+        Ok(Self::Inet {
+            protocol,
+            address: SocketAddr::new(ip, port),
+        })
     }
 }
 
@@ -204,8 +216,14 @@ impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Inet { protocol, address } => write!(f, "{protocol} {address}"),
-            Self::Fwmark { family: Family::Ipv4, mark } => write!(f, "FWM {mark}"),
-            Self::Fwmark { family: Family::Ipv6, mark } => write!(f, "FWM {mark} IPv6"),
+            Self::Fwmark {
+                family: Family::Ipv4,
+                mark,
+            } => write!(f, "FWM {mark}"),
+            Self::Fwmark {
+                family: Family::Ipv6,
+                mark,
+            } => write!(f, "FWM {mark} IPv6"),
         }
     }
 }
@@ -411,7 +429,9 @@ impl ServiceEntry {
                 }
                 ServiceAttribute::Timeout(value) => timeout = *value,
                 ServiceAttribute::Netmask(value) => netmask = Some(*value),
-                ServiceAttribute::PersistenceEngine(name) => persistence_engine = Some(name.clone()),
+                ServiceAttribute::PersistenceEngine(name) => {
+                    persistence_engine = Some(name.clone())
+                }
                 ServiceAttribute::Stats(block) => stats = Some(Stats::from_attributes(block)),
                 ServiceAttribute::Stats64(block) => stats64 = Some(Stats::from_attributes(block)),
                 _ => {}
@@ -630,7 +650,9 @@ impl Destination {
         if self.forward == ForwardMethod::Tunnel {
             attrs.push(DestinationAttribute::TunnelType(self.tunnel_type.to_wire()));
             attrs.push(DestinationAttribute::TunnelPort(self.tunnel_port));
-            attrs.push(DestinationAttribute::TunnelFlags(self.tunnel_checksum.to_wire()));
+            attrs.push(DestinationAttribute::TunnelFlags(
+                self.tunnel_checksum.to_wire(),
+            ));
         }
         attrs
     }
@@ -648,8 +670,11 @@ impl Destination {
     /// count for tunnelled destinations, as the kernel uses them for nothing else.
     pub fn same_config(&self, other: &Destination) -> bool {
         let tunnel = |d: &Destination| {
-            (d.forward == ForwardMethod::Tunnel)
-                .then_some((d.tunnel_type, d.tunnel_port, d.tunnel_checksum))
+            (d.forward == ForwardMethod::Tunnel).then_some((
+                d.tunnel_type,
+                d.tunnel_port,
+                d.tunnel_checksum,
+            ))
         };
         self.address == other.address
             && self.forward == other.forward
@@ -721,23 +746,26 @@ impl DestinationEntry {
                 DestinationAttribute::TunnelFlags(value) => {
                     d.tunnel_checksum = TunnelChecksum::from_wire(*value)?
                 }
-                DestinationAttribute::ActiveConnections(value) => {
-                    entry.active_connections = *value
-                }
+                DestinationAttribute::ActiveConnections(value) => entry.active_connections = *value,
                 DestinationAttribute::InactiveConnections(value) => {
                     entry.inactive_connections = *value
                 }
                 DestinationAttribute::PersistentConnections(value) => {
                     entry.persistent_connections = *value
                 }
-                DestinationAttribute::Stats(block) => entry.stats = Some(Stats::from_attributes(block)),
+                DestinationAttribute::Stats(block) => {
+                    entry.stats = Some(Stats::from_attributes(block))
+                }
                 DestinationAttribute::Stats64(block) => {
                     entry.stats64 = Some(Stats::from_attributes(block))
                 }
                 _ => {}
             }
         }
-        let ip = parse_address(family, address.ok_or_else(|| missing("destination address"))?)?;
+        let ip = parse_address(
+            family,
+            address.ok_or_else(|| missing("destination address"))?,
+        )?;
         let d = &mut entry.destination;
         d.address = SocketAddr::new(ip, port.ok_or_else(|| missing("destination port"))?);
         d.forward = forward.ok_or_else(|| missing("forwarding method"))?;
@@ -842,12 +870,16 @@ fn address_bytes(ip: IpAddr) -> Vec<u8> {
 
 fn parse_address(family: Family, bytes: &[u8]) -> Result<IpAddr, ModelError> {
     match (family, bytes.len()) {
-        (Family::Ipv4, 4 | 16) => Ok(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))),
+        (Family::Ipv4, 4 | 16) => Ok(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
         (Family::Ipv6, 16) => {
             let mut octets = [0; 16];
             octets.copy_from_slice(bytes);
             Ok(IpAddr::V6(Ipv6Addr::from(octets)))
         }
-        (family, len) => Err(ModelError(format!("a {len}-byte address cannot be {family:?}"))),
+        (family, len) => Err(ModelError(format!(
+            "a {len}-byte address cannot be {family:?}"
+        ))),
     }
 }

@@ -8,8 +8,7 @@ use std::{
 };
 
 use netlink_packet_core::{
-    NLM_F_DUMP_INTR, NLM_F_MULTIPART, NetlinkBuffer, NetlinkHeader, NetlinkMessage,
-    NetlinkPayload,
+    NLM_F_DUMP_INTR, NLM_F_MULTIPART, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_generic::{
     GenlMessage,
@@ -50,7 +49,12 @@ pub(crate) struct Scripted {
 
 impl Scripted {
     pub(crate) fn new(handler: impl FnMut(&Sent) -> Vec<Vec<u8>> + Send + 'static) -> Self {
-        Self { handler: Box::new(handler), queue: VecDeque::new(), stalls: 0, log: Arc::default() }
+        Self {
+            handler: Box::new(handler),
+            queue: VecDeque::new(),
+            stalls: 0,
+            log: Arc::default(),
+        }
     }
 }
 
@@ -85,7 +89,10 @@ impl Transport for Scripted {
                 buf.extend_from_slice(&datagram);
                 Ok(())
             }
-            None => Err(io::Error::new(io::ErrorKind::WouldBlock, "the script has no reply")),
+            None => Err(io::Error::new(
+                io::ErrorKind::WouldBlock,
+                "the script has no reply",
+            )),
         }
     }
 }
@@ -159,7 +166,10 @@ fn service_message(port: u16) -> IpvsMessage {
     let mut attrs = service.to_attributes();
     // As in a dump: the kernel's HASHED flag and an all-ones mask.
     attrs.retain(|a| !matches!(a, crate::message::ServiceAttribute::Flags { .. }));
-    attrs.push(crate::message::ServiceAttribute::Flags { flags: 2, mask: u32::MAX });
+    attrs.push(crate::message::ServiceAttribute::Flags {
+        flags: 2,
+        mask: u32::MAX,
+    });
     IpvsMessage::new(IpvsCommand::NewService, vec![IpvsAttribute::Service(attrs)])
 }
 
@@ -193,7 +203,11 @@ async fn resolves_the_family_once_and_reads_a_dump() {
     }
     let log = log.lock().unwrap();
     let types: Vec<u16> = log.0.iter().map(|s| s.message_type).collect();
-    assert_eq!(types, [GENL_ID_CTRL, 42, 42], "one family lookup, then two dumps");
+    assert_eq!(
+        types,
+        [GENL_ID_CTRL, 42, 42],
+        "one family lookup, then two dumps"
+    );
 }
 
 #[tokio::test]
@@ -203,7 +217,15 @@ async fn an_interrupted_dump_is_discarded_and_tried_again() {
         attempt += 1;
         if attempt == 1 {
             // A partial dump: one service, flagged as interrupted.
-            vec![ipvs(42, seq, NLM_F_MULTIPART | NLM_F_DUMP_INTR, service_message(80)), done(seq, 0)]
+            vec![
+                ipvs(
+                    42,
+                    seq,
+                    NLM_F_MULTIPART | NLM_F_DUMP_INTR,
+                    service_message(80),
+                ),
+                done(seq, 0),
+            ]
         } else {
             vec![
                 ipvs(42, seq, NLM_F_MULTIPART, service_message(80)),
@@ -215,17 +237,35 @@ async fn an_interrupted_dump_is_discarded_and_tried_again() {
     });
     let mut connection = Connection::new(transport);
     let messages = connection.execute(&Request::ListServices).await.unwrap();
-    assert_eq!(messages.len(), 3, "only the complete second dump is returned");
+    assert_eq!(
+        messages.len(),
+        3,
+        "only the complete second dump is returned"
+    );
 }
 
 #[tokio::test]
 async fn a_dump_that_stays_interrupted_is_an_error_not_a_partial_result() {
     let transport = kernel(42, |seq| {
-        vec![ipvs(42, seq, NLM_F_MULTIPART | NLM_F_DUMP_INTR, service_message(80)), done(seq, 0)]
+        vec![
+            ipvs(
+                42,
+                seq,
+                NLM_F_MULTIPART | NLM_F_DUMP_INTR,
+                service_message(80),
+            ),
+            done(seq, 0),
+        ]
     });
     let mut connection = Connection::new(transport);
-    let err = connection.execute(&Request::ListServices).await.unwrap_err();
-    assert!(matches!(err, Error::DumpInterrupted { attempts: 5, .. }), "{err}");
+    let err = connection
+        .execute(&Request::ListServices)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::DumpInterrupted { attempts: 5, .. }),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -239,10 +279,17 @@ async fn a_malformed_dump_part_fails_the_dump_and_the_socket_stays_usable() {
             let at = broken.windows(4).position(|w| w == [6, 0, 4, 0]).unwrap();
             broken[at] = 5;
         }
-        vec![broken, ipvs(42, seq, NLM_F_MULTIPART, service_message(81)), done(seq, 0)]
+        vec![
+            broken,
+            ipvs(42, seq, NLM_F_MULTIPART, service_message(81)),
+            done(seq, 0),
+        ]
     });
     let mut connection = Connection::new(transport);
-    let err = connection.execute(&Request::ListServices).await.unwrap_err();
+    let err = connection
+        .execute(&Request::ListServices)
+        .await
+        .unwrap_err();
     assert!(matches!(err, Error::MalformedReply { .. }), "{err}");
     let messages = connection.execute(&Request::ListServices).await.unwrap();
     assert_eq!(messages.len(), 2);
@@ -280,14 +327,22 @@ async fn a_batch_goes_out_in_windows_and_reports_each_change() {
     let mut connection = Connection::new(transport);
     connection.set_window(128);
     let changes: Vec<Change> = (0..300)
-        .map(|i| Change::AddDestination(key(80), Destination::new(([10, 1, 0, 1], 1000 + i).into())))
+        .map(|i| {
+            Change::AddDestination(key(80), Destination::new(([10, 1, 0, 1], 1000 + i).into()))
+        })
         .collect();
     let results = connection.apply(&changes).await;
     assert_eq!(results.len(), 300);
     for (i, result) in results.iter().enumerate() {
         match i {
-            5 => assert!(matches!(result, Err(Error::AlreadyExists { .. })), "{result:?}"),
-            150 => assert!(matches!(result, Err(Error::NoSuchService { .. })), "{result:?}"),
+            5 => assert!(
+                matches!(result, Err(Error::AlreadyExists { .. })),
+                "{result:?}"
+            ),
+            150 => assert!(
+                matches!(result, Err(Error::NoSuchService { .. })),
+                "{result:?}"
+            ),
             _ => assert!(result.is_ok(), "change {i}: {result:?}"),
         }
     }
@@ -313,9 +368,18 @@ async fn a_stale_family_id_is_resolved_again() {
     let log = transport.log.clone();
     let mut connection = Connection::new(transport);
     connection.execute(&Request::Flush).await.unwrap();
-    let changes = vec![Change::DeleteService(key(80)), Change::DeleteService(key(81))];
+    let changes = vec![
+        Change::DeleteService(key(80)),
+        Change::DeleteService(key(81)),
+    ];
     assert!(connection.apply(&changes).await.iter().all(Result::is_ok));
-    let types: Vec<u16> = log.lock().unwrap().0.iter().map(|s| s.message_type).collect();
+    let types: Vec<u16> = log
+        .lock()
+        .unwrap()
+        .0
+        .iter()
+        .map(|s| s.message_type)
+        .collect();
     assert_eq!(types, [GENL_ID_CTRL, 42, GENL_ID_CTRL, 43, 43, 43]);
 }
 
@@ -326,7 +390,10 @@ async fn a_genuine_enoent_is_not_mistaken_for_a_stale_family() {
         _ => vec![ack(sent.seq, 2)],
     });
     let mut connection = Connection::new(transport);
-    let request = Request::Change(Change::DeleteDestination(key(80), ([10, 1, 0, 1], 80).into()));
+    let request = Request::Change(Change::DeleteDestination(
+        key(80),
+        ([10, 1, 0, 1], 80).into(),
+    ));
     let err = connection.execute(&request).await.unwrap_err();
     assert!(matches!(err, Error::NoSuchDestination { .. }), "{err}");
 }
@@ -337,7 +404,10 @@ async fn without_ipvs_every_request_and_change_says_so() {
     let mut connection = Connection::new(transport);
     let err = connection.execute(&Request::GetInfo).await.unwrap_err();
     assert!(matches!(err, Error::IpvsUnavailable { .. }), "{err}");
-    let changes = vec![Change::DeleteService(key(80)), Change::DeleteService(key(81))];
+    let changes = vec![
+        Change::DeleteService(key(80)),
+        Change::DeleteService(key(81)),
+    ];
     let results = connection.apply(&changes).await;
     for (result, change) in results.iter().zip(&changes) {
         match result {
@@ -352,7 +422,10 @@ async fn without_ipvs_every_request_and_change_says_so() {
 #[tokio::test]
 async fn an_abandoned_dump_is_drained_before_the_next_request() {
     let mut transport = kernel(42, |seq| {
-        vec![ipvs(42, seq, NLM_F_MULTIPART, service_message(80)), done(seq, 0)]
+        vec![
+            ipvs(42, seq, NLM_F_MULTIPART, service_message(80)),
+            done(seq, 0),
+        ]
     });
     // Resolving the family reads one reply; the dump's first read never completes.
     transport.stalls = 0;

@@ -48,7 +48,9 @@ impl Nla for DestinationAttribute {
     fn value_len(&self) -> usize {
         match self {
             Self::Address(bytes) => bytes.len(),
-            Self::Port(_) | Self::AddressFamily(_) | Self::TunnelPort(_) | Self::TunnelFlags(_) => 2,
+            Self::Port(_) | Self::AddressFamily(_) | Self::TunnelPort(_) | Self::TunnelFlags(_) => {
+                2
+            }
             Self::TunnelType(_) => 1,
             Self::ForwardMethod(_)
             | Self::Weight(_)

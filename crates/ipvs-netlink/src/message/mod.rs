@@ -20,12 +20,12 @@ use netlink_packet_core::{
 };
 use netlink_packet_generic::{GenlFamily, GenlHeader};
 
+use self::constants::{IPVS_GENL_NAME, IPVS_GENL_VERSION, cmd_attr, info_attr};
 pub use self::{
     destination::DestinationAttribute,
     service::ServiceAttribute,
     stats::{StatsAttribute, StatsCounter},
 };
-use self::constants::{IPVS_GENL_NAME, IPVS_GENL_VERSION, cmd_attr, info_attr};
 
 /// An IPVS generic-netlink command (`IPVS_CMD_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -198,10 +198,7 @@ impl Nla for IpvsAttribute {
 impl<'a, T: AsRef<[u8]> + ?Sized> ParseableParametrized<NlaBuffer<&'a T>, IpvsCommand>
     for IpvsAttribute
 {
-    fn parse_with_param(
-        buf: &NlaBuffer<&'a T>,
-        command: IpvsCommand,
-    ) -> Result<Self, DecodeError> {
+    fn parse_with_param(buf: &NlaBuffer<&'a T>, command: IpvsCommand) -> Result<Self, DecodeError> {
         let value = buf.value();
         Ok(match (command.carries_info(), buf.kind()) {
             (true, info_attr::VERSION) => {
@@ -240,7 +237,10 @@ pub struct IpvsMessage {
 impl IpvsMessage {
     /// A message with the given command and attributes.
     pub fn new(command: IpvsCommand, attributes: Vec<IpvsAttribute>) -> Self {
-        Self { command, attributes }
+        Self {
+            command,
+            attributes,
+        }
     }
 }
 
@@ -275,7 +275,10 @@ impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
             .map(|nla| IpvsAttribute::parse_with_param(&nla?, command))
             .collect::<Result<_, _>>()
             .context("IPVS message")?;
-        Ok(Self { command, attributes })
+        Ok(Self {
+            command,
+            attributes,
+        })
     }
 }
 
@@ -284,5 +287,7 @@ fn parse_nested<A>(value: &[u8]) -> Result<Vec<A>, DecodeError>
 where
     A: for<'a> Parseable<NlaBuffer<&'a [u8]>>,
 {
-    NlasIterator::new(value).map(|nla| A::parse(&nla?)).collect()
+    NlasIterator::new(value)
+        .map(|nla| A::parse(&nla?))
+        .collect()
 }

@@ -1,0 +1,44 @@
+//! `cargo xtask bench`: benchmarks that need the VM print their table from inside it.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    vm::{self, GuestTask, VmOptions},
+    vmtest::build_release_binary,
+};
+
+/// The benchmarks.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub(crate) enum Which {
+    /// Programming and dumping IPVS through `ipvs-netlink`, against `ipvsadm -R` and `-Ln`.
+    Ipvs,
+}
+
+pub(crate) fn run(
+    which: Which,
+    services: usize,
+    destinations: usize,
+    options: &VmOptions,
+) -> Result<()> {
+    let binary = match which {
+        Which::Ipvs => build_release_binary("ipvs-bench")?,
+    };
+    let argv = vec![
+        binary.to_string_lossy().into_owned(),
+        "--services".into(),
+        services.to_string(),
+        "--destinations".into(),
+        destinations.to_string(),
+    ];
+    let results = vm::boot(
+        GuestTask::Command {
+            argv,
+            fresh_netns: true,
+        },
+        options,
+    )?;
+    if !results.failed.is_empty() {
+        bail!("the benchmark failed in the VM");
+    }
+    Ok(())
+}
