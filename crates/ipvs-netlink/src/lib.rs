@@ -38,6 +38,7 @@
 mod connection;
 mod error;
 mod handle;
+pub mod listing;
 pub mod message;
 mod request;
 pub mod types;
