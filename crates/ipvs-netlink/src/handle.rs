@@ -12,6 +12,11 @@ use crate::{
     types::{Destination, DestinationEntry, Info, Service, ServiceEntry, ServiceKey, Timeouts},
 };
 
+/// The most sockets [`IpvsHandle::dump`] reads destinations over at once.
+pub const DUMP_SOCKETS: usize = 4;
+/// Below this many services per socket, another socket is not worth opening.
+const MIN_SERVICES_PER_SOCKET: usize = 256;
+
 /// A handle to the IPVS table of the network namespace it was opened in.
 ///
 /// Cloning is cheap; clones share one socket and take turns on it. The IPVS family id is
@@ -19,7 +24,21 @@ use crate::{
 /// was reloaded), so a handle opened before IPVS was loaded starts working once it is.
 #[derive(Clone)]
 pub struct IpvsHandle {
-    connection: Arc<Mutex<Connection<NetlinkSocket>>>,
+    connection: Shared,
+    /// Further sockets for [`IpvsHandle::dump`]: one dump runs per socket at a time, so the
+    /// per-service destination dumps are spread over these. They are opened with the handle,
+    /// so they live in the same network namespace whatever thread dumps later.
+    dump_connections: Arc<[Shared]>,
+}
+
+type Shared = Arc<Mutex<Connection<NetlinkSocket>>>;
+
+fn open_connection() -> Result<Shared> {
+    let socket = NetlinkSocket::open().map_err(|source| Error::Io {
+        target: Target::new(Operation::ResolveFamily),
+        source,
+    })?;
+    Ok(Arc::new(Mutex::new(Connection::new(socket))))
 }
 
 impl std::fmt::Debug for IpvsHandle {
@@ -32,12 +51,15 @@ impl IpvsHandle {
     /// Opens a generic-netlink socket in the current network namespace. Must be called within
     /// a tokio runtime. Does not talk to the kernel yet, so it succeeds without IPVS.
     pub fn new() -> Result<Self> {
-        let socket = NetlinkSocket::open().map_err(|source| Error::Io {
-            target: Target::new(Operation::ResolveFamily),
-            source,
-        })?;
+        let extra = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, DUMP_SOCKETS)
+            - 1;
         Ok(Self {
-            connection: Arc::new(Mutex::new(Connection::new(socket))),
+            connection: open_connection()?,
+            dump_connections: (0..extra)
+                .map(|_| open_connection())
+                .collect::<Result<_>>()?,
         })
     }
 
@@ -50,7 +72,13 @@ impl IpvsHandle {
     /// How many messages this handle has sent, by operation: what a caller that must prove it
     /// wrote nothing can count.
     pub async fn sent_messages(&self) -> HashMap<Operation, u64> {
-        self.connection.lock().await.sent.clone()
+        let mut total = HashMap::new();
+        for connection in std::iter::once(&self.connection).chain(self.dump_connections.iter()) {
+            for (operation, count) in &connection.lock().await.sent {
+                *total.entry(*operation).or_default() += count;
+            }
+        }
+        total
     }
 
     async fn execute(&self, request: Request) -> Result<Vec<IpvsMessage>> {
@@ -170,30 +198,42 @@ impl IpvsHandle {
     }
 
     async fn destinations_of(&self, service: &ServiceKey) -> Result<Vec<DestinationEntry>> {
-        let request = Request::ListDestinations(*service);
-        let messages = self.execute(request.clone()).await?;
-        let family = service.family();
-        messages
-            .into_iter()
-            .flat_map(|m| m.attributes)
-            .filter_map(|attr| match attr {
-                IpvsAttribute::Destination(attrs) => Some(attrs),
-                _ => None,
-            })
-            .map(|attrs| {
-                DestinationEntry::from_attributes(&attrs, family)
-                    .map_err(|err| malformed(&request, &err.0))
-            })
-            .collect()
+        destinations_on(&self.connection, service).await
     }
 
-    /// Lists every virtual service with its destinations, as `ipvsadm -Ln` shows them.
+    /// Lists every virtual service with its destinations, in the kernel's order.
+    ///
+    /// The destinations of each service are a dump of their own; they are read over up to
+    /// [`DUMP_SOCKETS`] sockets at once, so on a multi-threaded runtime decoding overlaps the
+    /// kernel's work.
     pub async fn dump(&self) -> Result<Vec<(ServiceEntry, Vec<DestinationEntry>)>> {
         let services = self.list_services().await?;
-        let mut table = Vec::with_capacity(services.len());
-        for service in services {
-            let destinations = self.destinations_of(&service.service.key).await?;
-            table.push((service, destinations));
+        let sockets = (1 + self.dump_connections.len())
+            .min(services.len().div_ceil(MIN_SERVICES_PER_SOCKET))
+            .max(1);
+        let chunk = services.len().div_ceil(sockets).max(1);
+        let connections = std::iter::once(&self.connection).chain(self.dump_connections.iter());
+        let mut tasks = Vec::new();
+        let mut services = services.into_iter();
+        for connection in connections.take(sockets) {
+            let part: Vec<ServiceEntry> = services.by_ref().take(chunk).collect();
+            let connection = connection.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut table = Vec::with_capacity(part.len());
+                for service in part {
+                    let destinations = destinations_on(&connection, &service.service.key).await?;
+                    table.push((service, destinations));
+                }
+                Ok::<_, Error>(table)
+            }));
+        }
+        let mut table = Vec::new();
+        for task in tasks {
+            let part = task.await.map_err(|err| Error::Io {
+                target: Request::ListServices.target(),
+                source: std::io::Error::other(err),
+            })??;
+            table.extend(part);
         }
         Ok(table)
     }
@@ -245,6 +285,28 @@ impl IpvsHandle {
     pub async fn apply(&self, changes: &[Change]) -> Vec<Result<()>> {
         self.connection.lock().await.apply(changes).await
     }
+}
+
+/// Dumps the destinations of one service on the given socket.
+async fn destinations_on(
+    connection: &Shared,
+    service: &ServiceKey,
+) -> Result<Vec<DestinationEntry>> {
+    let request = Request::ListDestinations(*service);
+    let messages = connection.lock().await.execute(&request).await?;
+    let family = service.family();
+    messages
+        .into_iter()
+        .flat_map(|m| m.attributes)
+        .filter_map(|attr| match attr {
+            IpvsAttribute::Destination(attrs) => Some(attrs),
+            _ => None,
+        })
+        .map(|attrs| {
+            DestinationEntry::from_attributes(&attrs, family)
+                .map_err(|err| malformed(&request, &err.0))
+        })
+        .collect()
 }
 
 fn malformed(request: &Request, reason: &str) -> Error {

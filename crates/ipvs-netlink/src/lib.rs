@@ -45,7 +45,7 @@ pub mod types;
 
 pub use self::{
     error::{Error, Result},
-    handle::IpvsHandle,
+    handle::{DUMP_SOCKETS, IpvsHandle},
     request::{Change, Operation, Target},
     types::{
         Destination, DestinationEntry, Family, ForwardMethod, Info, Netmask, Protocol, Service,

@@ -1,1 +1,0 @@
-//! Byte-exact codec tests.
