@@ -30,13 +30,7 @@ pub(crate) fn run(
         "--destinations".into(),
         destinations.to_string(),
     ];
-    let results = vm::boot(
-        GuestTask::Command {
-            argv,
-            fresh_netns: true,
-        },
-        options,
-    )?;
+    let results = vm::boot(GuestTask::Command { argv, fresh_netns: true }, options)?;
     if !results.failed.is_empty() {
         bail!("the benchmark failed in the VM");
     }

@@ -16,15 +16,8 @@ use crate::vm::{GUEST_MARKER, GuestTask, Plan, Results};
 /// Longest one test may run.
 const TEST_TIMEOUT: Duration = Duration::from_secs(600);
 /// Runs a command in a new network namespace with `lo` up.
-const IN_FRESH_NETNS: &[&str] = &[
-    "unshare",
-    "--net",
-    "--",
-    "sh",
-    "-c",
-    "ip link set lo up && exec \"$@\"",
-    "netns",
-];
+const IN_FRESH_NETNS: &[&str] =
+    &["unshare", "--net", "--", "sh", "-c", "ip link set lo up && exec \"$@\"", "netns"];
 
 pub(crate) fn run(plan_file: &Path) -> Result<()> {
     println!("{GUEST_MARKER}");
@@ -49,10 +42,7 @@ fn command(program: &str) -> Command {
 fn load_modules(modules: &[String]) {
     let mut failed = Vec::new();
     for module in modules {
-        let ok = command("modprobe")
-            .arg(module)
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = command("modprobe").arg(module).status().is_ok_and(|s| s.success());
         if !ok {
             failed.push(module.as_str());
         }
@@ -134,17 +124,11 @@ fn run_tests(binaries: &[std::path::PathBuf], filter: Option<&str>) -> Result<Re
 }
 
 fn run_one_command(argv: &[String], fresh_netns: bool) -> Result<Results> {
-    let mut cmd = if fresh_netns {
-        in_fresh_netns(argv)
-    } else {
-        command(&argv[0])
-    };
+    let mut cmd = if fresh_netns { in_fresh_netns(argv) } else { command(&argv[0]) };
     if !fresh_netns {
         cmd.args(&argv[1..]);
     }
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot run {}", argv.join(" ")))?;
+    let status = cmd.status().with_context(|| format!("cannot run {}", argv.join(" ")))?;
     let mut results = Results::default();
     if status.success() {
         results.passed = 1;

@@ -18,10 +18,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(
-    name = "cargo xtask",
-    about = "Build, test and benchmark tasks for kube-ipvs"
-)]
+#[command(name = "cargo xtask", about = "Build, test and benchmark tasks for kube-ipvs")]
 struct Cli {
     #[command(subcommand)]
     task: Task,
@@ -89,12 +86,9 @@ fn main() -> Result<()> {
             vmtest::run(None, &vm)
         }
         Task::Vmtest { filter, vm } => vmtest::run(filter.as_deref(), &vm),
-        Task::Bench {
-            which,
-            services,
-            destinations,
-            vm,
-        } => bench::run(which, services, destinations, &vm),
+        Task::Bench { which, services, destinations, vm } => {
+            bench::run(which, services, destinations, &vm)
+        }
         Task::Vm { command, vm } => vm::run_command(command, &vm),
         Task::Guest { plan } => guest::run(&plan),
     }

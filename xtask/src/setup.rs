@@ -43,22 +43,13 @@ fn is_root() -> bool {
 
 /// Installs missing Debian packages and virtme-ng.
 pub(crate) fn ensure_tools() -> Result<()> {
-    let mut missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(program, _)| !have(program))
-        .map(|(_, package)| *package)
-        .collect();
+    let mut missing: Vec<&str> =
+        TOOLS.iter().filter(|(program, _)| !have(program)).map(|(_, package)| *package).collect();
     missing.dedup();
     if !missing.is_empty() {
-        eprintln!(
-            "xtask: installing Debian packages the VM tests need: {}",
-            missing.join(" ")
-        );
+        eprintln!("xtask: installing Debian packages the VM tests need: {}", missing.join(" "));
         if !is_root() {
-            bail!(
-                "installing {} needs root; run as root or install them",
-                missing.join(" ")
-            );
+            bail!("installing {} needs root; run as root or install them", missing.join(" "));
         }
         apt_update()?;
         let mut install = Command::new("apt-get");
@@ -68,25 +59,35 @@ pub(crate) fn ensure_tools() -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive");
         run(install)?;
     }
-    if !have("vng") {
+    if vng().is_none() {
         eprintln!("xtask: installing virtme-ng (PyPI), which boots the test kernel");
         let pip = |extra: &[&str]| {
             let mut command = Command::new("python3");
-            command
-                .args(["-m", "pip", "install", "--quiet"])
-                .args(extra)
-                .arg("virtme-ng");
+            command.args(["-m", "pip", "install", "--quiet"]).args(extra).arg("virtme-ng");
             run(command)
         };
         if pip(&[]).is_err() {
             // Debian's own Python refuses to install into the system without this flag.
             pip(&["--break-system-packages"])?;
         }
-        if !have("vng") {
-            bail!("virtme-ng is installed but `vng` is not on the PATH");
+        if vng().is_none() {
+            bail!("virtme-ng is installed but its `vng` command cannot be found");
         }
     }
     Ok(())
+}
+
+/// The `vng` command: on the PATH, or in the scripts directory of the `python3` that pip
+/// installed it for (pyenv, for one, shows new commands on the PATH only after a rehash).
+pub(crate) fn vng() -> Option<PathBuf> {
+    if have("vng") {
+        return Some(PathBuf::from("vng"));
+    }
+    let mut scripts = Command::new("python3");
+    scripts.args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]);
+    let dir = output(scripts).ok()?;
+    let path = Path::new(dir.trim()).join("vng");
+    path.is_file().then_some(path)
 }
 
 fn apt_update() -> Result<()> {
@@ -144,24 +145,18 @@ fn cached_or_resolved_package(cache: &Path) -> Result<String> {
 }
 
 fn download(cache: &Path, package: &str, root: &Path) -> Result<()> {
-    eprintln!(
-        "xtask: downloading kernel package {package} (cached under {})",
-        cache.display()
-    );
+    eprintln!("xtask: downloading kernel package {package} (cached under {})", cache.display());
     let downloads = cache.join("downloads");
     fs::create_dir_all(&downloads)?;
     let mut get = Command::new("apt-get");
-    get.args(["download", "-qq", package])
-        .current_dir(&downloads);
+    get.args(["download", "-qq", package]).current_dir(&downloads);
     run(get)?;
     let deb = fs::read_dir(&downloads)?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .find(|path| {
-            path.file_name()
-                .and_then(|name| name.to_str())
-                .is_some_and(|name| {
-                    name.starts_with(&format!("{package}_")) && name.ends_with(".deb")
-                })
+            path.file_name().and_then(|name| name.to_str()).is_some_and(|name| {
+                name.starts_with(&format!("{package}_")) && name.ends_with(".deb")
+            })
         })
         .with_context(|| format!("apt-get download left no {package} .deb"))?;
     let unpacking = cache.join(format!("{package}.unpacking"));
@@ -179,11 +174,7 @@ fn find_image(root: &Path) -> Result<(PathBuf, String)> {
     let entries = fs::read_dir(&boot).with_context(|| format!("no {}", boot.display()))?;
     for entry in entries {
         let path = entry?.path();
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .unwrap_or_default()
-            .to_owned();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
         if let Some(release) = name.strip_prefix("vmlinuz-") {
             return Ok((path.clone(), release.to_owned()));
         }
@@ -199,10 +190,7 @@ fn install_modules(root: &Path, release: &str) -> Result<()> {
     let current = fs::read_link(&link).ok();
     if current.as_deref() != Some(modules.as_path()) {
         if link.exists() && current.is_none() {
-            bail!(
-                "{} exists and is not ours; remove it or pick another kernel",
-                link.display()
-            );
+            bail!("{} exists and is not ours; remove it or pick another kernel", link.display());
         }
         fs::create_dir_all("/lib/modules")?;
         let _ = fs::remove_file(&link);

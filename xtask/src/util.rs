@@ -36,9 +36,7 @@ where
 /// Runs a command with inherited output and fails unless it succeeds.
 pub(crate) fn run(mut command: Command) -> Result<()> {
     eprintln!("+ {}", describe(&command));
-    let status = command
-        .status()
-        .with_context(|| format!("cannot run {}", describe(&command)))?;
+    let status = command.status().with_context(|| format!("cannot run {}", describe(&command)))?;
     if !status.success() {
         bail!("{} failed: {status}", describe(&command));
     }

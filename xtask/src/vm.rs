@@ -109,24 +109,15 @@ pub(crate) fn boot(task: GuestTask, options: &VmOptions) -> Result<Results> {
     fs::create_dir_all(&run_dir)?;
     let run_dir = run_dir.canonicalize()?;
     let results = run_dir.join("results.json");
-    let plan = Plan {
-        modules: MODULES.iter().map(|m| m.to_string()).collect(),
-        task,
-        results,
-    };
+    let plan = Plan { modules: MODULES.iter().map(|m| m.to_string()).collect(), task, results };
     let plan_file = run_dir.join("plan.json");
     fs::write(&plan_file, serde_json::to_vec_pretty(&plan)?)?;
 
     let xtask = std::env::current_exe()?.canonicalize()?;
-    let mut vng = Command::new("vng");
+    let mut vng = Command::new(setup::vng().context("virtme-ng is not installed")?);
     vng.arg("--run")
         .arg(&kernel.image)
-        .args([
-            "--cpus",
-            &options.cpus.to_string(),
-            "--memory",
-            &options.memory,
-        ])
+        .args(["--cpus", &options.cpus.to_string(), "--memory", &options.memory])
         .arg("--rwdir")
         .arg(&run_dir)
         // virtiofsd is not installed; 9p works without waiting for it.
@@ -144,11 +135,7 @@ pub(crate) fn boot(task: GuestTask, options: &VmOptions) -> Result<Results> {
     eprintln!(
         "xtask: booting kernel {} in a VM ({}; this takes about 20 s)",
         kernel.release,
-        if options.kvm {
-            "KVM"
-        } else {
-            "software emulation"
-        }
+        if options.kvm { "KVM" } else { "software emulation" }
     );
     let started = Instant::now();
     let mut child = vng.spawn().context("cannot start vng")?;
@@ -182,15 +169,9 @@ pub(crate) fn boot(task: GuestTask, options: &VmOptions) -> Result<Results> {
     }
     child.wait()?;
     let timed_out = watchdog.join().unwrap_or(false);
-    eprintln!(
-        "xtask: the VM ran for {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
+    eprintln!("xtask: the VM ran for {:.0} s", started.elapsed().as_secs_f64());
     if timed_out {
-        bail!(
-            "the VM did not finish within {} s and was stopped",
-            options.timeout
-        );
+        bail!("the VM did not finish within {} s and was stopped", options.timeout);
     }
     let reported = fs::read(&plan.results).with_context(|| {
         format!(
@@ -203,23 +184,15 @@ pub(crate) fn boot(task: GuestTask, options: &VmOptions) -> Result<Results> {
 
 /// Kernel console lines look like `[   12.345678] message`.
 fn is_kernel_log(line: &str) -> bool {
-    line.strip_prefix('[')
-        .and_then(|rest| rest.split_once(']'))
-        .is_some_and(|(stamp, _)| {
-            let stamp = stamp.trim();
-            !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
-        })
+    line.strip_prefix('[').and_then(|rest| rest.split_once(']')).is_some_and(|(stamp, _)| {
+        let stamp = stamp.trim();
+        !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
+    })
 }
 
 /// `cargo xtask vm -- COMMAND`: runs a command in the VM.
 pub(crate) fn run_command(argv: Vec<String>, options: &VmOptions) -> Result<()> {
-    let results = boot(
-        GuestTask::Command {
-            argv,
-            fresh_netns: false,
-        },
-        options,
-    )?;
+    let results = boot(GuestTask::Command { argv, fresh_netns: false }, options)?;
     if !results.failed.is_empty() {
         bail!("the command failed in the VM");
     }

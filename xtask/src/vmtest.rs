@@ -45,22 +45,13 @@ fn build_test_binaries() -> Result<Vec<PathBuf>> {
 /// Builds the tests, runs them in the VM and prints the closing `N passed, N failed` line.
 pub(crate) fn run(filter: Option<&str>, options: &VmOptions) -> Result<()> {
     let binaries = build_test_binaries().context("building the VM tests")?;
-    let results = vm::boot(
-        GuestTask::Tests {
-            binaries,
-            filter: filter.map(str::to_owned),
-        },
-        options,
-    )?;
+    let results =
+        vm::boot(GuestTask::Tests { binaries, filter: filter.map(str::to_owned) }, options)?;
     println!();
     for name in &results.failed {
         println!("failed: {name}");
     }
-    println!(
-        "vmtest: {} passed, {} failed",
-        results.passed,
-        results.failed.len()
-    );
+    println!("vmtest: {} passed, {} failed", results.passed, results.failed.len());
     if !results.failed.is_empty() {
         bail!("{} VM test(s) failed", results.failed.len());
     }

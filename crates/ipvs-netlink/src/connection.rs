@@ -70,10 +70,7 @@ impl Transport for NetlinkSocket {
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
         let sent = self.0.send(bytes).await?;
         if sent != bytes.len() {
-            return Err(io::Error::other(format!(
-                "sent {sent} of {} bytes",
-                bytes.len()
-            )));
+            return Err(io::Error::other(format!("sent {sent} of {} bytes", bytes.len())));
         }
         Ok(())
     }
@@ -82,9 +79,7 @@ impl Transport for NetlinkSocket {
         buf.clear();
         self.0.recv(buf).await?;
         if buf.len() >= RECV_BUFFER {
-            return Err(io::Error::other(
-                "netlink datagram larger than the receive buffer",
-            ));
+            return Err(io::Error::other("netlink datagram larger than the receive buffer"));
         }
         Ok(())
     }
@@ -234,11 +229,7 @@ impl<T: Transport> Connection<T> {
         self.transport.send(&bytes).await.map_err(io)?;
         let mut family = None;
         loop {
-            for (s, reply) in self
-                .recv_replies::<GenlMessage<GenlCtrl>>()
-                .await
-                .map_err(io)?
-            {
+            for (s, reply) in self.recv_replies::<GenlMessage<GenlCtrl>>().await.map_err(io)? {
                 if s != seq {
                     continue;
                 }
@@ -298,9 +289,7 @@ impl<T: Transport> Connection<T> {
 
     async fn finish_abandoned_dump(&mut self, target: Target) -> Result<(), Error> {
         if let Some(seq) = self.unfinished_dump {
-            self.drain(seq)
-                .await
-                .map_err(|source| Error::Io { target, source })?;
+            self.drain(seq).await.map_err(|source| Error::Io { target, source })?;
             self.unfinished_dump = None;
         }
         Ok(())
@@ -358,11 +347,7 @@ impl<T: Transport> Connection<T> {
         let mut interrupted = false;
         let mut malformed = None;
         loop {
-            for (s, reply) in self
-                .recv_replies::<GenlMessage<IpvsMessage>>()
-                .await
-                .map_err(io)?
-            {
+            for (s, reply) in self.recv_replies::<GenlMessage<IpvsMessage>>().await.map_err(io)? {
                 if s != seq {
                     trace!(seq = s, "discarding a reply to an earlier request");
                     continue;
@@ -505,21 +490,16 @@ impl<T: Transport> Connection<T> {
                         no_entry += usize::from(errno == ENOENT);
                         Err(requests[i].error_for(errno))
                     }
-                    Reply::Malformed(reason) => Err(Error::MalformedReply {
-                        target: requests[i].target(),
-                        reason,
-                    }),
+                    Reply::Malformed(reason) => {
+                        Err(Error::MalformedReply { target: requests[i].target(), reason })
+                    }
                     Reply::Message(..) => continue,
                 };
                 pending.remove(&seq);
                 results[i] = Some(result);
             }
         }
-        Ok(if no_entry == sent {
-            ChunkOutcome::AllNoEntry
-        } else {
-            ChunkOutcome::Done
-        })
+        Ok(if no_entry == sent { ChunkOutcome::AllNoEntry } else { ChunkOutcome::Done })
     }
 }
 

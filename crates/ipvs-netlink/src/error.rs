@@ -126,32 +126,22 @@ impl Error {
             Self::AlreadyExists { .. } => Self::AlreadyExists { target },
             Self::NoSuchService { .. } => Self::NoSuchService { target },
             Self::NoSuchDestination { .. } => Self::NoSuchDestination { target },
-            Self::UnknownScheduler { scheduler, .. } => Self::UnknownScheduler {
-                target,
-                scheduler: scheduler.clone(),
-            },
-            Self::InvalidArgument { reason, .. } => Self::InvalidArgument {
-                target,
-                reason: reason.clone(),
-            },
+            Self::UnknownScheduler { scheduler, .. } => {
+                Self::UnknownScheduler { target, scheduler: scheduler.clone() }
+            }
+            Self::InvalidArgument { reason, .. } => {
+                Self::InvalidArgument { target, reason: reason.clone() }
+            }
             Self::PermissionDenied { .. } => Self::PermissionDenied { target },
             Self::IpvsUnavailable { .. } => Self::IpvsUnavailable { target },
-            Self::Io { source, .. } => Self::Io {
-                target,
-                source: copy_io(source),
-            },
-            Self::MalformedReply { reason, .. } => Self::MalformedReply {
-                target,
-                reason: reason.clone(),
-            },
-            Self::DumpInterrupted { attempts, .. } => Self::DumpInterrupted {
-                target,
-                attempts: *attempts,
-            },
-            Self::Kernel { source, .. } => Self::Kernel {
-                target,
-                source: copy_io(source),
-            },
+            Self::Io { source, .. } => Self::Io { target, source: copy_io(source) },
+            Self::MalformedReply { reason, .. } => {
+                Self::MalformedReply { target, reason: reason.clone() }
+            }
+            Self::DumpInterrupted { attempts, .. } => {
+                Self::DumpInterrupted { target, attempts: *attempts }
+            }
+            Self::Kernel { source, .. } => Self::Kernel { target, source: copy_io(source) },
         }
     }
 }

@@ -34,10 +34,8 @@ pub struct IpvsHandle {
 type Shared = Arc<Mutex<Connection<NetlinkSocket>>>;
 
 fn open_connection() -> Result<Shared> {
-    let socket = NetlinkSocket::open().map_err(|source| Error::Io {
-        target: Target::new(Operation::ResolveFamily),
-        source,
-    })?;
+    let socket = NetlinkSocket::open()
+        .map_err(|source| Error::Io { target: Target::new(Operation::ResolveFamily), source })?;
     Ok(Arc::new(Mutex::new(Connection::new(socket))))
 }
 
@@ -51,15 +49,11 @@ impl IpvsHandle {
     /// Opens a generic-netlink socket in the current network namespace. Must be called within
     /// a tokio runtime. Does not talk to the kernel yet, so it succeeds without IPVS.
     pub fn new() -> Result<Self> {
-        let extra = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .clamp(1, DUMP_SOCKETS)
-            - 1;
+        let extra =
+            std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, DUMP_SOCKETS) - 1;
         Ok(Self {
             connection: open_connection()?,
-            dump_connections: (0..extra)
-                .map(|_| open_connection())
-                .collect::<Result<_>>()?,
+            dump_connections: (0..extra).map(|_| open_connection()).collect::<Result<_>>()?,
         })
     }
 
@@ -94,12 +88,7 @@ impl IpvsHandle {
         let request = Request::GetInfo;
         let mut version = None;
         let mut size = None;
-        for attr in self
-            .execute(request.clone())
-            .await?
-            .into_iter()
-            .flat_map(|m| m.attributes)
-        {
+        for attr in self.execute(request.clone()).await?.into_iter().flat_map(|m| m.attributes) {
             match attr {
                 IpvsAttribute::InfoVersion(v) => version = Some(v),
                 IpvsAttribute::InfoConnectionTableSize(v) => size = Some(v),
@@ -107,14 +96,10 @@ impl IpvsHandle {
             }
         }
         match (version, size) {
-            (Some(version), Some(connection_table_size)) => Ok(Info {
-                version,
-                connection_table_size,
-            }),
-            _ => Err(malformed(
-                &request,
-                "the info reply lacks the version or table size",
-            )),
+            (Some(version), Some(connection_table_size)) => {
+                Ok(Info { version, connection_table_size })
+            }
+            _ => Err(malformed(&request, "the info reply lacks the version or table size")),
         }
     }
 
@@ -156,8 +141,7 @@ impl IpvsHandle {
         service: &ServiceKey,
         destination: &Destination,
     ) -> Result<()> {
-        self.change(Change::AddDestination(*service, *destination))
-            .await
+        self.change(Change::AddDestination(*service, *destination)).await
     }
 
     /// Changes a destination's forwarding method, weight or thresholds.
@@ -166,8 +150,7 @@ impl IpvsHandle {
         service: &ServiceKey,
         destination: &Destination,
     ) -> Result<()> {
-        self.change(Change::UpdateDestination(*service, *destination))
-            .await
+        self.change(Change::UpdateDestination(*service, *destination)).await
     }
 
     /// Deletes a destination.
@@ -176,8 +159,7 @@ impl IpvsHandle {
         service: &ServiceKey,
         address: SocketAddr,
     ) -> Result<()> {
-        self.change(Change::DeleteDestination(*service, address))
-            .await
+        self.change(Change::DeleteDestination(*service, address)).await
     }
 
     /// Lists the destinations of a virtual service (a dump). Fails with
@@ -188,9 +170,9 @@ impl IpvsHandle {
         if destinations.is_empty() {
             // Tell an empty service from a missing one.
             self.get_service(service).await.map_err(|err| match err {
-                Error::NoSuchService { .. } => Error::NoSuchService {
-                    target: Request::ListDestinations(*service).target(),
-                },
+                Error::NoSuchService { .. } => {
+                    Error::NoSuchService { target: Request::ListDestinations(*service).target() }
+                }
                 other => other,
             })?;
         }
@@ -248,12 +230,7 @@ impl IpvsHandle {
         let request = Request::GetTimeouts;
         let mut timeouts = Timeouts::default();
         let mut seen = 0;
-        for attr in self
-            .execute(request.clone())
-            .await?
-            .into_iter()
-            .flat_map(|m| m.attributes)
-        {
+        for attr in self.execute(request.clone()).await?.into_iter().flat_map(|m| m.attributes) {
             match attr {
                 IpvsAttribute::TimeoutTcp(v) => timeouts.tcp = v,
                 IpvsAttribute::TimeoutTcpFin(v) => timeouts.tcp_fin = v,
@@ -275,9 +252,7 @@ impl IpvsHandle {
 
     /// Zeroes the counters of one service, or of every service with `None` (`ipvsadm -Z`).
     pub async fn zero(&self, service: Option<&ServiceKey>) -> Result<()> {
-        self.execute(Request::Zero(service.copied()))
-            .await
-            .map(drop)
+        self.execute(Request::Zero(service.copied())).await.map(drop)
     }
 
     /// Applies many changes pipelined on the socket and returns one result per change, in
@@ -310,10 +285,7 @@ async fn destinations_on(
 }
 
 fn malformed(request: &Request, reason: &str) -> Error {
-    Error::MalformedReply {
-        target: request.target(),
-        reason: reason.to_owned(),
-    }
+    Error::MalformedReply { target: request.target(), reason: reason.to_owned() }
 }
 
 fn services_from(request: &Request, messages: Vec<IpvsMessage>) -> Result<Vec<ServiceEntry>> {

@@ -91,14 +91,8 @@ pub fn header(info: &Info, columns: Columns) -> String {
 /// The service's name column: `TCP  10.96.0.1:443`, `SCTP 10.96.0.9:3868`, `FWM  7 IPv6`.
 pub fn service_name(key: &ServiceKey) -> String {
     match key {
-        ServiceKey::Fwmark {
-            family: Family::Ipv4,
-            mark,
-        } => format!("FWM  {mark}"),
-        ServiceKey::Fwmark {
-            family: Family::Ipv6,
-            mark,
-        } => format!("FWM  {mark} IPv6"),
+        ServiceKey::Fwmark { family: Family::Ipv4, mark } => format!("FWM  {mark}"),
+        ServiceKey::Fwmark { family: Family::Ipv6, mark } => format!("FWM  {mark} IPv6"),
         ServiceKey::Inet { protocol, address } => {
             let mut name = format!("{:<4} {}", protocol.name(), address);
             if address.is_ipv4() {
@@ -122,16 +116,13 @@ pub fn service_line(entry: &ServiceEntry, columns: Columns) -> String {
                 & (ServiceFlags::SCHED1 | ServiceFlags::SCHED2 | ServiceFlags::SCHED3);
             if !sched_flags.is_empty() {
                 let names = scheduler_flag_names(&service.scheduler);
-                let set: Vec<&str> = [
-                    ServiceFlags::SCHED1,
-                    ServiceFlags::SCHED2,
-                    ServiceFlags::SCHED3,
-                ]
-                .iter()
-                .zip(names)
-                .filter(|(flag, _)| sched_flags.contains(**flag))
-                .map(|(_, name)| name)
-                .collect();
+                let set: Vec<&str> =
+                    [ServiceFlags::SCHED1, ServiceFlags::SCHED2, ServiceFlags::SCHED3]
+                        .iter()
+                        .zip(names)
+                        .filter(|(flag, _)| sched_flags.contains(**flag))
+                        .map(|(_, name)| name)
+                        .collect();
                 let _ = write!(line, " ({})", set.join(","));
             }
             if service.flags.contains(ServiceFlags::PERSISTENT) {
@@ -176,10 +167,7 @@ pub fn destination_line(
             entry.active_connections,
             entry.inactive_connections
         ),
-        Columns::Stats => format!(
-            "  -> {name:<28}{}",
-            numbers(&stats_columns(&entry.counters()))
-        ),
+        Columns::Stats => format!("  -> {name:<28}{}", numbers(&stats_columns(&entry.counters()))),
         Columns::Rate => {
             let rates = rate_columns(&entry.counters());
             format!(
@@ -216,23 +204,11 @@ fn scheduler_flag_names(scheduler: &str) -> [&'static str; 3] {
 }
 
 fn stats_columns(s: &Stats) -> [u64; 5] {
-    [
-        s.connections,
-        s.in_packets,
-        s.out_packets,
-        s.in_bytes,
-        s.out_bytes,
-    ]
+    [s.connections, s.in_packets, s.out_packets, s.in_bytes, s.out_bytes]
 }
 
 fn rate_columns(s: &Stats) -> [u64; 5] {
-    [
-        s.connection_rate,
-        s.in_packet_rate,
-        s.out_packet_rate,
-        s.in_byte_rate,
-        s.out_byte_rate,
-    ]
+    [s.connection_rate, s.in_packet_rate, s.out_packet_rate, s.in_byte_rate, s.out_byte_rate]
 }
 
 /// ipvsadm's `print_largenum`: 9 columns, scaled with K, M, G or T from 100 million up.
@@ -260,9 +236,7 @@ fn address_words(ip: IpAddr) -> Vec<u32> {
         IpAddr::V4(v4) => vec![u32::from(v4)],
         IpAddr::V6(v6) => {
             let o = v6.octets();
-            o.chunks(4)
-                .map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()
+            o.chunks(4).map(|c| u32::from_be_bytes([c[0], c[1], c[2], c[3]])).collect()
         }
     }
 }
@@ -285,15 +259,14 @@ fn compare_services(a: &ServiceEntry, b: &ServiceEntry) -> Ordering {
     };
     let (mark_a, af_a, proto_a, addr_a) = parts(&a.service.key);
     let (mark_b, af_b, proto_b, addr_b) = parts(&b.service.key);
-    c_difference(mark_a, mark_b)
-        .then(af_a.cmp(&af_b))
-        .then(proto_a.cmp(&proto_b))
-        .then_with(|| match (addr_a, addr_b) {
+    c_difference(mark_a, mark_b).then(af_a.cmp(&af_b)).then(proto_a.cmp(&proto_b)).then_with(|| {
+        match (addr_a, addr_b) {
             (Some(x), Some(y)) if x.is_ipv4() == y.is_ipv4() => {
                 compare_addresses(x.ip(), y.ip()).then(x.port().cmp(&y.port()))
             }
             _ => Ordering::Equal,
-        })
+        }
+    })
 }
 
 fn compare_destinations(a: &DestinationEntry, b: &DestinationEntry) -> Ordering {
@@ -312,11 +285,7 @@ mod tests {
     use crate::types::{Destination, ForwardMethod, Service};
 
     fn service(service: Service) -> ServiceEntry {
-        ServiceEntry {
-            service,
-            stats: None,
-            stats64: None,
-        }
+        ServiceEntry { service, stats: None, stats64: None }
     }
 
     fn destination(address: &str, weight: u32, forward: ForwardMethod) -> DestinationEntry {
@@ -334,10 +303,7 @@ mod tests {
 
     #[test]
     fn lists_as_ipvsadm_1_31_does() {
-        let info = Info {
-            version: 0x010201,
-            connection_table_size: 4096,
-        };
+        let info = Info { version: 0x010201, connection_table_size: 4096 };
         let web = ServiceKey::tcp("10.96.0.10:80".parse().unwrap());
         let table = vec![
             (
@@ -359,14 +325,8 @@ mod tests {
             ),
             (
                 service(
-                    Service::new(
-                        ServiceKey::Fwmark {
-                            family: Family::Ipv6,
-                            mark: 8,
-                        },
-                        "lc",
-                    )
-                    .persistent(360),
+                    Service::new(ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 }, "lc")
+                        .persistent(360),
                 ),
                 vec![],
             ),
@@ -380,10 +340,7 @@ mod tests {
                 vec![],
             ),
             (
-                service(Service::new(
-                    ServiceKey::sctp("10.96.0.99:3868".parse().unwrap()),
-                    "nq",
-                )),
+                service(Service::new(ServiceKey::sctp("10.96.0.99:3868".parse().unwrap()), "nq")),
                 vec![],
             ),
         ];

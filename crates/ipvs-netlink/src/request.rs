@@ -116,11 +116,7 @@ pub struct Target {
 
 impl Target {
     pub(crate) fn new(operation: Operation) -> Self {
-        Self {
-            operation,
-            service: None,
-            destination: None,
-        }
+        Self { operation, service: None, destination: None }
     }
 }
 
@@ -148,11 +144,7 @@ impl Change {
             Self::UpdateDestination(k, d) => (Operation::UpdateDestination, *k, Some(d.address)),
             Self::DeleteDestination(k, a) => (Operation::DeleteDestination, *k, Some(*a)),
         };
-        Target {
-            operation,
-            service: Some(service),
-            destination,
-        }
+        Target { operation, service: Some(service), destination }
     }
 
     fn message(&self) -> IpvsMessage {
@@ -167,10 +159,7 @@ impl Change {
             Self::UpdateDestination(k, d) => (IpvsCommand::SetDest, vec![key(k), dest(d)]),
             Self::DeleteDestination(k, a) => (
                 IpvsCommand::DelDest,
-                vec![
-                    key(k),
-                    IpvsAttribute::Destination(Destination::key_attributes(*a)),
-                ],
+                vec![key(k), IpvsAttribute::Destination(Destination::key_attributes(*a))],
             ),
         };
         IpvsMessage::new(command, attributes)
@@ -186,10 +175,8 @@ impl Change {
                     IP_VS_SCHEDNAME_MAXLEN - 1
                 ));
             }
-            if let Some(pe) = s
-                .persistence_engine
-                .as_ref()
-                .filter(|pe| pe.len() >= IP_VS_PENAME_MAXLEN)
+            if let Some(pe) =
+                s.persistence_engine.as_ref().filter(|pe| pe.len() >= IP_VS_PENAME_MAXLEN)
             {
                 return Err(format!(
                     "persistence engine name {pe:?} must have at most {} bytes",
@@ -232,10 +219,9 @@ impl Request {
         let key = |k: &ServiceKey| IpvsAttribute::Service(k.to_attributes());
         Ok(match self {
             Self::Change(change) => {
-                change.validate().map_err(|reason| Error::InvalidArgument {
-                    target: self.target(),
-                    reason,
-                })?;
+                change
+                    .validate()
+                    .map_err(|reason| Error::InvalidArgument { target: self.target(), reason })?;
                 change.message()
             }
             Self::GetService(k) => IpvsMessage::new(IpvsCommand::GetService, vec![key(k)]),
@@ -276,10 +262,7 @@ impl Request {
             (
                 ENOENT,
                 Self::Change(Change::AddService(service) | Change::UpdateService(service)),
-            ) => Error::UnknownScheduler {
-                target,
-                scheduler: service.scheduler.clone(),
-            },
+            ) => Error::UnknownScheduler { target, scheduler: service.scheduler.clone() },
             (
                 ENOENT,
                 Self::Change(Change::UpdateDestination(..) | Change::DeleteDestination(..)),
@@ -289,10 +272,7 @@ impl Request {
                 reason: io::Error::from_raw_os_error(errno).to_string(),
             },
             (EPERM | EACCES, _) => Error::PermissionDenied { target },
-            _ => Error::Kernel {
-                target,
-                source: io::Error::from_raw_os_error(errno),
-            },
+            _ => Error::Kernel { target, source: io::Error::from_raw_os_error(errno) },
         }
     }
 }
@@ -317,23 +297,11 @@ mod tests {
         assert!(
             matches!(add.error_for(2), Error::UnknownScheduler { scheduler, .. } if scheduler == "nope")
         );
-        assert!(matches!(
-            del_dest.error_for(2),
-            Error::NoSuchDestination { .. }
-        ));
+        assert!(matches!(del_dest.error_for(2), Error::NoSuchDestination { .. }));
         assert!(matches!(add_dest.error_for(3), Error::NoSuchService { .. }));
-        assert!(matches!(
-            add_dest.error_for(17),
-            Error::AlreadyExists { .. }
-        ));
-        assert!(matches!(
-            add_dest.error_for(34),
-            Error::InvalidArgument { .. }
-        ));
-        assert!(matches!(
-            add_dest.error_for(1),
-            Error::PermissionDenied { .. }
-        ));
+        assert!(matches!(add_dest.error_for(17), Error::AlreadyExists { .. }));
+        assert!(matches!(add_dest.error_for(34), Error::InvalidArgument { .. }));
+        assert!(matches!(add_dest.error_for(1), Error::PermissionDenied { .. }));
         assert!(matches!(add_dest.error_for(16), Error::Kernel { .. }));
     }
 
@@ -354,10 +322,8 @@ mod tests {
 
     #[test]
     fn overlong_scheduler_is_refused_before_sending() {
-        let request = Request::Change(Change::AddService(Service::new(
-            key(),
-            "a-very-long-scheduler",
-        )));
+        let request =
+            Request::Change(Change::AddService(Service::new(key(), "a-very-long-scheduler")));
         let err = request.message().unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
         assert!(err.to_string().contains("must have 1 to 15 bytes"), "{err}");

@@ -135,26 +135,17 @@ pub enum ServiceKey {
 impl ServiceKey {
     /// A TCP service key.
     pub fn tcp(address: SocketAddr) -> Self {
-        Self::Inet {
-            protocol: Protocol::Tcp,
-            address,
-        }
+        Self::Inet { protocol: Protocol::Tcp, address }
     }
 
     /// A UDP service key.
     pub fn udp(address: SocketAddr) -> Self {
-        Self::Inet {
-            protocol: Protocol::Udp,
-            address,
-        }
+        Self::Inet { protocol: Protocol::Udp, address }
     }
 
     /// An SCTP service key.
     pub fn sctp(address: SocketAddr) -> Self {
-        Self::Inet {
-            protocol: Protocol::Sctp,
-            address,
-        }
+        Self::Inet { protocol: Protocol::Sctp, address }
     }
 
     /// The address family of the service.
@@ -204,10 +195,7 @@ impl ServiceKey {
         let protocol = Protocol::from_number(protocol.ok_or_else(|| missing("protocol"))?)?;
         let ip = parse_address(family, address.ok_or_else(|| missing("service address"))?)?;
         let port = port.ok_or_else(|| missing("service port"))?;
-        Ok(Self::Inet {
-            protocol,
-            address: SocketAddr::new(ip, port),
-        })
+        Ok(Self::Inet { protocol, address: SocketAddr::new(ip, port) })
     }
 }
 
@@ -216,14 +204,8 @@ impl fmt::Display for ServiceKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Inet { protocol, address } => write!(f, "{protocol} {address}"),
-            Self::Fwmark {
-                family: Family::Ipv4,
-                mark,
-            } => write!(f, "FWM {mark}"),
-            Self::Fwmark {
-                family: Family::Ipv6,
-                mark,
-            } => write!(f, "FWM {mark} IPv6"),
+            Self::Fwmark { family: Family::Ipv4, mark } => write!(f, "FWM {mark}"),
+            Self::Fwmark { family: Family::Ipv6, mark } => write!(f, "FWM {mark} IPv6"),
         }
     }
 }
@@ -286,11 +268,11 @@ impl Netmask {
     pub fn from_wire(family: Family, value: u32) -> Result<Self, ModelError> {
         match family {
             Family::Ipv4 => Ok(Self::Ipv4(Ipv4Addr::from(value.to_ne_bytes()))),
-            Family::Ipv6 => u8::try_from(value)
-                .ok()
-                .filter(|prefix| *prefix <= 128)
-                .map(Self::Ipv6)
-                .ok_or_else(|| ModelError(format!("IPv6 netmask {value} is not a prefix length"))),
+            Family::Ipv6 => {
+                u8::try_from(value).ok().filter(|prefix| *prefix <= 128).map(Self::Ipv6).ok_or_else(
+                    || ModelError(format!("IPv6 netmask {value} is not a prefix length")),
+                )
+            }
         }
     }
 }
@@ -650,9 +632,7 @@ impl Destination {
         if self.forward == ForwardMethod::Tunnel {
             attrs.push(DestinationAttribute::TunnelType(self.tunnel_type.to_wire()));
             attrs.push(DestinationAttribute::TunnelPort(self.tunnel_port));
-            attrs.push(DestinationAttribute::TunnelFlags(
-                self.tunnel_checksum.to_wire(),
-            ));
+            attrs.push(DestinationAttribute::TunnelFlags(self.tunnel_checksum.to_wire()));
         }
         attrs
     }
@@ -762,10 +742,7 @@ impl DestinationEntry {
                 _ => {}
             }
         }
-        let ip = parse_address(
-            family,
-            address.ok_or_else(|| missing("destination address"))?,
-        )?;
+        let ip = parse_address(family, address.ok_or_else(|| missing("destination address"))?)?;
         let d = &mut entry.destination;
         d.address = SocketAddr::new(ip, port.ok_or_else(|| missing("destination port"))?);
         d.forward = forward.ok_or_else(|| missing("forwarding method"))?;
@@ -870,16 +847,14 @@ fn address_bytes(ip: IpAddr) -> Vec<u8> {
 
 fn parse_address(family: Family, bytes: &[u8]) -> Result<IpAddr, ModelError> {
     match (family, bytes.len()) {
-        (Family::Ipv4, 4 | 16) => Ok(IpAddr::V4(Ipv4Addr::new(
-            bytes[0], bytes[1], bytes[2], bytes[3],
-        ))),
+        (Family::Ipv4, 4 | 16) => {
+            Ok(IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3])))
+        }
         (Family::Ipv6, 16) => {
             let mut octets = [0; 16];
             octets.copy_from_slice(bytes);
             Ok(IpAddr::V6(Ipv6Addr::from(octets)))
         }
-        (family, len) => Err(ModelError(format!(
-            "a {len}-byte address cannot be {family:?}"
-        ))),
+        (family, len) => Err(ModelError(format!("a {len}-byte address cannot be {family:?}"))),
     }
 }

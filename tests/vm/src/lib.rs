@@ -80,9 +80,7 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
     }
 }
 
@@ -123,18 +121,8 @@ impl Pod {
         sh("ip", &["link", "set", &node_side, "up"]);
         netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         netns.ip(&["link", "set", "eth0", "up"]);
-        netns.ip(&[
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("10.244.{index}.1"),
-        ]);
-        Self {
-            netns,
-            ip,
-            name: format!("pod{index}"),
-        }
+        netns.ip(&["route", "add", "default", "via", &format!("10.244.{index}.1")]);
+        Self { netns, ip, name: format!("pod{index}") }
     }
 
     /// The pod's address with a port.
@@ -144,42 +132,34 @@ impl Pod {
 
     /// Serves TCP on `port` in the pod: every connection gets the pod's name and is closed.
     pub fn serve_tcp(&self, port: u16) {
-        let listener = self
-            .netns
-            .run(|| TcpListener::bind(("0.0.0.0", port)).expect("bind"));
+        self.serve_tcp_with(port, false);
+    }
+
+    /// Serves TCP on `port` in the pod, holding each connection open until the client closes it.
+    pub fn serve_tcp_held(&self, port: u16) {
+        self.serve_tcp_with(port, true);
+    }
+
+    fn serve_tcp_with(&self, port: u16, hold: bool) {
+        let listener = self.netns.run(|| TcpListener::bind(("0.0.0.0", port)).expect("bind"));
         let name = self.name.clone();
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
                 let _ = stream.write_all(name.as_bytes());
-            }
-        });
-    }
-
-    /// Serves TCP on `port` in the pod, holding each connection open until the client closes it.
-    pub fn serve_tcp_held(&self, port: u16) {
-        let listener = self
-            .netns
-            .run(|| TcpListener::bind(("0.0.0.0", port)).expect("bind"));
-        let name = self.name.clone();
-        thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
-                let name = name.clone();
-                thread::spawn(move || {
-                    let _ = stream.write_all(name.as_bytes());
-                    let mut sink = [0; 64];
-                    while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
-                });
+                if hold {
+                    thread::spawn(move || {
+                        let mut sink = [0; 64];
+                        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+                    });
+                }
             }
         });
     }
 
     /// Serves UDP on `port` in the pod: every datagram is answered with the pod's name.
     pub fn serve_udp(&self, port: u16) {
-        let socket = self
-            .netns
-            .run(|| UdpSocket::bind(("0.0.0.0", port)).expect("bind"));
+        let socket = self.netns.run(|| UdpSocket::bind(("0.0.0.0", port)).expect("bind"));
         let name = self.name.clone();
         thread::spawn(move || {
             let mut buf = [0; 1500];
@@ -213,8 +193,5 @@ pub fn udp_ask(address: SocketAddr) -> std::io::Result<String> {
 /// kube-ipvs0 does for Service addresses.
 pub fn bind_vip(address: IpAddr) {
     let prefix = if address.is_ipv4() { 32 } else { 128 };
-    sh(
-        "ip",
-        &["addr", "add", &format!("{address}/{prefix}"), "dev", "lo"],
-    );
+    sh("ip", &["addr", "add", &format!("{address}/{prefix}"), "dev", "lo"]);
 }

@@ -45,11 +45,7 @@ async fn ipv4_service_lifecycle() {
     let got = ipvs.get_service(&key).await.unwrap();
     assert_eq!(got.service.key, key);
     assert_eq!(got.service.scheduler, "rr");
-    assert_eq!(
-        got.service.flags,
-        ServiceFlags::HASHED,
-        "the kernel adds HASHED"
-    );
+    assert_eq!(got.service.flags, ServiceFlags::HASHED, "the kernel adds HASHED");
     assert_eq!(got.service.netmask, Netmask::Ipv4(Ipv4Addr::BROADCAST));
     assert!(got.service.same_config(&service));
     assert_eq!(got.counters().connections, 0);
@@ -63,10 +59,7 @@ async fn ipv4_service_lifecycle() {
     ipvs.update_service(&changed).await.unwrap();
     let got = ipvs.get_service(&key).await.unwrap();
     assert!(got.service.same_config(&changed), "{got:?}");
-    assert_eq!(
-        got.service.flags,
-        ServiceFlags::PERSISTENT | ServiceFlags::HASHED
-    );
+    assert_eq!(got.service.flags, ServiceFlags::PERSISTENT | ServiceFlags::HASHED);
     assert_eq!(got.service.timeout, 300);
 
     let listed = ipvs.list_services().await.unwrap();
@@ -95,17 +88,9 @@ async fn ipv6_service_lifecycle() {
     assert!(got.service.same_config(&service), "{got:?}");
     assert_eq!(got.service.key.family(), Family::Ipv6);
 
-    let affinity = Service::new(key, "sh")
-        .persistent(600)
-        .with_netmask(Netmask::Ipv6(64));
+    let affinity = Service::new(key, "sh").persistent(600).with_netmask(Netmask::Ipv6(64));
     ipvs.update_service(&affinity).await.unwrap();
-    assert!(
-        ipvs.get_service(&key)
-            .await
-            .unwrap()
-            .service
-            .same_config(&affinity)
-    );
+    assert!(ipvs.get_service(&key).await.unwrap().service.same_config(&affinity));
 
     // The kernel wants an IPv6 prefix length of 1 to 128.
     let bad = Service::new(tcp("[fd00:10:96::11]:443"), "rr").with_netmask(Netmask::Ipv6(0));
@@ -118,32 +103,15 @@ async fn ipv6_service_lifecycle() {
 #[tokio::test]
 async fn fwmark_services_in_both_families() {
     let ipvs = IpvsHandle::new().unwrap();
-    let v4 = ServiceKey::Fwmark {
-        family: Family::Ipv4,
-        mark: 7,
-    };
-    let v6 = ServiceKey::Fwmark {
-        family: Family::Ipv6,
-        mark: 7,
-    };
+    let v4 = ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 };
+    let v6 = ServiceKey::Fwmark { family: Family::Ipv6, mark: 7 };
     ipvs.add_service(&Service::new(v4, "wlc")).await.unwrap();
-    ipvs.add_service(&Service::new(v6, "lc").persistent(360))
-        .await
-        .unwrap();
-    ipvs.add_destination(&v4, &Destination::new(addr("10.244.2.2:8080")))
-        .await
-        .unwrap();
-    ipvs.add_destination(&v6, &Destination::new(addr("[fd00:10:244::2]:8080")))
-        .await
-        .unwrap();
+    ipvs.add_service(&Service::new(v6, "lc").persistent(360)).await.unwrap();
+    ipvs.add_destination(&v4, &Destination::new(addr("10.244.2.2:8080"))).await.unwrap();
+    ipvs.add_destination(&v6, &Destination::new(addr("[fd00:10:244::2]:8080"))).await.unwrap();
 
-    let keys: BTreeSet<ServiceKey> = ipvs
-        .list_services()
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|s| s.service.key)
-        .collect();
+    let keys: BTreeSet<ServiceKey> =
+        ipvs.list_services().await.unwrap().into_iter().map(|s| s.service.key).collect();
     assert_eq!(keys, BTreeSet::from([v4, v6]));
     let got = ipvs.get_service(&v6).await.unwrap();
     assert_eq!(got.service.scheduler, "lc");
@@ -152,14 +120,8 @@ async fn fwmark_services_in_both_families() {
     assert_eq!(dests[0].destination.address, addr("[fd00:10:244::2]:8080"));
 
     ipvs.delete_service(&v4).await.unwrap();
-    assert!(matches!(
-        ipvs.get_service(&v4).await,
-        Err(Error::NoSuchService { .. })
-    ));
-    assert!(
-        ipvs.get_service(&v6).await.is_ok(),
-        "the other family is a different service"
-    );
+    assert!(matches!(ipvs.get_service(&v4).await, Err(Error::NoSuchService { .. })));
+    assert!(ipvs.get_service(&v6).await.is_ok(), "the other family is a different service");
 }
 
 #[tokio::test]
@@ -168,13 +130,8 @@ async fn every_scheduler_is_accepted() {
     let schedulers = ["rr", "wrr", "lc", "wlc", "dh", "sh", "sed", "nq", "mh"];
     for (i, scheduler) in schedulers.iter().enumerate() {
         let key = tcp(&format!("10.96.1.{}:80", i + 1));
-        ipvs.add_service(&Service::new(key, *scheduler))
-            .await
-            .unwrap();
-        assert_eq!(
-            ipvs.get_service(&key).await.unwrap().service.scheduler,
-            *scheduler
-        );
+        ipvs.add_service(&Service::new(key, *scheduler)).await.unwrap();
+        assert_eq!(ipvs.get_service(&key).await.unwrap().service.scheduler, *scheduler);
     }
     assert_eq!(ipvs.list_services().await.unwrap().len(), schedulers.len());
 }
@@ -183,10 +140,7 @@ async fn every_scheduler_is_accepted() {
 async fn an_unknown_scheduler_is_reported_by_name() {
     let ipvs = IpvsHandle::new().unwrap();
     let key = tcp("10.96.0.10:80");
-    let err = ipvs
-        .add_service(&Service::new(key, "nosuch"))
-        .await
-        .unwrap_err();
+    let err = ipvs.add_service(&Service::new(key, "nosuch")).await.unwrap_err();
     match &err {
         Error::UnknownScheduler { scheduler, target } => {
             assert_eq!(scheduler, "nosuch");
@@ -197,10 +151,7 @@ async fn an_unknown_scheduler_is_reported_by_name() {
     assert!(err.to_string().contains("nosuch"), "{err}");
     // Changing an existing service to an unknown scheduler fails the same way.
     ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
-    let err = ipvs
-        .update_service(&Service::new(key, "nosuch"))
-        .await
-        .unwrap_err();
+    let err = ipvs.update_service(&Service::new(key, "nosuch")).await.unwrap_err();
     assert!(matches!(err, Error::UnknownScheduler { .. }), "{err}");
 }
 
@@ -224,10 +175,7 @@ async fn scheduler_flags_one_packet_netmask_and_persistence_engine() {
     for service in &services {
         ipvs.add_service(service).await.unwrap();
         let got = ipvs.get_service(&service.key).await.unwrap();
-        assert!(
-            got.service.same_config(service),
-            "wanted {service:?}, got {got:?}"
-        );
+        assert!(got.service.same_config(service), "wanted {service:?}, got {got:?}");
         assert_eq!(got.service.flags, service.flags_in_kernel());
     }
 }
@@ -240,9 +188,7 @@ async fn destination_lifecycle_and_errors() {
     ipvs.add_service(&Service::new(key, "wrr")).await.unwrap();
 
     let a = Destination::new(addr("10.244.1.5:8080"));
-    let b = Destination::new(addr("10.244.1.6:8080"))
-        .with_weight(3)
-        .with_thresholds(10, 100);
+    let b = Destination::new(addr("10.244.1.6:8080")).with_weight(3).with_thresholds(10, 100);
     ipvs.add_destination(&key, &a).await.unwrap();
     ipvs.add_destination(&key, &b).await.unwrap();
 
@@ -253,22 +199,13 @@ async fn destination_lifecycle_and_errors() {
     assert!(listed[1].destination.same_config(&b), "{listed:?}");
     assert_eq!(listed[1].destination.upper_threshold, 100);
     assert_eq!(listed[1].destination.lower_threshold, 10);
-    assert_eq!(
-        listed[0].active_connections + listed[0].inactive_connections,
-        0
-    );
+    assert_eq!(listed[0].active_connections + listed[0].inactive_connections, 0);
 
     // Drain: weight 0, then delete.
-    ipvs.update_destination(&key, &a.with_weight(0))
-        .await
-        .unwrap();
+    ipvs.update_destination(&key, &a.with_weight(0)).await.unwrap();
     let got = ipvs.list_destinations(&key).await.unwrap();
     assert_eq!(
-        got.iter()
-            .find(|d| d.destination.address == a.address)
-            .unwrap()
-            .destination
-            .weight,
+        got.iter().find(|d| d.destination.address == a.address).unwrap().destination.weight,
         0
     );
     ipvs.delete_destination(&key, a.address).await.unwrap();
@@ -286,9 +223,7 @@ async fn destination_lifecycle_and_errors() {
     for err in [
         ipvs.add_destination(&missing, &a).await.unwrap_err(),
         ipvs.update_destination(&missing, &a).await.unwrap_err(),
-        ipvs.delete_destination(&missing, a.address)
-            .await
-            .unwrap_err(),
+        ipvs.delete_destination(&missing, a.address).await.unwrap_err(),
         ipvs.list_destinations(&missing).await.unwrap_err(),
     ] {
         assert!(matches!(err, Error::NoSuchService { .. }), "{err}");
@@ -296,19 +231,13 @@ async fn destination_lifecycle_and_errors() {
     }
     // Lower threshold above the upper one.
     let err = ipvs
-        .add_destination(
-            &key,
-            &Destination::new(addr("10.244.1.7:8080")).with_thresholds(100, 10),
-        )
+        .add_destination(&key, &Destination::new(addr("10.244.1.7:8080")).with_thresholds(100, 10))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
     // A weight above i32::MAX is negative to the kernel.
     let err = ipvs
-        .add_destination(
-            &key,
-            &Destination::new(addr("10.244.1.8:8080")).with_weight(u32::MAX),
-        )
+        .add_destination(&key, &Destination::new(addr("10.244.1.8:8080")).with_weight(u32::MAX))
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
@@ -341,27 +270,15 @@ async fn every_forwarding_method_and_tunnel_type() {
         Destination::new(addr("10.244.1.7:80")).with_forward(ForwardMethod::Local),
     ];
     let results = ipvs
-        .apply(
-            &wanted
-                .iter()
-                .map(|d| Change::AddDestination(key, *d))
-                .collect::<Vec<_>>(),
-        )
+        .apply(&wanted.iter().map(|d| Change::AddDestination(key, *d)).collect::<Vec<_>>())
         .await;
     for (result, d) in results.iter().zip(&wanted) {
         assert!(result.is_ok(), "{d:?}: {result:?}");
     }
     let listed = ipvs.list_destinations(&key).await.unwrap();
     for d in &wanted {
-        let got = listed
-            .iter()
-            .find(|e| e.destination.address == d.address)
-            .unwrap();
-        assert!(
-            got.destination.same_config(d),
-            "wanted {d:?}, got {:?}",
-            got.destination
-        );
+        let got = listed.iter().find(|e| e.destination.address == d.address).unwrap();
+        assert!(got.destination.same_config(d), "wanted {d:?}, got {:?}", got.destination);
     }
 
     // A destination of the other family needs a tunnel.
@@ -392,50 +309,13 @@ async fn every_forwarding_method_and_tunnel_type() {
 async fn timeouts_are_read_and_set() {
     let ipvs = IpvsHandle::new().unwrap();
     let before = ipvs.timeouts().await.unwrap();
-    assert_eq!(
-        before,
-        Timeouts {
-            tcp: 900,
-            tcp_fin: 120,
-            udp: 300
-        },
-        "kernel defaults"
-    );
-    ipvs.set_timeouts(Timeouts {
-        tcp: 3600,
-        tcp_fin: 30,
-        udp: 60,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        ipvs.timeouts().await.unwrap(),
-        Timeouts {
-            tcp: 3600,
-            tcp_fin: 30,
-            udp: 60
-        }
-    );
+    assert_eq!(before, Timeouts { tcp: 900, tcp_fin: 120, udp: 300 }, "kernel defaults");
+    ipvs.set_timeouts(Timeouts { tcp: 3600, tcp_fin: 30, udp: 60 }).await.unwrap();
+    assert_eq!(ipvs.timeouts().await.unwrap(), Timeouts { tcp: 3600, tcp_fin: 30, udp: 60 });
     // 0 leaves a value as it is.
-    ipvs.set_timeouts(Timeouts {
-        tcp: 0,
-        tcp_fin: 0,
-        udp: 90,
-    })
-    .await
-    .unwrap();
-    assert_eq!(
-        ipvs.timeouts().await.unwrap(),
-        Timeouts {
-            tcp: 3600,
-            tcp_fin: 30,
-            udp: 90
-        }
-    );
-    assert_eq!(
-        sh("ipvsadm", &["-Ln", "--timeout"]).trim(),
-        "Timeout (tcp tcpfin udp): 3600 30 90"
-    );
+    ipvs.set_timeouts(Timeouts { tcp: 0, tcp_fin: 0, udp: 90 }).await.unwrap();
+    assert_eq!(ipvs.timeouts().await.unwrap(), Timeouts { tcp: 3600, tcp_fin: 30, udp: 90 });
+    assert_eq!(sh("ipvsadm", &["-Ln", "--timeout"]).trim(), "Timeout (tcp tcpfin udp): 3600 30 90");
 }
 
 #[tokio::test]
@@ -449,9 +329,7 @@ async fn counters_follow_real_traffic_and_are_zeroed() {
     let other = tcp("10.96.0.11:80");
     ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
     ipvs.add_service(&Service::new(other, "rr")).await.unwrap();
-    ipvs.add_destination(&key, &Destination::new(pod.addr(8080)))
-        .await
-        .unwrap();
+    ipvs.add_destination(&key, &Destination::new(pod.addr(8080))).await.unwrap();
 
     for _ in 0..3 {
         assert_eq!(tcp_ask(vip).unwrap(), "pod1", "the VIP reaches the pod");
@@ -460,38 +338,20 @@ async fn counters_follow_real_traffic_and_are_zeroed() {
     let service = wait_for_connections(&ipvs, &key, 3).await;
     let counters = service.counters();
     assert_eq!(counters.connections, 3);
-    assert!(
-        counters.in_packets >= 9 && counters.out_packets >= 6,
-        "{counters:?}"
-    );
-    assert!(
-        counters.in_bytes > 0 && counters.out_bytes > 0,
-        "{counters:?}"
-    );
+    assert!(counters.in_packets >= 9 && counters.out_packets >= 6, "{counters:?}");
+    assert!(counters.in_bytes > 0 && counters.out_bytes > 0, "{counters:?}");
     let stats32 = service.stats.unwrap();
-    assert_eq!(
-        stats32.connections, counters.connections,
-        "32- and 64-bit blocks agree"
-    );
+    assert_eq!(stats32.connections, counters.connections, "32- and 64-bit blocks agree");
     let dest = ipvs.list_destinations(&key).await.unwrap()[0];
     assert_eq!(dest.counters().connections, 3);
-    assert!(
-        dest.active_connections + dest.inactive_connections > 0,
-        "{dest:?}"
-    );
+    assert!(dest.active_connections + dest.inactive_connections > 0, "{dest:?}");
 
     ipvs.zero(Some(&key)).await.unwrap();
-    assert_eq!(
-        ipvs.get_service(&key).await.unwrap().counters().connections,
-        0
-    );
+    assert_eq!(ipvs.get_service(&key).await.unwrap().counters().connections, 0);
     tcp_ask(vip).unwrap();
     wait_for_connections(&ipvs, &key, 1).await;
     ipvs.zero(None).await.unwrap();
-    assert_eq!(
-        ipvs.get_service(&key).await.unwrap().counters().connections,
-        0
-    );
+    assert_eq!(ipvs.get_service(&key).await.unwrap().counters().connections, 0);
 
     let err = ipvs.zero(Some(&tcp("10.96.0.12:80"))).await.unwrap_err();
     assert!(matches!(err, Error::NoSuchService { .. }), "{err}");
@@ -510,10 +370,7 @@ async fn wait_for_connections(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!(
-        "{key} never counted {connections} connections: {:?}",
-        ipvs.get_service(key).await
-    );
+    panic!("{key} never counted {connections} connections: {:?}", ipvs.get_service(key).await);
 }
 
 #[tokio::test]
@@ -522,9 +379,7 @@ async fn flush_removes_every_service() {
     for i in 1..=5 {
         let key = tcp(&format!("10.96.0.{i}:80"));
         ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
-        ipvs.add_destination(&key, &Destination::new(addr("10.244.1.1:80")))
-            .await
-            .unwrap();
+        ipvs.add_destination(&key, &Destination::new(addr("10.244.1.1:80"))).await.unwrap();
     }
     assert_eq!(ipvs.list_services().await.unwrap().len(), 5);
     ipvs.flush().await.unwrap();
@@ -534,25 +389,14 @@ async fn flush_removes_every_service() {
 #[test]
 fn permission_is_denied_without_cap_net_admin() {
     // Capabilities are per thread: drop CAP_NET_ADMIN on this one and open the socket here.
-    caps::drop(
-        None,
-        caps::CapSet::Effective,
-        caps::Capability::CAP_NET_ADMIN,
-    )
-    .unwrap();
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    caps::drop(None, caps::CapSet::Effective, caps::Capability::CAP_NET_ADMIN).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let ipvs = IpvsHandle::new().unwrap();
         let err = ipvs.list_services().await.unwrap_err();
         assert!(matches!(err, Error::PermissionDenied { .. }), "{err}");
         let key = tcp("10.96.0.10:80");
-        let err = ipvs
-            .add_service(&Service::new(key, "rr"))
-            .await
-            .unwrap_err();
+        let err = ipvs.add_service(&Service::new(key, "rr")).await.unwrap_err();
         assert!(matches!(err, Error::PermissionDenied { .. }), "{err}");
         assert!(err.to_string().contains("CAP_NET_ADMIN"), "{err}");
     });
@@ -584,10 +428,7 @@ fn unload_ipvs() {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    panic!(
-        "ip_vs stays loaded: {}",
-        std::fs::read_to_string("/proc/modules").unwrap()
-    );
+    panic!("ip_vs stays loaded: {}", std::fs::read_to_string("/proc/modules").unwrap());
 }
 
 fn load_ipvs() {
@@ -621,19 +462,12 @@ async fn ipvs_missing_then_loaded_then_reloaded() {
     let err = ipvs.info().await.unwrap_err();
     assert!(matches!(err, Error::IpvsUnavailable { .. }), "{err}");
     assert!(err.to_string().contains("ip_vs"), "{err}");
-    let results = ipvs
-        .apply(&[Change::DeleteService(tcp("10.96.0.1:80"))])
-        .await;
-    assert!(
-        matches!(results[0], Err(Error::IpvsUnavailable { .. })),
-        "{results:?}"
-    );
+    let results = ipvs.apply(&[Change::DeleteService(tcp("10.96.0.1:80"))]).await;
+    assert!(matches!(results[0], Err(Error::IpvsUnavailable { .. })), "{results:?}");
 
     // With module loading allowed again, looking the family up loads ip_vs on demand.
     drop(no_loading);
-    ipvs.info()
-        .await
-        .expect("the family is resolved once IPVS can be loaded");
+    ipvs.info().await.expect("the family is resolved once IPVS can be loaded");
     assert!(std::path::Path::new("/sys/module/ip_vs").exists());
     let key = tcp("10.96.0.10:80");
     ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
@@ -642,15 +476,9 @@ async fn ipvs_missing_then_loaded_then_reloaded() {
     ipvs.flush().await.unwrap();
     unload_ipvs();
     load_ipvs();
-    ipvs.add_service(&Service::new(key, "rr"))
-        .await
-        .expect("the stale family id is replaced");
-    let results = ipvs
-        .apply(&[Change::AddDestination(
-            key,
-            Destination::new(addr("10.244.1.1:80")),
-        )])
-        .await;
+    ipvs.add_service(&Service::new(key, "rr")).await.expect("the stale family id is replaced");
+    let results =
+        ipvs.apply(&[Change::AddDestination(key, Destination::new(addr("10.244.1.1:80")))]).await;
     assert!(results[0].is_ok(), "{results:?}");
 }
 
@@ -678,30 +506,20 @@ async fn a_batch_of_1000_changes_with_failures_in_the_middle() {
     assert_eq!(results.len(), 1000);
     for (i, result) in results.iter().enumerate() {
         match i {
-            305 | 904 => assert!(
-                matches!(result, Err(Error::AlreadyExists { .. })),
-                "{i}: {result:?}"
-            ),
-            501 => assert!(
-                matches!(result, Err(Error::NoSuchService { .. })),
-                "{i}: {result:?}"
-            ),
-            702 => assert!(
-                matches!(result, Err(Error::NoSuchDestination { .. })),
-                "{i}: {result:?}"
-            ),
-            803 => assert!(
-                matches!(result, Err(Error::UnknownScheduler { .. })),
-                "{i}: {result:?}"
-            ),
+            305 | 904 => {
+                assert!(matches!(result, Err(Error::AlreadyExists { .. })), "{i}: {result:?}")
+            }
+            501 => assert!(matches!(result, Err(Error::NoSuchService { .. })), "{i}: {result:?}"),
+            702 => {
+                assert!(matches!(result, Err(Error::NoSuchDestination { .. })), "{i}: {result:?}")
+            }
+            803 => {
+                assert!(matches!(result, Err(Error::UnknownScheduler { .. })), "{i}: {result:?}")
+            }
             _ => assert!(result.is_ok(), "{i}: {result:?}"),
         }
         if let Err(err) = result {
-            assert_eq!(
-                err.target(),
-                &changes[i].target(),
-                "errors name their change"
-            );
+            assert_eq!(err.target(), &changes[i].target(), "errors name their change");
         }
     }
 
@@ -738,4 +556,28 @@ async fn a_large_dump_spans_many_datagrams_and_is_complete() {
     assert_eq!(services.len(), 3000);
     let unique: BTreeSet<ServiceKey> = services.iter().map(|s| s.service.key).collect();
     assert_eq!(unique.len(), 3000, "no service twice");
+}
+
+#[tokio::test]
+async fn a_window_too_large_for_one_sendmsg_fails_as_io_and_applies_nothing() {
+    let ipvs = IpvsHandle::new().unwrap();
+    let changes: Vec<Change> = (0..3000u32)
+        .map(|i| {
+            let vip = SocketAddr::from(([10, 96, (i / 250) as u8, (i % 250) as u8 + 1], 80));
+            Change::AddService(Service::new(ServiceKey::tcp(vip), "rr"))
+        })
+        .collect();
+    // 3,000 messages in one sendmsg exceed the socket's send buffer: EMSGSIZE.
+    ipvs.set_window(100_000).await;
+    let results = ipvs.apply(&changes).await;
+    for (result, change) in results.iter().zip(&changes) {
+        match result {
+            Err(err @ Error::Io { target, .. }) => assert_eq!(*target, change.target(), "{err}"),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(ipvs.list_services().await.unwrap().is_empty(), "nothing was half applied");
+    ipvs.set_window(128).await;
+    assert!(ipvs.apply(&changes).await.iter().all(Result::is_ok));
+    assert_eq!(ipvs.list_services().await.unwrap().len(), 3000);
 }

@@ -23,14 +23,8 @@ fn rich_table() -> Vec<Change> {
     let sip = ServiceKey::udp(addr("10.96.0.54:5060"));
     let diameter = ServiceKey::sctp(addr("10.96.0.99:3868"));
     let v6 = ServiceKey::tcp(addr("[fd00::10]:443"));
-    let mark = ServiceKey::Fwmark {
-        family: Family::Ipv4,
-        mark: 7,
-    };
-    let mark6 = ServiceKey::Fwmark {
-        family: Family::Ipv6,
-        mark: 8,
-    };
+    let mark = ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 };
+    let mark6 = ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 };
     vec![
         Change::AddService(Service::new(web, "rr")),
         Change::AddDestination(web, Destination::new(addr("10.244.1.5:8080"))),
@@ -71,15 +65,8 @@ fn rich_table() -> Vec<Change> {
                 .with_flags(ServiceFlags::ONE_PACKET),
         ),
         Change::AddService(Service::new(diameter, "nq")),
-        Change::AddService(
-            Service::new(v6, "wrr")
-                .persistent(100)
-                .with_netmask(Netmask::Ipv6(64)),
-        ),
-        Change::AddDestination(
-            v6,
-            Destination::new(addr("[fd00:10:244::5]:8443")).with_weight(2),
-        ),
+        Change::AddService(Service::new(v6, "wrr").persistent(100).with_netmask(Netmask::Ipv6(64))),
+        Change::AddDestination(v6, Destination::new(addr("[fd00:10:244::5]:8443")).with_weight(2)),
         Change::AddService(Service::new(mark, "wlc")),
         Change::AddDestination(
             mark,
@@ -137,12 +124,8 @@ async fn the_crate_lists_what_ipvsadm_lists() {
     let vip = addr("10.96.1.1:80");
     bind_vip(vip.ip());
     let key = ServiceKey::tcp(vip);
-    ipvs.add_service(&Service::new(key, "rr").persistent(600))
-        .await
-        .unwrap();
-    ipvs.add_destination(&key, &Destination::new(pod.addr(8080)))
-        .await
-        .unwrap();
+    ipvs.add_service(&Service::new(key, "rr").persistent(600)).await.unwrap();
+    ipvs.add_destination(&key, &Destination::new(pod.addr(8080))).await.unwrap();
     let _held = std::net::TcpStream::connect(vip).unwrap();
     tcp_ask(vip).ok();
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
@@ -170,18 +153,9 @@ async fn the_crate_lists_what_ipvsadm_lists() {
     }
     // The held connection and the persistence template show up in the counts.
     let listed = ipvsadm(&["-Ln", "--persistent-conn"]);
-    let line = listed
-        .lines()
-        .find(|l| l.contains("10.244.1.2:8080"))
-        .unwrap();
-    let fields: Vec<u32> = line
-        .split_whitespace()
-        .skip(2)
-        .map(|f| f.parse().unwrap())
-        .collect();
-    let [weight, persistent, active, _inactive] = fields[..] else {
-        panic!("{line}")
-    };
+    let line = listed.lines().find(|l| l.contains("10.244.1.2:8080")).unwrap();
+    let fields: Vec<u32> = line.split_whitespace().skip(2).map(|f| f.parse().unwrap()).collect();
+    let [weight, persistent, active, _inactive] = fields[..] else { panic!("{line}") };
     assert_eq!((weight, persistent, active), (1, 1, 1), "{listed}");
 }
 
@@ -225,23 +199,11 @@ async fn what_ipvsadm_writes_the_crate_reads() {
             .with_flags(ServiceFlags::HASHED)
             .persistent(100)
             .with_netmask(Netmask::Ipv6(64)),
-        Service::new(
-            ServiceKey::Fwmark {
-                family: Family::Ipv4,
-                mark: 7,
-            },
-            "wlc",
-        )
-        .with_flags(ServiceFlags::HASHED),
-        Service::new(
-            ServiceKey::Fwmark {
-                family: Family::Ipv6,
-                mark: 8,
-            },
-            "lc",
-        )
-        .with_flags(ServiceFlags::HASHED)
-        .persistent(360),
+        Service::new(ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 }, "wlc")
+            .with_flags(ServiceFlags::HASHED),
+        Service::new(ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 }, "lc")
+            .with_flags(ServiceFlags::HASHED)
+            .persistent(360),
     ];
     assert_eq!(services, expected);
 
@@ -273,8 +235,5 @@ async fn what_ipvsadm_writes_the_crate_reads() {
 
     // And the crate's listing of ipvsadm's state is ipvsadm's listing.
     let info = ipvs.info().await.unwrap();
-    assert_eq!(
-        listing::render(&info, &table, Columns::Default),
-        ipvsadm(&["-Ln"])
-    );
+    assert_eq!(listing::render(&info, &table, Columns::Default), ipvsadm(&["-Ln"]));
 }

@@ -49,12 +49,7 @@ pub(crate) struct Scripted {
 
 impl Scripted {
     pub(crate) fn new(handler: impl FnMut(&Sent) -> Vec<Vec<u8>> + Send + 'static) -> Self {
-        Self {
-            handler: Box::new(handler),
-            queue: VecDeque::new(),
-            stalls: 0,
-            log: Arc::default(),
-        }
+        Self { handler: Box::new(handler), queue: VecDeque::new(), stalls: 0, log: Arc::default() }
     }
 }
 
@@ -89,10 +84,7 @@ impl Transport for Scripted {
                 buf.extend_from_slice(&datagram);
                 Ok(())
             }
-            None => Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "the script has no reply",
-            )),
+            None => Err(io::Error::new(io::ErrorKind::WouldBlock, "the script has no reply")),
         }
     }
 }
@@ -150,10 +142,7 @@ pub(crate) fn family_reply(seq: u32, id: Option<u16>) -> Vec<Vec<u8>> {
         Some(id) => {
             let reply = GenlMessage::from_payload(GenlCtrl {
                 cmd: GenlCtrlCmd::NewFamily,
-                nlas: vec![
-                    GenlCtrlAttrs::FamilyName("IPVS".into()),
-                    GenlCtrlAttrs::FamilyId(id),
-                ],
+                nlas: vec![GenlCtrlAttrs::FamilyName("IPVS".into()), GenlCtrlAttrs::FamilyId(id)],
             });
             vec![frame(reply, seq, 0), ack(seq, 0)]
         }
@@ -166,10 +155,7 @@ fn service_message(port: u16) -> IpvsMessage {
     let mut attrs = service.to_attributes();
     // As in a dump: the kernel's HASHED flag and an all-ones mask.
     attrs.retain(|a| !matches!(a, crate::message::ServiceAttribute::Flags { .. }));
-    attrs.push(crate::message::ServiceAttribute::Flags {
-        flags: 2,
-        mask: u32::MAX,
-    });
+    attrs.push(crate::message::ServiceAttribute::Flags { flags: 2, mask: u32::MAX });
     IpvsMessage::new(IpvsCommand::NewService, vec![IpvsAttribute::Service(attrs)])
 }
 
@@ -203,11 +189,7 @@ async fn resolves_the_family_once_and_reads_a_dump() {
     }
     let log = log.lock().unwrap();
     let types: Vec<u16> = log.0.iter().map(|s| s.message_type).collect();
-    assert_eq!(
-        types,
-        [GENL_ID_CTRL, 42, 42],
-        "one family lookup, then two dumps"
-    );
+    assert_eq!(types, [GENL_ID_CTRL, 42, 42], "one family lookup, then two dumps");
 }
 
 #[tokio::test]
@@ -218,12 +200,7 @@ async fn an_interrupted_dump_is_discarded_and_tried_again() {
         if attempt == 1 {
             // A partial dump: one service, flagged as interrupted.
             vec![
-                ipvs(
-                    42,
-                    seq,
-                    NLM_F_MULTIPART | NLM_F_DUMP_INTR,
-                    service_message(80),
-                ),
+                ipvs(42, seq, NLM_F_MULTIPART | NLM_F_DUMP_INTR, service_message(80)),
                 done(seq, 0),
             ]
         } else {
@@ -237,35 +214,17 @@ async fn an_interrupted_dump_is_discarded_and_tried_again() {
     });
     let mut connection = Connection::new(transport);
     let messages = connection.execute(&Request::ListServices).await.unwrap();
-    assert_eq!(
-        messages.len(),
-        3,
-        "only the complete second dump is returned"
-    );
+    assert_eq!(messages.len(), 3, "only the complete second dump is returned");
 }
 
 #[tokio::test]
 async fn a_dump_that_stays_interrupted_is_an_error_not_a_partial_result() {
     let transport = kernel(42, |seq| {
-        vec![
-            ipvs(
-                42,
-                seq,
-                NLM_F_MULTIPART | NLM_F_DUMP_INTR,
-                service_message(80),
-            ),
-            done(seq, 0),
-        ]
+        vec![ipvs(42, seq, NLM_F_MULTIPART | NLM_F_DUMP_INTR, service_message(80)), done(seq, 0)]
     });
     let mut connection = Connection::new(transport);
-    let err = connection
-        .execute(&Request::ListServices)
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(err, Error::DumpInterrupted { attempts: 5, .. }),
-        "{err}"
-    );
+    let err = connection.execute(&Request::ListServices).await.unwrap_err();
+    assert!(matches!(err, Error::DumpInterrupted { attempts: 5, .. }), "{err}");
 }
 
 #[tokio::test]
@@ -279,17 +238,10 @@ async fn a_malformed_dump_part_fails_the_dump_and_the_socket_stays_usable() {
             let at = broken.windows(4).position(|w| w == [6, 0, 4, 0]).unwrap();
             broken[at] = 5;
         }
-        vec![
-            broken,
-            ipvs(42, seq, NLM_F_MULTIPART, service_message(81)),
-            done(seq, 0),
-        ]
+        vec![broken, ipvs(42, seq, NLM_F_MULTIPART, service_message(81)), done(seq, 0)]
     });
     let mut connection = Connection::new(transport);
-    let err = connection
-        .execute(&Request::ListServices)
-        .await
-        .unwrap_err();
+    let err = connection.execute(&Request::ListServices).await.unwrap_err();
     assert!(matches!(err, Error::MalformedReply { .. }), "{err}");
     let messages = connection.execute(&Request::ListServices).await.unwrap();
     assert_eq!(messages.len(), 2);
@@ -335,14 +287,8 @@ async fn a_batch_goes_out_in_windows_and_reports_each_change() {
     assert_eq!(results.len(), 300);
     for (i, result) in results.iter().enumerate() {
         match i {
-            5 => assert!(
-                matches!(result, Err(Error::AlreadyExists { .. })),
-                "{result:?}"
-            ),
-            150 => assert!(
-                matches!(result, Err(Error::NoSuchService { .. })),
-                "{result:?}"
-            ),
+            5 => assert!(matches!(result, Err(Error::AlreadyExists { .. })), "{result:?}"),
+            150 => assert!(matches!(result, Err(Error::NoSuchService { .. })), "{result:?}"),
             _ => assert!(result.is_ok(), "change {i}: {result:?}"),
         }
     }
@@ -368,18 +314,9 @@ async fn a_stale_family_id_is_resolved_again() {
     let log = transport.log.clone();
     let mut connection = Connection::new(transport);
     connection.execute(&Request::Flush).await.unwrap();
-    let changes = vec![
-        Change::DeleteService(key(80)),
-        Change::DeleteService(key(81)),
-    ];
+    let changes = vec![Change::DeleteService(key(80)), Change::DeleteService(key(81))];
     assert!(connection.apply(&changes).await.iter().all(Result::is_ok));
-    let types: Vec<u16> = log
-        .lock()
-        .unwrap()
-        .0
-        .iter()
-        .map(|s| s.message_type)
-        .collect();
+    let types: Vec<u16> = log.lock().unwrap().0.iter().map(|s| s.message_type).collect();
     assert_eq!(types, [GENL_ID_CTRL, 42, GENL_ID_CTRL, 43, 43, 43]);
 }
 
@@ -390,10 +327,7 @@ async fn a_genuine_enoent_is_not_mistaken_for_a_stale_family() {
         _ => vec![ack(sent.seq, 2)],
     });
     let mut connection = Connection::new(transport);
-    let request = Request::Change(Change::DeleteDestination(
-        key(80),
-        ([10, 1, 0, 1], 80).into(),
-    ));
+    let request = Request::Change(Change::DeleteDestination(key(80), ([10, 1, 0, 1], 80).into()));
     let err = connection.execute(&request).await.unwrap_err();
     assert!(matches!(err, Error::NoSuchDestination { .. }), "{err}");
 }
@@ -404,10 +338,7 @@ async fn without_ipvs_every_request_and_change_says_so() {
     let mut connection = Connection::new(transport);
     let err = connection.execute(&Request::GetInfo).await.unwrap_err();
     assert!(matches!(err, Error::IpvsUnavailable { .. }), "{err}");
-    let changes = vec![
-        Change::DeleteService(key(80)),
-        Change::DeleteService(key(81)),
-    ];
+    let changes = vec![Change::DeleteService(key(80)), Change::DeleteService(key(81))];
     let results = connection.apply(&changes).await;
     for (result, change) in results.iter().zip(&changes) {
         match result {
@@ -421,12 +352,8 @@ async fn without_ipvs_every_request_and_change_says_so() {
 
 #[tokio::test]
 async fn an_abandoned_dump_is_drained_before_the_next_request() {
-    let mut transport = kernel(42, |seq| {
-        vec![
-            ipvs(42, seq, NLM_F_MULTIPART, service_message(80)),
-            done(seq, 0),
-        ]
-    });
+    let mut transport =
+        kernel(42, |seq| vec![ipvs(42, seq, NLM_F_MULTIPART, service_message(80)), done(seq, 0)]);
     // Resolving the family reads one reply; the dump's first read never completes.
     transport.stalls = 0;
     let log = transport.log.clone();

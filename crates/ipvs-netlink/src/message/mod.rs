@@ -237,10 +237,7 @@ pub struct IpvsMessage {
 impl IpvsMessage {
     /// A message with the given command and attributes.
     pub fn new(command: IpvsCommand, attributes: Vec<IpvsAttribute>) -> Self {
-        Self {
-            command,
-            attributes,
-        }
+        Self { command, attributes }
     }
 }
 
@@ -275,10 +272,7 @@ impl ParseableParametrized<[u8], GenlHeader> for IpvsMessage {
             .map(|nla| IpvsAttribute::parse_with_param(&nla?, command))
             .collect::<Result<_, _>>()
             .context("IPVS message")?;
-        Ok(Self {
-            command,
-            attributes,
-        })
+        Ok(Self { command, attributes })
     }
 }
 
@@ -287,7 +281,5 @@ fn parse_nested<A>(value: &[u8]) -> Result<Vec<A>, DecodeError>
 where
     A: for<'a> Parseable<NlaBuffer<&'a [u8]>>,
 {
-    NlasIterator::new(value)
-        .map(|nla| A::parse(&nla?))
-        .collect()
+    NlasIterator::new(value).map(|nla| A::parse(&nla?)).collect()
 }

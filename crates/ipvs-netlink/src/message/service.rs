@@ -120,10 +120,7 @@ impl<'a, T: AsRef<[u8]> + ?Sized> Parseable<NlaBuffer<&'a T>> for ServiceAttribu
                     return Err(DecodeError::invalid_number(8, value.len()))
                         .context("service flags");
                 }
-                Self::Flags {
-                    flags: parse_u32(&value[..4])?,
-                    mask: parse_u32(&value[4..])?,
-                }
+                Self::Flags { flags: parse_u32(&value[..4])?, mask: parse_u32(&value[4..])? }
             }
             svc_attr::TIMEOUT => Self::Timeout(parse_u32(value).context("service timeout")?),
             svc_attr::NETMASK => Self::Netmask(parse_u32(value).context("service netmask")?),

@@ -36,10 +36,8 @@ struct Capture {
 }
 
 fn print_vector(name: &str, bytes: &[u8]) {
-    let lines: Vec<String> = bytes
-        .chunks(40)
-        .map(|chunk| chunk.iter().map(|b| format!("{b:02x}")).collect())
-        .collect();
+    let lines: Vec<String> =
+        bytes.chunks(40).map(|chunk| chunk.iter().map(|b| format!("{b:02x}")).collect()).collect();
     if let [line] = &lines[..] {
         println!("pub(super) const {name}: &str = \"{line}\";");
         return;
@@ -100,21 +98,14 @@ impl Capture {
 }
 
 fn service_message(command: IpvsCommand, service: &Service) -> IpvsMessage {
-    IpvsMessage::new(
-        command,
-        vec![IpvsAttribute::Service(service.to_attributes())],
-    )
+    IpvsMessage::new(command, vec![IpvsAttribute::Service(service.to_attributes())])
 }
 
 fn main() {
     let mut socket = Socket::new(NETLINK_GENERIC).expect("socket");
     socket.bind_auto().expect("bind");
     socket.connect(&SocketAddr::new(0, 0)).expect("connect");
-    let mut capture = Capture {
-        socket,
-        family: 0,
-        seq: 0,
-    };
+    let mut capture = Capture { socket, family: 0, seq: 0 };
     let lookup = GenlMessage::from_payload(GenlCtrl {
         cmd: GenlCtrlCmd::GetFamily,
         nlas: vec![GenlCtrlAttrs::FamilyName("IPVS".into())],
@@ -122,35 +113,22 @@ fn main() {
     capture.send(lookup, NLM_F_REQUEST | NLM_F_ACK);
     let reply = capture.replies().remove(0);
     let parsed = NetlinkMessage::<GenlMessage<GenlCtrl>>::deserialize(&reply).expect("ctrl");
-    let NetlinkPayload::InnerMessage(ctrl) = parsed.payload else {
-        panic!("{parsed:?}")
-    };
+    let NetlinkPayload::InnerMessage(ctrl) = parsed.payload else { panic!("{parsed:?}") };
     capture.family = ctrl
         .payload
         .nlas
         .iter()
-        .find_map(|a| {
-            if let GenlCtrlAttrs::FamilyId(id) = a {
-                Some(*id)
-            } else {
-                None
-            }
-        })
+        .find_map(|a| if let GenlCtrlAttrs::FamilyId(id) = a { Some(*id) } else { None })
         .expect("IPVS family");
     println!(
         "// IPVS family id {} on {}",
         capture.family,
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .unwrap()
-            .trim()
+        std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim()
     );
 
     let web = ServiceKey::tcp("10.96.0.10:80".parse().unwrap());
     let v6 = ServiceKey::tcp("[fd00::10]:443".parse().unwrap());
-    let mark = ServiceKey::Fwmark {
-        family: Family::Ipv4,
-        mark: 7,
-    };
+    let mark = ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 };
     let ack = NLM_F_REQUEST | NLM_F_ACK;
     let dump = NLM_F_REQUEST | NLM_F_DUMP;
 
@@ -172,11 +150,7 @@ fn main() {
         service_message(IpvsCommand::NewService, &affinity),
         ack,
     );
-    capture.ipvs(
-        None,
-        service_message(IpvsCommand::NewService, &Service::new(mark, "wlc")),
-        ack,
-    );
+    capture.ipvs(None, service_message(IpvsCommand::NewService, &Service::new(mark, "wlc")), ack);
     let dest = |key: ServiceKey, d: &Destination| {
         IpvsMessage::new(
             IpvsCommand::NewDest,
@@ -186,11 +160,7 @@ fn main() {
             ],
         )
     };
-    capture.ipvs(
-        Some("REQUEST_NEW_DEST"),
-        dest(web, &Destination::new(pod.addr(8080))),
-        ack,
-    );
+    capture.ipvs(Some("REQUEST_NEW_DEST"), dest(web, &Destination::new(pod.addr(8080))), ack);
     let gue = Destination::new("10.244.1.8:80".parse().unwrap()).with_tunnel(
         TunnelType::Gue,
         6080,
@@ -205,20 +175,13 @@ fn main() {
     // Let the estimator sum the counters.
     thread::sleep(Duration::from_secs(3));
 
-    let services = capture.ipvs(
-        None,
-        IpvsMessage::new(IpvsCommand::GetService, vec![]),
-        dump,
-    );
+    let services = capture.ipvs(None, IpvsMessage::new(IpvsCommand::GetService, vec![]), dump);
     for (i, message) in services.iter().enumerate() {
         print_vector(&format!("REPLY_SERVICE_DUMP_{i}"), message);
     }
     let dests = capture.ipvs(
         None,
-        IpvsMessage::new(
-            IpvsCommand::GetDest,
-            vec![IpvsAttribute::Service(web.to_attributes())],
-        ),
+        IpvsMessage::new(IpvsCommand::GetDest, vec![IpvsAttribute::Service(web.to_attributes())]),
         dump,
     );
     for (i, message) in dests.iter().enumerate() {
@@ -228,10 +191,7 @@ fn main() {
     print_vector("REPLY_INFO", &info[0]);
     let config = capture.ipvs(None, IpvsMessage::new(IpvsCommand::GetConfig, vec![]), ack);
     print_vector("REPLY_CONFIG", &config[0]);
-    let exists = capture.ipvs(
-        None,
-        service_message(IpvsCommand::NewService, &Service::new(web, "rr")),
-        ack,
-    );
+    let exists =
+        capture.ipvs(None, service_message(IpvsCommand::NewService, &Service::new(web, "rr")), ack);
     print_vector("REPLY_ERROR_EEXIST", &exists[0]);
 }

@@ -18,16 +18,10 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args {
-        services: 10_000,
-        destinations: 10,
-    };
+    let mut args = Args { services: 10_000, destinations: 10 };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
-        let value = it
-            .next()
-            .and_then(|v| v.parse().ok())
-            .expect("a number after the flag");
+        let value = it.next().and_then(|v| v.parse().ok()).expect("a number after the flag");
         match flag.as_str() {
             "--services" => args.services = value,
             "--destinations" => args.destinations = value,
@@ -55,10 +49,7 @@ fn changes(args: &Args) -> Vec<Change> {
         let key = ServiceKey::tcp(service_address(i));
         changes.push(Change::AddService(Service::new(key, "rr")));
         for j in 0..args.destinations {
-            changes.push(Change::AddDestination(
-                key,
-                Destination::new(destination_address(i, j)),
-            ));
+            changes.push(Change::AddDestination(key, Destination::new(destination_address(i, j))));
         }
     }
     changes
@@ -70,10 +61,7 @@ fn ipvsadm_rules(args: &Args) -> String {
         let vip = service_address(i);
         rules.push_str(&format!("-A -t {vip} -s rr\n"));
         for j in 0..args.destinations {
-            rules.push_str(&format!(
-                "-a -t {vip} -r {} -m -w 1\n",
-                destination_address(i, j)
-            ));
+            rules.push_str(&format!("-a -t {vip} -r {} -m -w 1\n", destination_address(i, j)));
         }
     }
     rules
@@ -81,17 +69,8 @@ fn ipvsadm_rules(args: &Args) -> String {
 
 fn ipvsadm_restore(rules: &str) -> Duration {
     let started = Instant::now();
-    let mut child = Command::new("ipvsadm")
-        .arg("-R")
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(rules.as_bytes())
-        .unwrap();
+    let mut child = Command::new("ipvsadm").arg("-R").stdin(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
     assert!(child.wait().unwrap().success(), "ipvsadm -R failed");
     started.elapsed()
 }
@@ -99,18 +78,11 @@ fn ipvsadm_restore(rules: &str) -> Duration {
 /// Runs `ipvsadm -Ln` and reads its whole output, as an operator's pipe would.
 fn ipvsadm_list() -> (Duration, usize) {
     let started = Instant::now();
-    let mut child = Command::new("ipvsadm")
-        .arg("-Ln")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Command::new("ipvsadm").arg("-Ln").stdout(Stdio::piped()).spawn().unwrap();
     let mut out = Vec::new();
     child.stdout.take().unwrap().read_to_end(&mut out).unwrap();
     assert!(child.wait().unwrap().success(), "ipvsadm -Ln failed");
-    let lines = out
-        .split(|b| *b == b'\n')
-        .filter(|l| l.starts_with(b"  -> "))
-        .count();
+    let lines = out.split(|b| *b == b'\n').filter(|l| l.starts_with(b"  -> ")).count();
     (started.elapsed(), lines - 1)
 }
 
@@ -120,10 +92,7 @@ fn seconds(d: Duration) -> String {
 
 fn main() {
     let args = parse_args();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let ipvs = runtime.block_on(async { IpvsHandle::new() }).unwrap();
     let changes = changes(&args);
     let operations = changes.len();
@@ -144,10 +113,7 @@ fn main() {
     let table = runtime.block_on(ipvs.dump()).unwrap();
     let ours_dump = started.elapsed();
     assert_eq!(table.len(), args.services);
-    assert_eq!(
-        table.iter().map(|(_, d)| d.len()).sum::<usize>(),
-        destinations
-    );
+    assert_eq!(table.iter().map(|(_, d)| d.len()).sum::<usize>(), destinations);
     let (ipvsadm_dump_ours_state, listed) = ipvsadm_list();
     assert_eq!(listed, destinations, "ipvsadm lists what the crate wrote");
 
@@ -160,10 +126,7 @@ fn main() {
     let started = Instant::now();
     let table = runtime.block_on(ipvs.dump()).unwrap();
     let ours_dump_again = started.elapsed();
-    assert_eq!(
-        table.iter().map(|(_, d)| d.len()).sum::<usize>(),
-        destinations
-    );
+    assert_eq!(table.iter().map(|(_, d)| d.len()).sum::<usize>(), destinations);
     runtime.block_on(ipvs.flush()).unwrap();
 
     let ours_dump = ours_dump.min(ours_dump_again);

@@ -18,10 +18,7 @@ use crate::{
 };
 
 fn bytes(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
+    (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect()
 }
 
 type Message = NetlinkMessage<GenlMessage<IpvsMessage>>;
@@ -55,10 +52,7 @@ fn destination_entry(message: &Message) -> DestinationEntry {
 
 const ALL: &[(&str, &str)] = &[
     ("REQUEST_NEW_SERVICE", REQUEST_NEW_SERVICE),
-    (
-        "REQUEST_NEW_SERVICE_V6_PERSISTENT",
-        REQUEST_NEW_SERVICE_V6_PERSISTENT,
-    ),
+    ("REQUEST_NEW_SERVICE_V6_PERSISTENT", REQUEST_NEW_SERVICE_V6_PERSISTENT),
     ("REQUEST_NEW_DEST", REQUEST_NEW_DEST),
     ("REQUEST_NEW_DEST_GUE", REQUEST_NEW_DEST_GUE),
     ("REPLY_SERVICE_DUMP_0", REPLY_SERVICE_DUMP_0),
@@ -85,14 +79,11 @@ fn every_vector_reemits_byte_for_byte() {
 
 #[test]
 fn the_service_dump_reads_as_the_services_that_were_added() {
-    let dumped: Vec<ServiceEntry> = [
-        REPLY_SERVICE_DUMP_0,
-        REPLY_SERVICE_DUMP_1,
-        REPLY_SERVICE_DUMP_2,
-    ]
-    .iter()
-    .map(|hex| service_entry(&parse(hex)))
-    .collect();
+    let dumped: Vec<ServiceEntry> =
+        [REPLY_SERVICE_DUMP_0, REPLY_SERVICE_DUMP_1, REPLY_SERVICE_DUMP_2]
+            .iter()
+            .map(|hex| service_entry(&parse(hex)))
+            .collect();
     let find = |key: ServiceKey| dumped.iter().find(|s| s.service.key == key).unwrap();
 
     let web = find(ServiceKey::tcp("10.96.0.10:80".parse().unwrap()));
@@ -114,15 +105,9 @@ fn the_service_dump_reads_as_the_services_that_were_added() {
             | ServiceFlags::SH_FALLBACK
             | ServiceFlags::SH_PORT
     );
-    assert_eq!(
-        (v6.service.timeout, v6.service.netmask),
-        (300, Netmask::Ipv6(64))
-    );
+    assert_eq!((v6.service.timeout, v6.service.netmask), (300, Netmask::Ipv6(64)));
 
-    let mark = find(ServiceKey::Fwmark {
-        family: Family::Ipv4,
-        mark: 7,
-    });
+    let mark = find(ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 });
     assert_eq!(mark.service.scheduler, "wlc");
 
     let done = parse(REPLY_SERVICE_DUMP_3);
@@ -132,17 +117,11 @@ fn the_service_dump_reads_as_the_services_that_were_added() {
 #[test]
 fn the_destination_dump_reads_with_counters() {
     let pod = destination_entry(&parse(REPLY_DEST_DUMP_0));
-    assert_eq!(
-        pod.destination,
-        Destination::new("10.244.1.2:8080".parse().unwrap())
-    );
+    assert_eq!(pod.destination, Destination::new("10.244.1.2:8080".parse().unwrap()));
     assert_eq!(pod.destination.forward, ForwardMethod::Masquerade);
     assert_eq!(pod.counters().connections, 2);
     assert_eq!(pod.active_connections + pod.inactive_connections, 2);
-    assert!(matches!(
-        parse(REPLY_DEST_DUMP_1).payload,
-        NetlinkPayload::Done(_)
-    ));
+    assert!(matches!(parse(REPLY_DEST_DUMP_1).payload, NetlinkPayload::Done(_)));
 }
 
 #[test]
@@ -151,10 +130,7 @@ fn info_config_and_error_replies() {
     assert_eq!(ipvs(&info).command, IpvsCommand::SetInfo);
     assert_eq!(
         ipvs(&info).attributes,
-        [
-            IpvsAttribute::InfoVersion(0x010201),
-            IpvsAttribute::InfoConnectionTableSize(4096)
-        ]
+        [IpvsAttribute::InfoVersion(0x010201), IpvsAttribute::InfoConnectionTableSize(4096)]
     );
     let config = parse(REPLY_CONFIG);
     assert_eq!(ipvs(&config).command, IpvsCommand::SetConfig);
@@ -187,15 +163,9 @@ fn request_body(message: &IpvsMessage) -> Vec<u8> {
 fn requests_encode_as_the_kernel_accepted_them() {
     let web = ServiceKey::tcp("10.96.0.10:80".parse().unwrap());
     let v6 = ServiceKey::tcp("[fd00::10]:443".parse().unwrap());
-    let mark = ServiceKey::Fwmark {
-        family: Family::Ipv4,
-        mark: 7,
-    };
+    let mark = ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 };
     let cases = [
-        (
-            REQUEST_NEW_SERVICE,
-            Change::AddService(Service::new(web, "rr")),
-        ),
+        (REQUEST_NEW_SERVICE, Change::AddService(Service::new(web, "rr"))),
         (
             REQUEST_NEW_SERVICE_V6_PERSISTENT,
             Change::AddService(
@@ -232,9 +202,10 @@ fn unknown_attributes_are_kept() {
     // A service nest with an attribute from the future (kind 99), and a top-level one (kind 42).
     let mut attrs =
         Service::new(ServiceKey::tcp("10.0.0.1:80".parse().unwrap()), "rr").to_attributes();
-    attrs.push(super::ServiceAttribute::Other(
-        netlink_packet_core::DefaultNla::new(99, vec![1, 2, 3]),
-    ));
+    attrs.push(super::ServiceAttribute::Other(netlink_packet_core::DefaultNla::new(
+        99,
+        vec![1, 2, 3],
+    )));
     let message = IpvsMessage::new(
         IpvsCommand::NewService,
         vec![
@@ -250,14 +221,9 @@ fn unknown_attributes_are_kept() {
     framed[4..6].copy_from_slice(&32u16.to_ne_bytes());
     let parsed = Message::deserialize(&framed).unwrap();
     assert_eq!(ipvs(&parsed), &message);
-    let IpvsAttribute::Service(attrs) = &ipvs(&parsed).attributes[0] else {
-        panic!()
-    };
+    let IpvsAttribute::Service(attrs) = &ipvs(&parsed).attributes[0] else { panic!() };
     let entry = ServiceEntry::from_attributes(attrs).unwrap();
-    assert_eq!(
-        entry.service.key,
-        ServiceKey::tcp("10.0.0.1:80".parse().unwrap())
-    );
+    assert_eq!(entry.service.key, ServiceKey::tcp("10.0.0.1:80".parse().unwrap()));
 }
 
 /// Parses everything the crate parses, from the netlink frame to the typed model.
