@@ -28,6 +28,7 @@ use crate::{
 };
 
 const ENOENT: i32 = 2;
+const ENOBUFS: i32 = 105;
 /// Largest datagram the kernel sends on a netlink socket (dump skbs are capped at 32 KiB).
 const RECV_BUFFER: usize = 64 * 1024;
 /// Receive buffer asked of the kernel (it is capped by `net.core.rmem_max`).
@@ -132,7 +133,7 @@ where
                     },
                     NetlinkPayload::Done(done) if done.code < 0 => Reply::Failed(-done.code),
                     NetlinkPayload::Done(_) => Reply::Done,
-                    NetlinkPayload::Overrun(_) => Reply::Failed(105),
+                    NetlinkPayload::Overrun(_) => Reply::Failed(ENOBUFS),
                     _ => continue,
                 }
             }
