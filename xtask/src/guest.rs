@@ -87,10 +87,10 @@ fn run_tests(binaries: &[std::path::PathBuf], filter: Option<&str>) -> Result<Re
             .unwrap_or("tests")
             .to_owned();
         for name in list_tests(binary)? {
-            if filter.is_some_and(|f| !name.contains(f)) {
+            let full_name = format!("{suite}::{name}");
+            if filter.is_some_and(|f| !full_name.contains(f)) {
                 continue;
             }
-            let full_name = format!("{suite}::{name}");
             println!("\n---- {full_name}");
             let argv = [
                 binary.to_string_lossy().into_owned(),

@@ -34,7 +34,7 @@ enum Task {
     },
     /// Run the privileged tests (`tests/vm`) inside a VM, each in its own network namespace.
     Vmtest {
-        /// Run only the tests whose name contains this text.
+        /// Run only the tests whose name (`suite::test`) contains this text.
         #[arg(long)]
         filter: Option<String>,
         #[command(flatten)]

@@ -39,6 +39,7 @@ pub(crate) const MODULES: &[&str] = &[
     "nft_masq",
     "nft_reject_inet",
     "ipip",
+    "br_netfilter",
 ];
 
 /// Printed by the guest runner before its own output; everything before it is boot noise.

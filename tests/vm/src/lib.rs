@@ -1,8 +1,10 @@
 //! Support code for the privileged tests that run inside the VM (`cargo xtask vmtest`).
 //!
 //! Each test runs as its own process in a fresh network namespace with `lo` up: that namespace
-//! plays the node. [`Pod`]s are further namespaces joined to it by veth pairs, with a server
-//! that answers every TCP connection and UDP datagram with the pod's name.
+//! plays the node. [`Pod`]s are further namespaces joined to it by veth pairs, with servers that
+//! answer every TCP connection and UDP datagram with the pod's name and the address the
+//! connection came from ([`Answer`]). [`Topology`] builds a node with a bridge of pods and an
+//! external client on its own link.
 
 use std::{
     fs::File,
@@ -15,6 +17,7 @@ use std::{
 };
 
 use nix::sched::{CloneFlags, setns};
+use socket2::{Domain, Socket, Type};
 
 /// Runs a command and returns its standard output; panics with its error output on failure.
 pub fn sh(program: &str, args: &[&str]) -> String {
@@ -41,7 +44,7 @@ static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
 
 /// A named network namespace (under `/run/netns`), deleted on drop.
 pub struct Netns {
-    /// Its name, for `ip netns exec`.
+    /// Its name, for `ip -n`.
     pub name: String,
 }
 
@@ -76,6 +79,24 @@ impl Netns {
         full.extend_from_slice(args);
         sh("ip", &full)
     }
+
+    /// Joins this namespace to the test's own by a veth pair: `node_side` (with `node_address`,
+    /// prefix included) in the test's namespace, `eth0` (with `address`) here.
+    pub fn link(&self, node_side: &str, node_address: Option<&str>, address: &str) {
+        sh(
+            "ip",
+            &[
+                "link", "add", node_side, "type", "veth", "peer", "name", "eth0", "netns",
+                &self.name,
+            ],
+        );
+        if let Some(node_address) = node_address {
+            sh("ip", &["addr", "add", node_address, "dev", node_side]);
+        }
+        sh("ip", &["link", "set", node_side, "up"]);
+        self.ip(&["addr", "add", address, "dev", "eth0"]);
+        self.ip(&["link", "set", "eth0", "up"]);
+    }
 }
 
 impl Drop for Netns {
@@ -84,8 +105,25 @@ impl Drop for Netns {
     }
 }
 
-/// A "pod": a namespace joined to the test's own namespace (the node) by a veth pair, with the
-/// address `10.244.<index>.2/24` and a route back through `10.244.<index>.1`.
+/// What a pod's server answered: its name, and the address it saw the client at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The pod's name.
+    pub from: String,
+    /// The source address of the connection as the pod saw it.
+    pub peer: IpAddr,
+}
+
+impl Answer {
+    fn parse(text: &str) -> std::io::Result<Self> {
+        let bad =
+            || std::io::Error::new(std::io::ErrorKind::InvalidData, format!("answer {text:?}"));
+        let (from, peer) = text.split_once(' ').ok_or_else(bad)?;
+        Ok(Self { from: from.to_owned(), peer: peer.parse().map_err(|_| bad())? })
+    }
+}
+
+/// A "pod": a namespace joined to the test's own namespace (the node) by a veth pair.
 pub struct Pod {
     /// The pod's namespace.
     pub netns: Netns,
@@ -96,32 +134,30 @@ pub struct Pod {
 }
 
 impl Pod {
-    /// Creates pod number `index` (1 to 254).
+    /// Pod number `index` (1 to 254) on a link of its own: `10.244.<index>.2/24`, routed
+    /// through `10.244.<index>.1` on the node.
     pub fn new(index: u8) -> Self {
         let netns = Netns::new(&format!("pod{index}"));
-        let node_side = format!("vpod{index}");
-        let node_ip = format!("10.244.{index}.1/24");
         let ip = Ipv4Addr::new(10, 244, index, 2);
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &node_side,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns.name,
-            ],
+        netns.link(
+            &format!("vpod{index}"),
+            Some(&format!("10.244.{index}.1/24")),
+            &format!("{ip}/24"),
         );
-        sh("ip", &["addr", "add", &node_ip, "dev", &node_side]);
-        sh("ip", &["link", "set", &node_side, "up"]);
-        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        netns.ip(&["link", "set", "eth0", "up"]);
         netns.ip(&["route", "add", "default", "via", &format!("10.244.{index}.1")]);
+        Self { netns, ip, name: format!("pod{index}") }
+    }
+
+    /// Pod number `index` (1 to 250) on the node's bridge [`BRIDGE`]: `10.244.0.<index + 1>`.
+    pub fn on_bridge(index: u8) -> Self {
+        let netns = Netns::new(&format!("pod{index}"));
+        let ip = Ipv4Addr::new(10, 244, 0, index + 1);
+        let node_side = format!("vpod{index}");
+        netns.link(&node_side, None, &format!("{ip}/24"));
+        sh("ip", &["link", "set", &node_side, "master", BRIDGE]);
+        // As bridge CNIs do (hairpinMode): a pod's packets may come back out of its own port.
+        sh("ip", &["link", "set", &node_side, "type", "bridge_slave", "hairpin", "on"]);
+        netns.ip(&["route", "add", "default", "via", &BRIDGE_IP.to_string()]);
         Self { netns, ip, name: format!("pod{index}") }
     }
 
@@ -130,7 +166,7 @@ impl Pod {
         SocketAddr::new(IpAddr::V4(self.ip), port)
     }
 
-    /// Serves TCP on `port` in the pod: every connection gets the pod's name and is closed.
+    /// Serves TCP on `port` in the pod: every connection gets an [`Answer`] and is closed.
     pub fn serve_tcp(&self, port: u16) {
         self.serve_tcp_with(port, false);
     }
@@ -146,7 +182,8 @@ impl Pod {
         thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(mut stream) = stream else { continue };
-                let _ = stream.write_all(name.as_bytes());
+                let peer = stream.peer_addr().map(|p| p.ip().to_string()).unwrap_or_default();
+                let _ = stream.write_all(format!("{name} {peer}").as_bytes());
                 if hold {
                     thread::spawn(move || {
                         let mut sink = [0; 64];
@@ -157,36 +194,46 @@ impl Pod {
         });
     }
 
-    /// Serves UDP on `port` in the pod: every datagram is answered with the pod's name.
+    /// Serves UDP on `port` in the pod: every datagram is answered with an [`Answer`].
     pub fn serve_udp(&self, port: u16) {
         let socket = self.netns.run(|| UdpSocket::bind(("0.0.0.0", port)).expect("bind"));
         let name = self.name.clone();
         thread::spawn(move || {
             let mut buf = [0; 1500];
             while let Ok((_, peer)) = socket.recv_from(&mut buf) {
-                let _ = socket.send_to(name.as_bytes(), peer);
+                let _ = socket.send_to(format!("{name} {}", peer.ip()).as_bytes(), peer);
             }
         });
     }
 }
 
 /// Connects over TCP and returns what the server said before closing.
-pub fn tcp_ask(address: SocketAddr) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&address, Duration::from_secs(5))?;
+pub fn tcp_ask(address: SocketAddr) -> std::io::Result<Answer> {
+    tcp_ask_from(None, address)
+}
+
+/// Connects over TCP from `source` (an address of this namespace), with a 3 s timeout.
+pub fn tcp_ask_from(source: Option<IpAddr>, address: SocketAddr) -> std::io::Result<Answer> {
+    let socket = Socket::new(Domain::for_address(address), Type::STREAM, None)?;
+    if let Some(source) = source {
+        socket.bind(&SocketAddr::new(source, 0).into())?;
+    }
+    socket.connect_timeout(&address.into(), Duration::from_secs(3))?;
+    let mut stream: TcpStream = socket.into();
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut answer = String::new();
     stream.read_to_string(&mut answer)?;
-    Ok(answer)
+    Answer::parse(&answer)
 }
 
 /// Sends one UDP datagram and returns the answer.
-pub fn udp_ask(address: SocketAddr) -> std::io::Result<String> {
+pub fn udp_ask(address: SocketAddr) -> std::io::Result<Answer> {
     let socket = UdpSocket::bind("0.0.0.0:0")?;
-    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    socket.set_read_timeout(Some(Duration::from_secs(3)))?;
     socket.send_to(b"who", address)?;
     let mut buf = [0; 1500];
     let (n, _) = socket.recv_from(&mut buf)?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    Answer::parse(&String::from_utf8_lossy(&buf[..n]))
 }
 
 /// Binds `address` to `lo` of the test's namespace so the kernel accepts packets to it, as
@@ -194,4 +241,52 @@ pub fn udp_ask(address: SocketAddr) -> std::io::Result<String> {
 pub fn bind_vip(address: IpAddr) {
     let prefix = if address.is_ipv4() { 32 } else { 128 };
     sh("ip", &["addr", "add", &format!("{address}/{prefix}"), "dev", "lo"]);
+}
+
+/// The node's pod bridge.
+pub const BRIDGE: &str = "cbr0";
+/// The node's address on the pod bridge.
+pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The pod network.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The node's address on its external link.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 2);
+/// The external client's first address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 10);
+/// The external client's second address.
+pub const OTHER_CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 99, 11);
+
+/// A node: the test's namespace, with a bridge of pods and an external client that reaches
+/// the node over its own link (and routes Service and load-balancer ranges through it).
+pub struct Topology {
+    /// The pods, `pod1` at `10.244.0.2` and so on.
+    pub pods: Vec<Pod>,
+    /// The external client, at [`CLIENT_IP`] and [`OTHER_CLIENT_IP`].
+    pub client: Netns,
+}
+
+impl Topology {
+    /// Builds the node with `pods` pods serving TCP on 8080 and UDP on 5353.
+    pub fn new(pods: u8) -> Self {
+        sh("ip", &["link", "add", BRIDGE, "type", "bridge"]);
+        sh("ip", &["addr", "add", &format!("{BRIDGE_IP}/24"), "dev", BRIDGE]);
+        sh("ip", &["link", "set", BRIDGE, "up"]);
+        let pods: Vec<Pod> = (1..=pods).map(Pod::on_bridge).collect();
+        for pod in &pods {
+            pod.serve_tcp(8080);
+            pod.serve_udp(5353);
+        }
+        let client = Netns::new("client");
+        client.link("eth-node", Some(&format!("{NODE_IP}/24")), &format!("{CLIENT_IP}/24"));
+        client.ip(&["addr", "add", &format!("{OTHER_CLIENT_IP}/24"), "dev", "eth0"]);
+        for range in ["10.96.0.0/16", "192.0.2.0/24"] {
+            client.ip(&["route", "add", range, "via", &NODE_IP.to_string()]);
+        }
+        Self { pods, client }
+    }
+
+    /// The names of the pods.
+    pub fn pod_names(&self) -> std::collections::BTreeSet<String> {
+        self.pods.iter().map(|p| p.name.clone()).collect()
+    }
 }

@@ -1,0 +1,159 @@
+//! The nftables table kube-ipvs owns: `inet kube-ipvs`.
+//!
+//! IPVS alone does not make Services work. This table adds, for IPv4 and IPv6:
+//!
+//! - **masquerade**: traffic to ClusterIPs from outside the cluster CIDR (or all of it with
+//!   masquerade-all), to external and load-balancer IPs with `externalTrafficPolicy: Cluster`,
+//!   and to NodePorts with that policy is marked before IPVS sees it (`prerouting` and `output`,
+//!   nat priority) and masqueraded on its way out (`postrouting`);
+//! - **hairpin**: a pod that reached itself through a Service is masqueraded;
+//! - **the VIP filter**: new connections to an address on kube-ipvs0 are rejected unless they
+//!   are for a Service port on it (kubernetes#72236: otherwise every host service listening on
+//!   0.0.0.0, sshd included, answers on every ClusterIP);
+//! - **loadBalancerSourceRanges**: other sources are dropped;
+//! - **healthCheckNodePorts**: accepted before anything else in the table can refuse them.
+//!
+//! The rules are fixed; what changes with Services are set elements ([`Elements`]).
+//! [`Netfilter::install`] writes the whole table in one atomic transaction;
+//! [`Netfilter::update`] adds and deletes only the elements that changed, in one transaction.
+//! Transactions go through `nft -j -f -`, with the JSON built by the `nftables` crate; see
+//! `docs/netfilter.md` for why, and for what `nft list table inet kube-ipvs` shows.
+
+mod model;
+mod ruleset;
+
+use nftables::helper::{self, NftablesError};
+use tracing::{debug, warn};
+
+pub use self::model::{Config, Elements, NodePort, Protocol, ServicePort, TABLE};
+
+/// A failed `nft` transaction.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `nft` failed or could not be run.
+    #[error("nftables: {operation} of table inet {TABLE} failed: {source}")]
+    Nft {
+        /// What was being done: `install`, `update` or `remove`.
+        operation: &'static str,
+        /// What `nft` said.
+        #[source]
+        source: NftablesError,
+    },
+    /// `nft list table` failed (the table does not exist, or `nft` could not be run).
+    #[error("nftables: cannot list table inet {TABLE}: {reason}")]
+    List {
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How an [`Netfilter::update`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Update {
+    /// Nothing changed; `nft` was not run.
+    Unchanged,
+    /// Only the changed elements were written.
+    Elements,
+    /// The whole table was written: it was not installed yet, or the incremental transaction
+    /// failed (the table had been changed behind our back) and the table was rewritten.
+    Installed,
+}
+
+/// The table, and what this process last wrote to it.
+#[derive(Debug)]
+pub struct Netfilter {
+    config: Config,
+    applied: Option<Elements>,
+    transactions: u64,
+}
+
+impl Netfilter {
+    /// Manages the table with this configuration; writes nothing yet.
+    pub fn new(config: Config) -> Self {
+        Self { config, applied: None, transactions: 0 }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The elements last written, if the table was installed.
+    pub fn applied(&self) -> Option<&Elements> {
+        self.applied.as_ref()
+    }
+
+    /// How many `nft` transactions this instance ran.
+    pub fn transactions(&self) -> u64 {
+        self.transactions
+    }
+
+    async fn run(
+        &mut self,
+        operation: &'static str,
+        nftables: &nftables::schema::Nftables<'_>,
+    ) -> Result<()> {
+        self.transactions += 1;
+        helper::apply_ruleset_async(nftables)
+            .await
+            .map_err(|source| Error::Nft { operation, source })
+    }
+
+    /// Writes the whole table, with `elements`, in one atomic transaction; a table of the same
+    /// name is replaced.
+    pub async fn install(&mut self, elements: &Elements) -> Result<()> {
+        self.applied = None;
+        self.run("install", &ruleset::install(&self.config, elements)).await?;
+        self.applied = Some(elements.clone());
+        debug!(table = TABLE, "installed the nftables table");
+        Ok(())
+    }
+
+    /// Moves the table to `elements`, writing only the elements that changed.
+    pub async fn update(&mut self, elements: &Elements) -> Result<Update> {
+        let Some(applied) = &self.applied else {
+            self.install(elements).await?;
+            return Ok(Update::Installed);
+        };
+        let commands = ruleset::element_changes(&self.config, applied, elements);
+        if commands.is_empty() {
+            return Ok(Update::Unchanged);
+        }
+        let transaction = nftables::schema::Nftables { objects: commands.into() };
+        match self.run("update", &transaction).await {
+            Ok(()) => {
+                self.applied = Some(elements.clone());
+                Ok(Update::Elements)
+            }
+            Err(err) => {
+                // The table is not what we wrote (deleted, flushed, edited): write it whole.
+                warn!(%err, "incremental nftables update failed; writing the whole table");
+                self.install(elements).await?;
+                Ok(Update::Installed)
+            }
+        }
+    }
+
+    /// Deletes the table, if it exists.
+    pub async fn remove(&mut self) -> Result<()> {
+        self.run("remove", &ruleset::remove()).await?;
+        self.applied = None;
+        Ok(())
+    }
+}
+
+/// The table as `nft list table inet kube-ipvs` prints it, for people to read.
+pub async fn listing() -> Result<String> {
+    let out = tokio::process::Command::new("nft")
+        .args(["list", "table", "inet", TABLE])
+        .output()
+        .await
+        .map_err(|err| Error::List { reason: err.to_string() })?;
+    if !out.status.success() {
+        return Err(Error::List { reason: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}

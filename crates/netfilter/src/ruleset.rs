@@ -1,0 +1,763 @@
+//! The table as nftables JSON: its sets, chains and rules, and the element changes between two
+//! states. Pure functions; [`crate::Netfilter`] hands their output to `nft`.
+
+use std::{
+    borrow::Cow,
+    collections::{BTreeMap, BTreeSet, HashSet},
+    net::{IpAddr, SocketAddrV4},
+};
+
+use ipnetwork::IpNetwork;
+use ipvs_netlink::Family;
+use nftables::{
+    expr::{
+        BinaryOperation, CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression,
+        NgMode, Numgen, Payload, PayloadField, Prefix,
+    },
+    schema::{
+        Chain, Element, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetFlag, SetType,
+        SetTypeValue, Table,
+    },
+    stmt::{Mangle, Match, Operator, Reject, Statement},
+    types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
+};
+
+use crate::model::{Config, Elements, NodePort, ServicePort, TABLE};
+
+const NAT_DSTNAT: i32 = -100;
+/// The maps from localhost NodePort and bucket to endpoint address, and to endpoint port.
+/// (Two maps with one value each: nft 1.0.6 cannot read a concatenated map value in JSON.)
+const LOCALHOST_ADDRESSES: &str = "localhost-endpoint-addresses";
+const LOCALHOST_PORTS: &str = "localhost-endpoint-ports";
+/// Buckets per localhost NodePort: endpoints are spread over them in turn.
+const LOCALHOST_BUCKETS: u32 = 64;
+const NAT_SRCNAT: i32 = 100;
+const FILTER: i32 = 0;
+
+/// The sets of the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum SetKind {
+    ClusterIps,
+    ExternalIps,
+    LocalExternalIps,
+    Vips,
+    Firewalled,
+    SourceRanges,
+    Hairpin,
+    NodePorts,
+    HealthCheckPorts,
+    LocalhostNodePorts,
+}
+
+/// One element of one set, in a form that orders and compares.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Item {
+    Address(IpAddr),
+    ServicePort(ServicePort),
+    SourceRange(ServicePort, IpNetwork),
+    Hairpin(IpAddr),
+    NodePort(NodePort),
+    Port(u16),
+}
+
+/// Every set's name, and the family its elements belong to (`None`: both).
+fn sets() -> Vec<(SetKind, Option<Family>)> {
+    use SetKind::*;
+    let mut sets = Vec::new();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        for kind in
+            [ClusterIps, ExternalIps, LocalExternalIps, Vips, Firewalled, SourceRanges, Hairpin]
+        {
+            sets.push((kind, Some(family)));
+        }
+    }
+    sets.push((NodePorts, None));
+    sets.push((HealthCheckPorts, None));
+    sets.push((LocalhostNodePorts, None));
+    sets
+}
+
+fn set_name(kind: SetKind, family: Option<Family>) -> String {
+    let base = match kind {
+        SetKind::ClusterIps => "cluster-ips",
+        SetKind::ExternalIps => "external-ips",
+        SetKind::LocalExternalIps => "local-external-ips",
+        SetKind::Vips => "vips",
+        SetKind::Firewalled => "firewalled",
+        SetKind::SourceRanges => "source-ranges",
+        SetKind::Hairpin => "hairpin",
+        SetKind::NodePorts => "node-ports",
+        SetKind::HealthCheckPorts => "health-check-node-ports",
+        SetKind::LocalhostNodePorts => "localhost-node-ports",
+    };
+    match family {
+        Some(Family::Ipv4) => format!("{base}-v4"),
+        Some(Family::Ipv6) => format!("{base}-v6"),
+        None => base.to_owned(),
+    }
+}
+
+fn set_type(kind: SetKind, family: Option<Family>) -> (Vec<SetType>, bool) {
+    let addr = match family {
+        Some(Family::Ipv6) => SetType::Ipv6Addr,
+        _ => SetType::Ipv4Addr,
+    };
+    use SetType::{InetProto, InetService};
+    match kind {
+        SetKind::ClusterIps
+        | SetKind::ExternalIps
+        | SetKind::LocalExternalIps
+        | SetKind::Firewalled => (vec![addr, InetProto, InetService], false),
+        SetKind::Vips => (vec![addr], false),
+        SetKind::SourceRanges => (vec![addr, InetProto, InetService, addr], true),
+        SetKind::Hairpin => (vec![addr, addr], false),
+        SetKind::NodePorts | SetKind::LocalhostNodePorts => (vec![InetProto, InetService], false),
+        SetKind::HealthCheckPorts => (vec![InetService], false),
+    }
+}
+
+fn family_of(address: IpAddr) -> Option<Family> {
+    Some(Family::of(address))
+}
+
+/// The elements of every set, by set name.
+fn contents(elements: &Elements) -> BTreeMap<String, BTreeSet<Item>> {
+    let mut sets: BTreeMap<String, BTreeSet<Item>> = sets()
+        .into_iter()
+        .map(|(kind, family)| (set_name(kind, family), BTreeSet::new()))
+        .collect();
+    let mut put = |kind, family, item| {
+        sets.get_mut(&set_name(kind, family)).expect("every set is listed").insert(item);
+    };
+    for (kind, ports) in [
+        (SetKind::ClusterIps, &elements.cluster_ips),
+        (SetKind::ExternalIps, &elements.external_ips),
+        (SetKind::LocalExternalIps, &elements.local_external_ips),
+    ] {
+        for port in ports {
+            put(kind, family_of(port.address), Item::ServicePort(*port));
+        }
+    }
+    for vip in &elements.vips {
+        put(SetKind::Vips, family_of(*vip), Item::Address(*vip));
+    }
+    for (port, range) in &elements.source_ranges {
+        // A range of the other family can never match this service.
+        if range.is_ipv4() == port.address.is_ipv4() {
+            put(SetKind::SourceRanges, family_of(port.address), Item::SourceRange(*port, *range));
+        }
+        put(SetKind::Firewalled, family_of(port.address), Item::ServicePort(*port));
+    }
+    for address in &elements.hairpin {
+        put(SetKind::Hairpin, family_of(*address), Item::Hairpin(*address));
+    }
+    for node_port in &elements.node_ports {
+        put(SetKind::NodePorts, None, Item::NodePort(*node_port));
+    }
+    for node_port in
+        elements.localhost_node_ports.iter().filter(|(_, e)| !e.is_empty()).map(|(p, _)| p)
+    {
+        put(SetKind::LocalhostNodePorts, None, Item::NodePort(*node_port));
+    }
+    for port in &elements.health_check_node_ports {
+        put(SetKind::HealthCheckPorts, None, Item::Port(*port));
+    }
+    sets
+}
+
+fn string(s: impl Into<String>) -> Expression<'static> {
+    Expression::String(Cow::Owned(s.into()))
+}
+
+fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(items))
+}
+
+fn item_expression(item: &Item) -> Expression<'static> {
+    let service_port = |p: &ServicePort| {
+        vec![
+            string(p.address.to_string()),
+            string(p.protocol.name().to_lowercase()),
+            Expression::Number(p.port.into()),
+        ]
+    };
+    match item {
+        Item::Address(address) => string(address.to_string()),
+        Item::ServicePort(port) => concat(service_port(port)),
+        Item::SourceRange(port, range) => {
+            let mut items = service_port(port);
+            items.push(Expression::Named(NamedExpression::Prefix(Prefix {
+                addr: Box::new(string(range.network().to_string())),
+                len: range.prefix().into(),
+            })));
+            concat(items)
+        }
+        Item::Hairpin(address) => {
+            concat(vec![string(address.to_string()), string(address.to_string())])
+        }
+        Item::NodePort(node_port) => concat(vec![
+            string(node_port.protocol.name().to_lowercase()),
+            Expression::Number(node_port.port.into()),
+        ]),
+        Item::Port(port) => Expression::Number((*port).into()),
+    }
+}
+
+fn element(set: &str, items: &BTreeSet<Item>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: set.to_owned().into(),
+        elem: items.iter().map(item_expression).collect::<Vec<_>>().into(),
+    })
+}
+
+/// The localhost endpoint map: (NodePort, bucket mark) to endpoint.
+fn map_entries(config: &Config, elements: &Elements) -> BTreeSet<(NodePort, u32, SocketAddrV4)> {
+    let mut entries = BTreeSet::new();
+    for (node_port, endpoints) in &elements.localhost_node_ports {
+        let endpoints: Vec<&SocketAddrV4> = endpoints.iter().collect();
+        if endpoints.is_empty() {
+            continue;
+        }
+        for bucket in 0..LOCALHOST_BUCKETS {
+            let endpoint = endpoints[bucket as usize % endpoints.len()];
+            entries.insert((*node_port, config.masquerade_mark() + bucket, *endpoint));
+        }
+    }
+    entries
+}
+
+/// The elements of both localhost maps for these entries.
+fn map_elements(entries: &BTreeSet<(NodePort, u32, SocketAddrV4)>) -> [NfListObject<'static>; 2] {
+    let key = |port: &NodePort, mark: u32| {
+        concat(vec![
+            string(port.protocol.name().to_lowercase()),
+            Expression::Number(port.port.into()),
+            Expression::Number(mark),
+        ])
+    };
+    let map = |name: &'static str, value: &dyn Fn(&SocketAddrV4) -> Expression<'static>| {
+        NfListObject::Element(Element {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.into(),
+            elem: entries
+                .iter()
+                .map(|(port, mark, endpoint)| {
+                    Expression::List(vec![key(port, *mark), value(endpoint)])
+                })
+                .collect::<Vec<_>>()
+                .into(),
+        })
+    };
+    [
+        map(LOCALHOST_ADDRESSES, &|endpoint| string(endpoint.ip().to_string())),
+        map(LOCALHOST_PORTS, &|endpoint| Expression::Number(endpoint.port().into())),
+    ]
+}
+
+/// The commands that move the sets from `old` to `new`: deletions, then additions. Empty when
+/// nothing changed.
+pub(crate) fn element_changes(
+    config: &Config,
+    old: &Elements,
+    new: &Elements,
+) -> Vec<NfObject<'static>> {
+    let (old_map, new_map) = (map_entries(config, old), map_entries(config, new));
+    let (old, new) = (contents(old), contents(new));
+    let mut deletes = Vec::new();
+    let mut adds = Vec::new();
+    // A bucket that changes endpoint is a deletion and an addition of the same key.
+    let removed: BTreeSet<_> = old_map.difference(&new_map).copied().collect();
+    let added: BTreeSet<_> = new_map.difference(&old_map).copied().collect();
+    if !removed.is_empty() {
+        deletes.extend(map_elements(&removed).map(|e| NfObject::CmdObject(NfCmd::Delete(e))));
+    }
+    if !added.is_empty() {
+        adds.extend(map_elements(&added).map(|e| NfObject::CmdObject(NfCmd::Add(e))));
+    }
+    for (set, new_items) in &new {
+        let old_items = &old[set];
+        let removed: BTreeSet<Item> = old_items.difference(new_items).cloned().collect();
+        let added: BTreeSet<Item> = new_items.difference(old_items).cloned().collect();
+        if !removed.is_empty() {
+            deletes.push(NfObject::CmdObject(NfCmd::Delete(element(set, &removed))));
+        }
+        if !added.is_empty() {
+            adds.push(NfObject::CmdObject(NfCmd::Add(element(set, &added))));
+        }
+    }
+    deletes.extend(adds);
+    deletes
+}
+
+fn table() -> NfListObject<'static> {
+    NfListObject::Table(Table { family: NfFamily::INet, name: TABLE.into(), handle: None })
+}
+
+/// The whole table as one transaction: created if missing, deleted, and created again with its
+/// sets, elements, chains and rules. The kernel applies it atomically.
+pub(crate) fn install(config: &Config, elements: &Elements) -> Nftables<'static> {
+    let mut objects = vec![
+        NfObject::CmdObject(NfCmd::Add(table())),
+        NfObject::CmdObject(NfCmd::Delete(table())),
+        NfObject::CmdObject(NfCmd::Add(table())),
+    ];
+    let contents = contents(elements);
+    for (kind, family) in sets() {
+        let name = set_name(kind, family);
+        let (types, interval) = set_type(kind, family);
+        let items = &contents[&name];
+        objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Set(Box::new(Set {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.clone().into(),
+            handle: None,
+            set_type: if types.len() == 1 {
+                SetTypeValue::Single(types[0])
+            } else {
+                SetTypeValue::Concatenated(types.into())
+            },
+            policy: None,
+            flags: interval.then(|| HashSet::from([SetFlag::Interval])),
+            elem: None,
+            timeout: None,
+            gc_interval: None,
+            size: None,
+            comment: None,
+        })))));
+        if !items.is_empty() {
+            objects.push(NfObject::CmdObject(NfCmd::Add(element(&name, items))));
+        }
+    }
+    for (name, value) in
+        [(LOCALHOST_ADDRESSES, SetType::Ipv4Addr), (LOCALHOST_PORTS, SetType::InetService)]
+    {
+        objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Map(Box::new(
+            nftables::schema::Map {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: name.into(),
+                handle: None,
+                set_type: SetTypeValue::Concatenated(
+                    vec![SetType::InetProto, SetType::InetService, SetType::Mark].into(),
+                ),
+                map: SetTypeValue::Single(value),
+                policy: None,
+                flags: None,
+                elem: None,
+                timeout: None,
+                gc_interval: None,
+                size: None,
+                comment: None,
+            },
+        )))));
+    }
+    let entries = map_entries(config, elements);
+    if !entries.is_empty() {
+        objects.extend(map_elements(&entries).map(|e| NfObject::CmdObject(NfCmd::Add(e))));
+    }
+    for (name, hook) in chains() {
+        objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.into(),
+            newname: None,
+            handle: None,
+            _type: hook.map(|(kind, _, _)| kind),
+            hook: hook.map(|(_, hook, _)| hook),
+            prio: hook.map(|(_, _, prio)| prio),
+            dev: None,
+            policy: hook.map(|_| NfChainPolicy::Accept),
+        }))));
+    }
+    for (chain, statements) in rules(config) {
+        objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Rule(Rule {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            chain: chain.into(),
+            expr: statements.into(),
+            handle: None,
+            index: None,
+            comment: None,
+        }))));
+    }
+    Nftables { objects: objects.into() }
+}
+
+/// The transaction that deletes the table (creating it first, so that it cannot fail).
+pub(crate) fn remove() -> Nftables<'static> {
+    Nftables {
+        objects: vec![
+            NfObject::CmdObject(NfCmd::Add(table())),
+            NfObject::CmdObject(NfCmd::Delete(table())),
+        ]
+        .into(),
+    }
+}
+
+type Hook = Option<(NfChainType, NfHook, i32)>;
+
+fn chains() -> Vec<(&'static str, Hook)> {
+    vec![
+        ("nat-prerouting", Some((NfChainType::NAT, NfHook::Prerouting, NAT_DSTNAT))),
+        ("nat-output", Some((NfChainType::NAT, NfHook::Output, NAT_DSTNAT))),
+        ("nat-postrouting", Some((NfChainType::NAT, NfHook::Postrouting, NAT_SRCNAT))),
+        ("filter-input", Some((NfChainType::Filter, NfHook::Input, FILTER))),
+        ("mark-for-masquerade", None),
+        ("source-ranges", None),
+        ("vip-filter", None),
+    ]
+}
+
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(PayloadField {
+        protocol: protocol.into(),
+        field: field.into(),
+    })))
+}
+
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+
+fn set_ref(name: String) -> Expression<'static> {
+    string(format!("@{name}"))
+}
+
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+
+fn addr_field(family: Family, field: &'static str) -> Expression<'static> {
+    match family {
+        Family::Ipv4 => payload("ip", field),
+        Family::Ipv6 => payload("ip6", field),
+    }
+}
+
+/// `ip daddr . meta l4proto . th dport`
+fn service_key(family: Family) -> Expression<'static> {
+    concat(vec![addr_field(family, "daddr"), meta(MetaKey::L4proto), payload("th", "dport")])
+}
+
+fn in_set(key: Expression<'static>, kind: SetKind, family: Option<Family>) -> Statement<'static> {
+    matches(key, Operator::EQ, set_ref(set_name(kind, family)))
+}
+
+fn ct_state_new() -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::CT(CT { key: "state".into(), family: None, dir: None })),
+        Operator::IN,
+        string("new"),
+    )
+}
+
+fn jump(chain: &'static str) -> Statement<'static> {
+    Statement::Jump(nftables::stmt::JumpTarget { target: chain.into() })
+}
+
+fn fib_local(flag: FibFlag) -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::Fib(Fib {
+            result: FibResult::Type,
+            flags: HashSet::from([flag]),
+        })),
+        Operator::EQ,
+        string("local"),
+    )
+}
+
+fn prefix(network: &IpNetwork) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(string(network.network().to_string())),
+        len: network.prefix().into(),
+    }))
+}
+
+/// `meta l4proto . th dport . meta mark map @name`
+fn localhost_lookup(name: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
+        key: concat(vec![meta(MetaKey::L4proto), payload("th", "dport"), meta(MetaKey::Mark)]),
+        data: string(format!("@{name}")),
+    })))
+}
+
+/// The rules, chain by chain, in order.
+fn rules(config: &Config) -> Vec<(&'static str, Vec<Statement<'static>>)> {
+    let mark = config.masquerade_mark();
+    let set_mark = || {
+        Statement::Mangle(Mangle {
+            key: meta(MetaKey::Mark),
+            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+                meta(MetaKey::Mark),
+                Expression::Number(mark),
+            ]))),
+        })
+    };
+    let mut rules = vec![
+        ("nat-prerouting", vec![jump("mark-for-masquerade")]),
+        ("nat-output", vec![jump("mark-for-masquerade")]),
+    ];
+    // Localhost NodePorts: straight to an endpoint (IPVS cannot take them), marked for
+    // masquerade; the mark's low bits carry the bucket.
+    if config.localhost_node_ports {
+        rules.insert(
+            1,
+            (
+                "nat-output",
+                vec![
+                    matches(
+                        addr_field(Family::Ipv4, "daddr"),
+                        Operator::EQ,
+                        prefix(&IpNetwork::V4("127.0.0.0/8".parse().expect("a network"))),
+                    ),
+                    in_set(
+                        concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]),
+                        SetKind::LocalhostNodePorts,
+                        None,
+                    ),
+                    Statement::Mangle(Mangle {
+                        key: meta(MetaKey::Mark),
+                        value: Expression::Named(NamedExpression::Numgen(Numgen {
+                            mode: NgMode::Random,
+                            ng_mod: LOCALHOST_BUCKETS,
+                            offset: Some(mark),
+                        })),
+                    }),
+                    Statement::DNAT(Some(nftables::stmt::NAT {
+                        addr: Some(localhost_lookup(LOCALHOST_ADDRESSES)),
+                        family: Some(nftables::stmt::NATFamily::IP),
+                        port: Some(localhost_lookup(LOCALHOST_PORTS)),
+                        flags: None,
+                    })),
+                ],
+            ),
+        );
+    }
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let f = Some(family);
+        // External IPs and load balancers with externalTrafficPolicy Cluster: always.
+        rules.push((
+            "mark-for-masquerade",
+            vec![in_set(service_key(family), SetKind::ExternalIps, f), set_mark()],
+        ));
+        // ClusterIPs: traffic from outside the pods (or all of it, with masquerade-all).
+        let cidrs: Vec<&IpNetwork> = config
+            .cluster_cidrs
+            .iter()
+            .filter(|c| c.is_ipv4() == (family == Family::Ipv4))
+            .collect();
+        let mut cluster = Vec::new();
+        if !config.masquerade_all {
+            if cidrs.is_empty() {
+                cluster.push(fib_local(FibFlag::Saddr));
+            } else {
+                cluster.push(matches(
+                    addr_field(family, "saddr"),
+                    Operator::NEQ,
+                    Expression::Named(NamedExpression::Set(
+                        cidrs.iter().map(|c| nftables::expr::SetItem::Element(prefix(c))).collect(),
+                    )),
+                ));
+            }
+        }
+        cluster.push(in_set(service_key(family), SetKind::ClusterIps, f));
+        cluster.push(set_mark());
+        rules.push(("mark-for-masquerade", cluster));
+    }
+    // NodePorts on every local address, externalTrafficPolicy Cluster.
+    rules.push((
+        "mark-for-masquerade",
+        vec![
+            fib_local(FibFlag::Daddr),
+            in_set(
+                concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]),
+                SetKind::NodePorts,
+                None,
+            ),
+            set_mark(),
+        ],
+    ));
+
+    for family in [Family::Ipv4, Family::Ipv6] {
+        // Hairpin: a pod that reached itself through a Service.
+        rules.push((
+            "nat-postrouting",
+            vec![
+                in_set(
+                    concat(vec![addr_field(family, "saddr"), addr_field(family, "daddr")]),
+                    SetKind::Hairpin,
+                    Some(family),
+                ),
+                Statement::Masquerade(None),
+            ],
+        ));
+    }
+    rules.push((
+        "nat-postrouting",
+        vec![
+            matches(
+                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+                    meta(MetaKey::Mark),
+                    Expression::Number(mark),
+                ))),
+                Operator::EQ,
+                Expression::Number(mark),
+            ),
+            Statement::Mangle(Mangle {
+                key: meta(MetaKey::Mark),
+                value: Expression::BinaryOperation(Box::new(BinaryOperation::XOR(
+                    meta(MetaKey::Mark),
+                    Expression::Number(mark),
+                ))),
+            }),
+            Statement::Masquerade(None),
+        ],
+    ));
+
+    rules.push(("filter-input", vec![ct_state_new(), jump("source-ranges")]));
+    // Health-check NodePorts: nothing below may refuse them.
+    rules.push((
+        "filter-input",
+        vec![
+            matches(meta(MetaKey::L4proto), Operator::EQ, string("tcp")),
+            in_set(payload("th", "dport"), SetKind::HealthCheckPorts, None),
+            Statement::Accept(None),
+        ],
+    ));
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let f = Some(family);
+        rules.push((
+            "filter-input",
+            vec![
+                ct_state_new(),
+                in_set(addr_field(family, "daddr"), SetKind::Vips, f),
+                jump("vip-filter"),
+            ],
+        ));
+        // loadBalancerSourceRanges: other sources are dropped.
+        rules.push((
+            "source-ranges",
+            vec![
+                in_set(service_key(family), SetKind::Firewalled, f),
+                matches(
+                    concat(vec![
+                        addr_field(family, "daddr"),
+                        meta(MetaKey::L4proto),
+                        payload("th", "dport"),
+                        addr_field(family, "saddr"),
+                    ]),
+                    Operator::NEQ,
+                    set_ref(set_name(SetKind::SourceRanges, f)),
+                ),
+                Statement::Drop(None),
+            ],
+        ));
+        // Only Service ports are open on Service addresses (kubernetes#72236).
+        for kind in [SetKind::ClusterIps, SetKind::ExternalIps, SetKind::LocalExternalIps] {
+            rules.push((
+                "vip-filter",
+                vec![in_set(service_key(family), kind, f), Statement::Return(None)],
+            ));
+        }
+    }
+    rules.push(("vip-filter", vec![Statement::Reject(Some(Reject { _type: None, expr: None }))]));
+    rules
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Protocol;
+
+    fn port(address: &str, protocol: Protocol, port: u16) -> ServicePort {
+        ServicePort::new(address.parse().unwrap(), protocol, port)
+    }
+
+    #[test]
+    fn an_unchanged_state_needs_no_command() {
+        let mut elements = Elements::default();
+        elements.cluster_ips.insert(port("10.96.0.10", Protocol::Tcp, 80));
+        elements.vips.insert("10.96.0.10".parse().unwrap());
+        assert!(element_changes(&Config::default(), &elements, &elements.clone()).is_empty());
+    }
+
+    #[test]
+    fn one_service_added_is_one_element_per_set_it_touches() {
+        let old = Elements::default();
+        let mut new = old.clone();
+        new.cluster_ips.insert(port("10.96.0.10", Protocol::Tcp, 80));
+        new.vips.insert("10.96.0.10".parse().unwrap());
+        let json = serde_json::to_value(element_changes(&Config::default(), &old, &new)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"add": {"element": {"family": "inet", "table": "kube-ipvs", "name": "cluster-ips-v4",
+                    "elem": [{"concat": ["10.96.0.10", "tcp", 80]}]}}},
+                {"add": {"element": {"family": "inet", "table": "kube-ipvs", "name": "vips-v4",
+                    "elem": ["10.96.0.10"]}}},
+            ])
+        );
+    }
+
+    #[test]
+    fn removals_come_before_additions_and_families_stay_apart() {
+        let mut old = Elements::default();
+        old.cluster_ips.insert(port("10.96.0.10", Protocol::Tcp, 80));
+        let mut new = Elements::default();
+        new.cluster_ips.insert(port("fd00::10", Protocol::Udp, 53));
+        let json = serde_json::to_value(element_changes(&Config::default(), &old, &new)).unwrap();
+        assert_eq!(json[0]["delete"]["element"]["name"], "cluster-ips-v4");
+        assert_eq!(json[1]["add"]["element"]["name"], "cluster-ips-v6");
+        assert_eq!(json[1]["add"]["element"]["elem"][0]["concat"][1], "udp");
+    }
+
+    #[test]
+    fn source_ranges_name_the_service_as_firewalled() {
+        let lb = port("192.0.2.10", Protocol::Tcp, 80);
+        let mut new = Elements::default();
+        new.source_ranges.insert((lb, "203.0.113.0/24".parse().unwrap()));
+        // A range of the other family still firewalls the service, and allows nothing.
+        new.source_ranges.insert((lb, "2001:db8::/32".parse().unwrap()));
+        let sets = contents(&new);
+        assert_eq!(sets["firewalled-v4"].len(), 1);
+        assert_eq!(sets["source-ranges-v4"].len(), 1);
+        assert!(sets["source-ranges-v6"].is_empty());
+        let json = serde_json::to_value(item_expression(sets["source-ranges-v4"].first().unwrap()))
+            .unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"concat": ["192.0.2.10", "tcp", 80, {"prefix": {"addr": "203.0.113.0", "len": 24}}]})
+        );
+    }
+
+    #[test]
+    fn the_install_transaction_replaces_the_whole_table_atomically() {
+        let config =
+            Config { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], ..Config::default() };
+        let json = serde_json::to_value(install(&config, &Elements::default())).unwrap();
+        let objects = json["nftables"].as_array().unwrap();
+        assert_eq!(
+            objects[0],
+            serde_json::json!({"add": {"table": {"family": "inet", "name": "kube-ipvs"}}})
+        );
+        assert_eq!(
+            objects[1],
+            serde_json::json!({"delete": {"table": {"family": "inet", "name": "kube-ipvs"}}})
+        );
+        let sets = objects.iter().filter(|o| o["add"]["set"].is_object()).count();
+        assert_eq!(sets, 17);
+        let base_chains: Vec<&str> =
+            objects.iter().filter_map(|o| o["add"]["chain"]["hook"].as_str()).collect();
+        assert_eq!(base_chains, ["prerouting", "output", "postrouting", "input"]);
+        // The cluster CIDR is what decides masquerade for ClusterIPs.
+        let text = json.to_string();
+        assert!(text.contains(r#"{"prefix":{"addr":"10.244.0.0","len":16}}"#), "{text}");
+    }
+}
