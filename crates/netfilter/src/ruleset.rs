@@ -738,6 +738,34 @@ mod tests {
     }
 
     #[test]
+    fn localhost_endpoints_fill_the_buckets_in_turn_and_change_bucket_by_bucket() {
+        let config = Config { localhost_node_ports: true, ..Config::default() };
+        let node_port = NodePort { protocol: Protocol::Tcp, port: 30080 };
+        let a: SocketAddrV4 = "10.244.0.2:8080".parse().unwrap();
+        let b: SocketAddrV4 = "10.244.0.3:8080".parse().unwrap();
+        let mut old = Elements::default();
+        old.localhost_node_ports.insert(node_port, [a].into());
+        let entries = map_entries(&config, &old);
+        assert_eq!(entries.len(), 64);
+        assert!(entries.iter().all(|(_, mark, e)| *e == a && mark & 0x4000 != 0));
+        let mut new = old.clone();
+        new.localhost_node_ports.insert(node_port, [a, b].into());
+        let spread = map_entries(&config, &new);
+        assert_eq!(spread.iter().filter(|(_, _, e)| *e == b).count(), 32, "half the buckets move");
+        // 32 buckets change endpoint: each is deleted and added again, in both maps.
+        let json = serde_json::to_value(element_changes(&config, &old, &new)).unwrap();
+        let commands = json.as_array().unwrap();
+        let count = |verb: &str| {
+            commands
+                .iter()
+                .filter_map(|c| c[verb]["element"]["elem"].as_array())
+                .map(Vec::len)
+                .sum::<usize>()
+        };
+        assert_eq!((count("delete"), count("add")), (64, 64), "{json}");
+    }
+
+    #[test]
     fn the_install_transaction_replaces_the_whole_table_atomically() {
         let config =
             Config { cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()], ..Config::default() };
