@@ -1,0 +1,136 @@
+//! The inputs and outputs of the desired-state computation.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+use ipnetwork::IpNetwork;
+use ipvs_netlink::{Destination, Service as VirtualService, ServiceKey};
+
+/// The default scheduler, as kube-proxy's `--ipvs-scheduler`.
+pub const DEFAULT_SCHEDULER: &str = "rr";
+/// Schedulers a Service may ask for.
+pub const SCHEDULERS: &[&str] = &["rr", "wrr", "lc", "wlc", "dh", "sh", "sed", "nq", "mh"];
+/// Annotation choosing a Service's scheduler.
+pub const SCHEDULER_ANNOTATION: &str = "kube-ipvs.io/scheduler";
+/// Annotation with the scheduler's flags: `sh-fallback`, `sh-port`, `mh-fallback`, `mh-port`.
+pub const SCHEDULER_FLAGS_ANNOTATION: &str = "kube-ipvs.io/scheduler-flags";
+/// The label that names an EndpointSlice's Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Services with this label belong to another proxy (unless it names ours).
+pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
+/// Services with this label are headless as far as proxies go.
+pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The Node label with its zone, for topology hints.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The session affinity timeout when a Service does not give one (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
+
+/// What kube-ipvs is configured with, as far as the desired state goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// The scheduler of Services that do not choose one.
+    pub scheduler: String,
+    /// `--service-proxy-name`: Services labelled with another proxy name are skipped.
+    pub service_proxy_name: Option<String>,
+    /// Serve NodePorts on 127.0.0.1 too.
+    pub localhost_node_ports: bool,
+    /// `--ipvs-exclude-cidrs`: virtual servers on these addresses are never touched.
+    pub exclude_cidrs: Vec<IpNetwork>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: DEFAULT_SCHEDULER.to_owned(),
+            service_proxy_name: None,
+            localhost_node_ports: false,
+            exclude_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// What the desired state needs to know about this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The Node's name, as endpoints name it.
+    pub name: String,
+    /// Its zone (`topology.kubernetes.io/zone`), for topology hints.
+    pub zone: Option<String>,
+    /// The addresses NodePorts are served on (`--nodeport-addresses` applied).
+    pub node_port_addresses: Vec<IpAddr>,
+    /// Every address of the node outside kube-ipvs0: an external or load-balancer IP that is
+    /// one of them is not bound to kube-ipvs0 (it is local already).
+    pub local_addresses: Vec<IpAddr>,
+}
+
+/// A Service port, named as kube-proxy names them: `namespace/name:port`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServicePortName {
+    /// The namespace.
+    pub namespace: String,
+    /// The Service's name.
+    pub name: String,
+    /// The port's name (empty for a single unnamed port).
+    pub port: String,
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)?;
+        if !self.port.is_empty() {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
+/// The kind of address a virtual server is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Exposure {
+    /// A ClusterIP.
+    ClusterIp,
+    /// An external IP (`spec.externalIPs`).
+    ExternalIp,
+    /// A load-balancer ingress IP.
+    LoadBalancer,
+    /// A NodePort on a node address.
+    NodePort,
+}
+
+/// One IPVS virtual server and the destinations it must have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtualServer {
+    /// The virtual service as IPVS holds it.
+    pub service: VirtualService,
+    /// Its destinations, by address.
+    pub destinations: BTreeMap<SocketAddr, Destination>,
+    /// The Service port it implements.
+    pub owner: ServicePortName,
+    /// What kind of address it is on.
+    pub exposure: Exposure,
+}
+
+impl VirtualServer {
+    /// The key IPVS knows it by.
+    pub fn key(&self) -> ServiceKey {
+        self.service.key
+    }
+}
+
+/// Something wrong with an API object: it, or part of it, was skipped.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    /// The object, as `Service ns/name` or `EndpointSlice ns/name`.
+    pub object: String,
+    /// What was wrong, and what was done about it.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.object, self.reason)
+    }
+}

@@ -1,0 +1,356 @@
+//! What one Service contributes: its virtual servers, and its elements of the netfilter table.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+};
+
+use ipnetwork::IpNetwork;
+use ipvs_netlink::{Destination, Protocol, Service as VirtualService, ServiceFlags, ServiceKey};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use netfilter::{Elements, NodePort, ServicePort as NetfilterPort};
+
+use super::{
+    endpoints::{self, Endpoint},
+    model::{
+        DEFAULT_AFFINITY_TIMEOUT, Exposure, HEADLESS_LABEL, NodeInfo, Problem, ProxyConfig,
+        SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS, SERVICE_PROXY_NAME_LABEL,
+        ServicePortName, VirtualServer,
+    },
+};
+
+/// Everything one Service asks of the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceState {
+    /// Its virtual servers.
+    pub virtual_servers: BTreeMap<ServiceKey, VirtualServer>,
+    /// Its elements of the netfilter table (kube-ipvs0 addresses are `elements.vips`).
+    pub elements: Elements,
+    /// What was wrong with it, or with its EndpointSlices.
+    pub problems: Vec<Problem>,
+}
+
+/// Why a Service produces nothing at all, when that is by design rather than a problem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skipped {
+    /// `type: ExternalName`.
+    ExternalName,
+    /// `clusterIP: None`, or labelled `service.kubernetes.io/headless`.
+    Headless,
+    /// Labelled for another proxy (`service.kubernetes.io/service-proxy-name`).
+    OtherProxy,
+}
+
+/// Whether a Service is one kube-ipvs implements at all.
+pub fn skipped(service: &Service, config: &ProxyConfig) -> Option<Skipped> {
+    let labels = service.metadata.labels.as_ref();
+    let label = |key: &str| labels.and_then(|l| l.get(key));
+    if label(HEADLESS_LABEL).is_some() {
+        return Some(Skipped::Headless);
+    }
+    if let Some(proxy) = label(SERVICE_PROXY_NAME_LABEL)
+        && config.service_proxy_name.as_ref() != Some(proxy)
+    {
+        return Some(Skipped::OtherProxy);
+    }
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return Some(Skipped::ExternalName);
+    }
+    if spec.cluster_ip.as_deref() == Some("None") {
+        return Some(Skipped::Headless);
+    }
+    None
+}
+
+fn protocol(name: &str) -> Option<Protocol> {
+    match name {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+struct Context<'a> {
+    object: String,
+    config: &'a ProxyConfig,
+    problems: Vec<Problem>,
+}
+
+impl Context<'_> {
+    fn problem(&mut self, reason: String) {
+        self.problems.push(Problem { object: self.object.clone(), reason });
+    }
+
+    fn excluded(&self, address: IpAddr) -> bool {
+        self.config.exclude_cidrs.iter().any(|cidr| cidr.contains(address))
+    }
+}
+
+/// The scheduler and scheduler flags of a Service: its annotations, or the default.
+fn scheduler(service: &Service, context: &mut Context<'_>) -> (String, ServiceFlags) {
+    let annotations = service.metadata.annotations.as_ref();
+    let default = context.config.scheduler.clone();
+    let name = match annotations.and_then(|a| a.get(SCHEDULER_ANNOTATION)) {
+        None => default,
+        Some(name) if SCHEDULERS.contains(&name.as_str()) => name.clone(),
+        Some(name) => {
+            context.problem(format!(
+                "annotation {SCHEDULER_ANNOTATION}={name:?} is not one of {}; using {default}",
+                SCHEDULERS.join(", ")
+            ));
+            default
+        }
+    };
+    let mut flags = ServiceFlags::empty();
+    for flag in annotations
+        .and_then(|a| a.get(SCHEDULER_FLAGS_ANNOTATION))
+        .into_iter()
+        .flat_map(|f| f.split(','))
+    {
+        let flag = flag.trim();
+        match (name.as_str(), flag) {
+            (_, "") => {}
+            ("sh", "sh-fallback") | ("mh", "mh-fallback") => flags |= ServiceFlags::SCHED1,
+            ("sh", "sh-port") | ("mh", "mh-port") => flags |= ServiceFlags::SCHED2,
+            _ => context.problem(format!(
+                "annotation {SCHEDULER_FLAGS_ANNOTATION}: {flag:?} is not a flag of scheduler {name}; ignored"
+            )),
+        }
+    }
+    (name, flags)
+}
+
+fn parse_ip(text: &str, what: &str, context: &mut Context<'_>) -> Option<IpAddr> {
+    match text.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            context.problem(format!("{what} {text:?} is not an IP address; skipped"));
+            None
+        }
+    }
+}
+
+/// What one Service asks of the node, given its EndpointSlices.
+pub fn service_state(
+    service: &Service,
+    slices: &[&EndpointSlice],
+    node: &NodeInfo,
+    config: &ProxyConfig,
+) -> ServiceState {
+    let namespace = service.metadata.namespace.clone().unwrap_or_default();
+    let name = service.metadata.name.clone().unwrap_or_default();
+    let mut context =
+        Context { object: format!("Service {namespace}/{name}"), config, problems: Vec::new() };
+    let mut state = ServiceState::default();
+    if skipped(service, config).is_some() {
+        return state;
+    }
+    let Some(spec) = service.spec.as_ref() else {
+        context.problem("has no spec; skipped".into());
+        state.problems = context.problems;
+        return state;
+    };
+
+    let (scheduler, scheduler_flags) = scheduler(service, &mut context);
+    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .and_then(|t| u32::try_from(t).ok())
+            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    });
+    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+
+    // Addresses, by kind.
+    let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
+        Some(ips) if !ips.is_empty() => ips.clone(),
+        _ => spec.cluster_ip.iter().cloned().collect(),
+    }
+    .iter()
+    .filter(|ip| !ip.is_empty())
+    .filter_map(|ip| parse_ip(ip, "cluster IP", &mut context))
+    .collect();
+    let external_ips: Vec<IpAddr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| parse_ip(ip, "external IP", &mut context))
+        .collect();
+    let is_load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    let load_balancer_ips: Vec<IpAddr> = if is_load_balancer {
+        let ingress = service
+            .status
+            .as_ref()
+            .and_then(|s| s.load_balancer.as_ref())
+            .and_then(|l| l.ingress.as_ref());
+        ingress
+            .into_iter()
+            .flatten()
+            // Traffic to an ipMode Proxy address goes through the load balancer, not to us.
+            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+            .filter_map(|i| i.ip.as_deref())
+            .filter_map(|ip| parse_ip(ip, "load-balancer IP", &mut context))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let source_ranges: Vec<IpNetwork> = if is_load_balancer {
+        spec.load_balancer_source_ranges
+            .iter()
+            .flatten()
+            .filter_map(|range| match range.trim().parse() {
+                Ok(range) => Some(range),
+                Err(_) => {
+                    context.problem(format!(
+                        "loadBalancerSourceRanges entry {range:?} is not a CIDR; skipped"
+                    ));
+                    None
+                }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+
+    for (index, port) in spec.ports.iter().flatten().enumerate() {
+        let port_name = port.name.clone().unwrap_or_default();
+        let owner = ServicePortName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+            port: port_name.clone(),
+        };
+        let protocol_name = port.protocol.clone().unwrap_or_else(|| "TCP".into());
+        let Some(protocol) = protocol(&protocol_name) else {
+            context
+                .problem(format!("port {index} has unknown protocol {protocol_name:?}; skipped"));
+            continue;
+        };
+        let Some(number) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
+            context.problem(format!("port {index} has invalid port number {}; skipped", port.port));
+            continue;
+        };
+        let endpoints =
+            endpoints::collect(slices, &port_name, &protocol_name, node, &mut context.problems);
+        let (cluster, local) = endpoints::categorize(&endpoints, node);
+        let internal_set = if internal_local { &local } else { &cluster };
+        let external_set = if external_local { &local } else { &cluster };
+        for endpoint in &local {
+            state.elements.hairpin.insert(endpoint.address);
+        }
+
+        let add = |state: &mut ServiceState,
+                   context: &mut Context<'_>,
+                   exposure,
+                   address: SocketAddr,
+                   chosen: &Vec<&Endpoint>| {
+            if context.excluded(address.ip()) {
+                context.problem(format!("{address} is in --ipvs-exclude-cidrs; no virtual server"));
+                return;
+            }
+            let key = ServiceKey::Inet { protocol, address };
+            let mut virtual_service =
+                VirtualService::new(key, scheduler.clone()).with_flags(scheduler_flags);
+            if let Some(timeout) = affinity {
+                virtual_service = virtual_service.persistent(timeout);
+            }
+            let destinations = chosen
+                .iter()
+                .filter(|e| e.address.is_ipv4() == address.is_ipv4())
+                .map(|e| {
+                    let target = SocketAddr::new(e.address, e.port);
+                    (target, Destination::new(target))
+                })
+                .collect();
+            state.virtual_servers.insert(
+                key,
+                VirtualServer {
+                    service: virtual_service,
+                    destinations,
+                    owner: owner.clone(),
+                    exposure,
+                },
+            );
+        };
+
+        for ip in &cluster_ips {
+            add(
+                &mut state,
+                &mut context,
+                Exposure::ClusterIp,
+                SocketAddr::new(*ip, number),
+                internal_set,
+            );
+            state.elements.vips.insert(*ip);
+            state.elements.cluster_ips.insert(NetfilterPort::new(*ip, protocol, number));
+        }
+        for (exposure, ips) in
+            [(Exposure::ExternalIp, &external_ips), (Exposure::LoadBalancer, &load_balancer_ips)]
+        {
+            for ip in ips {
+                add(&mut state, &mut context, exposure, SocketAddr::new(*ip, number), external_set);
+                if !node.local_addresses.contains(ip) {
+                    state.elements.vips.insert(*ip);
+                }
+                let element = NetfilterPort::new(*ip, protocol, number);
+                if external_local {
+                    state.elements.local_external_ips.insert(element);
+                } else {
+                    state.elements.external_ips.insert(element);
+                }
+                if exposure == Exposure::LoadBalancer {
+                    for range in &source_ranges {
+                        state.elements.source_ranges.insert((element, *range));
+                    }
+                }
+            }
+        }
+        if has_node_ports {
+            match port.node_port.map(u16::try_from) {
+                Some(Ok(node_port)) if node_port != 0 => {
+                    for ip in &node.node_port_addresses {
+                        add(
+                            &mut state,
+                            &mut context,
+                            Exposure::NodePort,
+                            SocketAddr::new(*ip, node_port),
+                            external_set,
+                        );
+                    }
+                    let element = NodePort { protocol, port: node_port };
+                    if !external_local {
+                        state.elements.node_ports.insert(element);
+                    }
+                    if config.localhost_node_ports {
+                        let endpoints = external_set
+                            .iter()
+                            .filter_map(|e| match e.address {
+                                IpAddr::V4(v4) => Some(SocketAddrV4::new(v4, e.port)),
+                                IpAddr::V6(_) => None,
+                            })
+                            .collect();
+                        state.elements.localhost_node_ports.insert(element, endpoints);
+                    }
+                }
+                None => {}
+                other => context
+                    .problem(format!("port {port_name:?} has invalid nodePort {other:?}; skipped")),
+            }
+        }
+    }
+    if is_load_balancer && external_local {
+        match spec.health_check_node_port.map(u16::try_from) {
+            Some(Ok(port)) if port != 0 => {
+                state.elements.health_check_node_ports.insert(port);
+            }
+            None => {}
+            other => context.problem(format!("invalid healthCheckNodePort {other:?}; skipped")),
+        }
+    }
+    state.problems = context.problems;
+    state
+}
