@@ -1,0 +1,216 @@
+//! The reconciler against the real kernel: adoption without writes, incremental changes,
+//! drift healing, graceful drain with live connections.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{Ipv4Addr, SocketAddr, TcpStream},
+    time::Duration,
+};
+
+use controller::{
+    desired::{Exposure, ServicePortName, VirtualServer},
+    reconcile::Reconciler,
+};
+use ipvs_netlink::{Destination, IpvsHandle, Operation, Service, ServiceKey};
+use vm_tests::{Pod, bind_vip, ipvsadm};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+fn owned(key: &ServiceKey) -> bool {
+    matches!(key, ServiceKey::Inet { address, .. } if address.ip().to_string().starts_with("10.96."))
+}
+
+fn server(port: u16, destinations: &[SocketAddr]) -> (ServiceKey, VirtualServer) {
+    let key = ServiceKey::tcp(SocketAddr::from((VIP, port)));
+    let server = VirtualServer {
+        service: Service::new(key, "rr"),
+        destinations: destinations.iter().map(|d| (*d, Destination::new(*d))).collect(),
+        owner: ServicePortName {
+            namespace: "ns".into(),
+            name: format!("svc-{port}"),
+            port: String::new(),
+        },
+        exposure: Exposure::ClusterIp,
+    };
+    (key, server)
+}
+
+fn desired(servers: Vec<(ServiceKey, VirtualServer)>) -> BTreeMap<ServiceKey, VirtualServer> {
+    servers.into_iter().collect()
+}
+
+/// IPVS writes a handle has sent.
+async fn writes(ipvs: &IpvsHandle) -> u64 {
+    let sent = ipvs.sent_messages().await;
+    [
+        Operation::AddService,
+        Operation::UpdateService,
+        Operation::DeleteService,
+        Operation::AddDestination,
+        Operation::UpdateDestination,
+        Operation::DeleteDestination,
+        Operation::Flush,
+    ]
+    .iter()
+    .map(|op| sent.get(op).copied().unwrap_or(0))
+    .sum()
+}
+
+/// The pod name a holding server greets with (it keeps the connection open).
+fn read_name(stream: &mut TcpStream) -> String {
+    let mut name = [0; 4];
+    std::io::Read::read_exact(stream, &mut name).unwrap();
+    String::from_utf8_lossy(&name).into_owned()
+}
+
+/// Connects, reads the greeting, and closes.
+fn greeting(address: SocketAddr) -> String {
+    read_name(&mut TcpStream::connect(address).unwrap())
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_second_start_over_a_programmed_node_writes_nothing() {
+    // Something that is not ours: it must survive.
+    ipvsadm(&["-A", "-t", "192.0.2.1:80", "-s", "wlc"]);
+    let table = desired(
+        (1..=20).map(|i| server(i, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")])).collect(),
+    );
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut first = Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
+    let report = first.sync(&table, None).await;
+    assert_eq!((report.applied, report.failed.len()), (60, 0));
+    let programmed = ipvsadm(&["-Ln"]);
+
+    // A restart: a new handle, adopt, sync everything.
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut second =
+        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
+    let report = second.sync(&table, None).await;
+    assert_eq!(report.applied, 0);
+    assert_eq!(writes(&ipvs).await, 0, "no IPVS write on the second start");
+    assert_eq!(ipvsadm(&["-Ln"]), programmed);
+    assert!(programmed.contains("TCP  192.0.2.1:80 wlc"), "foreign virtual server kept");
+}
+
+#[tokio::test]
+async fn one_endpoint_added_is_exactly_one_new_destination() {
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler =
+        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
+    let mut table = desired((1..=50).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
+    reconciler.sync(&table, None).await;
+    let before = ipvs.sent_messages().await;
+
+    let (key, grown) = server(7, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")]);
+    table.insert(key, grown);
+    let report = reconciler.sync(&table, Some(&BTreeSet::from([key]))).await;
+    assert_eq!(report.applied, 1);
+    let after = ipvs.sent_messages().await;
+    let delta: u64 = after.iter().map(|(op, n)| n - before.get(op).copied().unwrap_or(0)).sum();
+    assert_eq!(delta, 1);
+    assert_eq!(after[&Operation::AddDestination] - before[&Operation::AddDestination], 1);
+}
+
+#[tokio::test]
+async fn drift_is_found_and_healed() {
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler =
+        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
+    let table = desired((1..=5).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
+    reconciler.sync(&table, None).await;
+    let programmed = ipvsadm(&["-Ln"]);
+
+    // Someone clears the table, and adds a destination by hand.
+    ipvsadm(&["-C"]);
+    ipvsadm(&["-A", "-t", "10.96.0.10:1", "-s", "rr"]);
+    ipvsadm(&["-a", "-t", "10.96.0.10:1", "-r", "10.244.9.9:80", "-m"]);
+    let drift = reconciler.full_check(&owned).await.unwrap();
+    assert_eq!(drift.servers.len(), 5);
+    let report = reconciler.sync(&table, None).await;
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    // The stranger destination is drained first (it might carry connections): it has none.
+    assert_eq!(
+        reconciler.drain().await.unwrap(),
+        [(ServiceKey::tcp(addr("10.96.0.10:1")), addr("10.244.9.9:80"))]
+    );
+    assert_eq!(ipvsadm(&["-Ln"]), programmed, "healed");
+    assert!(reconciler.full_check(&owned).await.unwrap().servers.is_empty());
+}
+
+#[tokio::test]
+async fn a_removed_endpoint_drains_while_a_connection_is_open_and_goes_when_it_closes() {
+    let pods = [Pod::new(1), Pod::new(2)];
+    for pod in &pods {
+        pod.serve_tcp_held(8080);
+    }
+    bind_vip(VIP.into());
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler =
+        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(600)).await.unwrap();
+    let (key, both) = server(80, &[pods[0].addr(8080), pods[1].addr(8080)]);
+    reconciler.sync(&desired(vec![(key, both)]), None).await;
+
+    // Hold a connection to pod1.
+    let vip = SocketAddr::from((VIP, 80));
+    let held = loop {
+        let mut stream = TcpStream::connect(vip).unwrap();
+        if read_name(&mut stream) == "pod1" {
+            break stream;
+        }
+    };
+
+    // pod1's endpoint goes away: weight 0, kept while the connection lives.
+    let (key, only_pod2) = server(80, &[pods[1].addr(8080)]);
+    reconciler.sync(&desired(vec![(key, only_pod2)]), None).await;
+    let listed = ipvsadm(&["-Ln"]);
+    assert!(listed.contains("  -> 10.244.1.2:8080              Masq    0      1"), "{listed}");
+    assert!(reconciler.drain().await.unwrap().is_empty(), "still in use");
+    for _ in 0..4 {
+        assert_eq!(greeting(vip), "pod2", "no new connection to a draining pod");
+    }
+
+    // The connection ends (reset, so IPVS forgets it quickly): the destination goes.
+    socket2::SockRef::from(&held).set_linger(Some(Duration::ZERO)).unwrap();
+    drop(held);
+    let mut deleted = Vec::new();
+    for _ in 0..60 {
+        deleted = reconciler.drain().await.unwrap();
+        if !deleted.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(deleted, [(key, pods[0].addr(8080))]);
+    assert!(!ipvsadm(&["-Ln"]).contains("10.244.1.2:8080"));
+}
+
+#[tokio::test]
+async fn a_draining_endpoint_goes_when_the_bound_elapses_even_if_in_use() {
+    let pod = Pod::new(1);
+    pod.serve_tcp_held(8080);
+    bind_vip(VIP.into());
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler =
+        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(2)).await.unwrap();
+    let (key, with_pod) = server(80, &[pod.addr(8080)]);
+    reconciler.sync(&desired(vec![(key, with_pod)]), None).await;
+    let _held = TcpStream::connect(SocketAddr::from((VIP, 80))).unwrap();
+    let (key, empty) = server(80, &[]);
+    reconciler.sync(&desired(vec![(key, empty)]), None).await;
+    assert!(reconciler.drain().await.unwrap().is_empty(), "within the bound");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(reconciler.drain().await.unwrap(), [(key, pod.addr(8080))]);
+
+    // And a returning endpoint gets its weight back instead.
+    let (key, back) = server(80, &[pod.addr(8080)]);
+    reconciler.sync(&desired(vec![(key, back.clone())]), None).await;
+    let (_, gone) = server(80, &[]);
+    reconciler.sync(&desired(vec![(key, gone)]), None).await;
+    reconciler.sync(&desired(vec![(key, back)]), None).await;
+    assert!(ipvsadm(&["-Ln"]).contains("  -> 10.244.1.2:8080              Masq    1"));
+    assert_eq!(reconciler.draining().count(), 0);
+}
