@@ -25,7 +25,7 @@ mod ruleset;
 use nftables::helper::{self, NftablesError};
 use tracing::{debug, warn};
 
-pub use self::model::{Config, Elements, NodePort, Protocol, ServicePort, TABLE};
+pub use self::model::{Config, Elements, Family, NodePort, Protocol, ServicePort, TABLE};
 
 /// A failed `nft` transaction.
 #[derive(Debug, thiserror::Error)]

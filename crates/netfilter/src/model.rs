@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-pub use ipvs_netlink::Protocol;
+pub use ipvs_netlink::{Family, Protocol};
 
 /// The name of the table kube-ipvs owns, in the `inet` family.
 pub const TABLE: &str = "kube-ipvs";
@@ -122,6 +122,13 @@ pub struct Elements {
     /// Local endpoint addresses: a pod sent to itself through a Service is masqueraded
     /// (hairpin), or it would drop its own packets.
     pub hairpin: BTreeSet<IpAddr>,
+    /// External IP and load-balancer ports with `externalTrafficPolicy: Local`, each with the
+    /// firewall mark of the virtual server holding only this node's endpoints. Traffic from
+    /// outside the cluster gets the mark (so IPVS picks that virtual server); traffic from pods
+    /// and from the node keeps using the address's own virtual server, with every endpoint.
+    pub local_traffic: BTreeMap<ServicePort, u32>,
+    /// The same for NodePorts with `externalTrafficPolicy: Local`, by address family.
+    pub local_node_ports: BTreeMap<(Family, NodePort), u32>,
     /// NodePorts served on `127.0.0.1` (with [`Config::localhost_node_ports`]), each with
     /// its IPv4 endpoints.
     pub localhost_node_ports: BTreeMap<NodePort, BTreeSet<SocketAddrV4>>,

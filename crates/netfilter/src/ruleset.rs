@@ -8,7 +8,6 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-use ipvs_netlink::Family;
 use nftables::{
     expr::{
         BinaryOperation, CT, Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression,
@@ -22,7 +21,7 @@ use nftables::{
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
-use crate::model::{Config, Elements, NodePort, ServicePort, TABLE};
+use crate::model::{Config, Elements, Family, NodePort, ServicePort, TABLE};
 
 const NAT_DSTNAT: i32 = -100;
 /// The maps from localhost NodePort and bucket to endpoint address, and to endpoint port.
@@ -257,6 +256,47 @@ fn map_elements(entries: &BTreeSet<(NodePort, u32, SocketAddrV4)>) -> [NfListObj
     ]
 }
 
+/// The maps from Service port (or NodePort) to the firewall mark of its local-only virtual
+/// server, by name, for `externalTrafficPolicy: Local`.
+fn mark_maps(elements: &Elements) -> BTreeMap<String, BTreeSet<(Item, u32)>> {
+    let mut maps: BTreeMap<String, BTreeSet<(Item, u32)>> = BTreeMap::new();
+    for family in [Family::Ipv4, Family::Ipv6] {
+        maps.insert(mark_map_name("local-traffic", family), BTreeSet::new());
+        maps.insert(mark_map_name("local-node-ports", family), BTreeSet::new());
+    }
+    for (port, mark) in &elements.local_traffic {
+        let name = mark_map_name("local-traffic", Family::of(port.address));
+        maps.get_mut(&name).expect("listed").insert((Item::ServicePort(*port), *mark));
+    }
+    for ((family, node_port), mark) in &elements.local_node_ports {
+        let name = mark_map_name("local-node-ports", *family);
+        maps.get_mut(&name).expect("listed").insert((Item::NodePort(*node_port), *mark));
+    }
+    maps
+}
+
+fn mark_map_name(base: &str, family: Family) -> String {
+    match family {
+        Family::Ipv4 => format!("{base}-v4"),
+        Family::Ipv6 => format!("{base}-v6"),
+    }
+}
+
+fn mark_map_element(name: &str, entries: &BTreeSet<(Item, u32)>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.to_owned().into(),
+        elem: entries
+            .iter()
+            .map(|(item, mark)| {
+                Expression::List(vec![item_expression(item), Expression::Number(*mark)])
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    })
+}
+
 /// The commands that move the sets from `old` to `new`: deletions, then additions. Empty when
 /// nothing changed.
 pub(crate) fn element_changes(
@@ -264,6 +304,7 @@ pub(crate) fn element_changes(
     old: &Elements,
     new: &Elements,
 ) -> Vec<NfObject<'static>> {
+    let (old_marks, new_marks) = (mark_maps(old), mark_maps(new));
     let (old_map, new_map) = (map_entries(config, old), map_entries(config, new));
     let (old, new) = (contents(old), contents(new));
     let mut deletes = Vec::new();
@@ -276,6 +317,17 @@ pub(crate) fn element_changes(
     }
     if !added.is_empty() {
         adds.extend(map_elements(&added).map(|e| NfObject::CmdObject(NfCmd::Add(e))));
+    }
+    for (name, new_entries) in &new_marks {
+        let old_entries = &old_marks[name];
+        let removed: BTreeSet<(Item, u32)> = old_entries.difference(new_entries).cloned().collect();
+        let added: BTreeSet<(Item, u32)> = new_entries.difference(old_entries).cloned().collect();
+        if !removed.is_empty() {
+            deletes.push(NfObject::CmdObject(NfCmd::Delete(mark_map_element(name, &removed))));
+        }
+        if !added.is_empty() {
+            adds.push(NfObject::CmdObject(NfCmd::Add(mark_map_element(name, &added))));
+        }
     }
     for (set, new_items) in &new {
         let old_items = &old[set];
@@ -358,6 +410,35 @@ pub(crate) fn install(config: &Config, elements: &Elements) -> Nftables<'static>
     if !entries.is_empty() {
         objects.extend(map_elements(&entries).map(|e| NfObject::CmdObject(NfCmd::Add(e))));
     }
+    for (name, entries) in mark_maps(elements) {
+        let family = if name.ends_with("-v6") { Family::Ipv6 } else { Family::Ipv4 };
+        let key = if name.starts_with("local-traffic") {
+            let addr = if family == Family::Ipv6 { SetType::Ipv6Addr } else { SetType::Ipv4Addr };
+            vec![addr, SetType::InetProto, SetType::InetService]
+        } else {
+            vec![SetType::InetProto, SetType::InetService]
+        };
+        objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Map(Box::new(
+            nftables::schema::Map {
+                family: NfFamily::INet,
+                table: TABLE.into(),
+                name: name.clone().into(),
+                handle: None,
+                set_type: SetTypeValue::Concatenated(key.into()),
+                map: SetTypeValue::Single(SetType::Mark),
+                policy: None,
+                flags: None,
+                elem: None,
+                timeout: None,
+                gc_interval: None,
+                size: None,
+                comment: None,
+            },
+        )))));
+        if !entries.is_empty() {
+            objects.push(NfObject::CmdObject(NfCmd::Add(mark_map_element(&name, &entries))));
+        }
+    }
     for (name, hook) in chains() {
         objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Chain(Chain {
             family: NfFamily::INet,
@@ -405,6 +486,7 @@ fn chains() -> Vec<(&'static str, Hook)> {
         ("nat-output", Some((NfChainType::NAT, NfHook::Output, NAT_DSTNAT))),
         ("nat-postrouting", Some((NfChainType::NAT, NfHook::Postrouting, NAT_SRCNAT))),
         ("filter-input", Some((NfChainType::Filter, NfHook::Input, FILTER))),
+        ("local-traffic", None),
         ("mark-for-masquerade", None),
         ("source-ranges", None),
         ("vip-filter", None),
@@ -463,12 +545,17 @@ fn jump(chain: &'static str) -> Statement<'static> {
 }
 
 fn fib_local(flag: FibFlag) -> Statement<'static> {
+    fib_type(flag, Operator::EQ)
+}
+
+/// `fib <flag> type <op> local`
+fn fib_type(flag: FibFlag, op: Operator) -> Statement<'static> {
     matches(
         Expression::Named(NamedExpression::Fib(Fib {
             result: FibResult::Type,
             flags: HashSet::from([flag]),
         })),
-        Operator::EQ,
+        op,
         string("local"),
     )
 }
@@ -501,9 +588,56 @@ fn rules(config: &Config) -> Vec<(&'static str, Vec<Statement<'static>>)> {
         })
     };
     let mut rules = vec![
+        ("nat-prerouting", vec![jump("local-traffic")]),
         ("nat-prerouting", vec![jump("mark-for-masquerade")]),
         ("nat-output", vec![jump("mark-for-masquerade")]),
     ];
+    // externalTrafficPolicy Local: traffic from outside the cluster (not from a pod, not from
+    // the node) is marked for the local-only firewall-mark virtual server.
+    for family in [Family::Ipv4, Family::Ipv6] {
+        let mut external = vec![matches(
+            meta(MetaKey::Nfproto),
+            Operator::EQ,
+            string(match family {
+                Family::Ipv4 => "ipv4",
+                Family::Ipv6 => "ipv6",
+            }),
+        )];
+        let cidrs: Vec<&IpNetwork> = config
+            .cluster_cidrs
+            .iter()
+            .filter(|c| c.is_ipv4() == (family == Family::Ipv4))
+            .collect();
+        if !cidrs.is_empty() {
+            external.push(matches(
+                addr_field(family, "saddr"),
+                Operator::NEQ,
+                Expression::Named(NamedExpression::Set(
+                    cidrs.iter().map(|c| nftables::expr::SetItem::Element(prefix(c))).collect(),
+                )),
+            ));
+        }
+        external.push(fib_type(FibFlag::Saddr, Operator::NEQ));
+        let set_mark_from = |key: Expression<'static>, map: String| {
+            Statement::Mangle(Mangle {
+                key: meta(MetaKey::Mark),
+                value: Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
+                    key,
+                    data: string(format!("@{map}")),
+                }))),
+            })
+        };
+        let mut by_address = external.clone();
+        by_address.push(set_mark_from(service_key(family), mark_map_name("local-traffic", family)));
+        rules.push(("local-traffic", by_address));
+        let mut by_node_port = external;
+        by_node_port.push(fib_local(FibFlag::Daddr));
+        by_node_port.push(set_mark_from(
+            concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]),
+            mark_map_name("local-node-ports", family),
+        ));
+        rules.push(("local-traffic", by_node_port));
+    }
     // Localhost NodePorts: straight to an endpoint (IPVS cannot take them), marked for
     // masquerade; the mark's low bits carry the bucket.
     if config.localhost_node_ports {

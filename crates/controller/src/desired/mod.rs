@@ -12,7 +12,7 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, btree_map::Entry};
+use std::collections::{BTreeMap, BTreeSet, btree_map::Entry};
 
 use ipvs_netlink::ServiceKey;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -24,7 +24,7 @@ pub use self::{
         ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS,
         SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ServicePortName, VirtualServer, ZONE_LABEL,
     },
-    service::{ServiceState, Skipped, service_state, skipped},
+    service::{LocalKey, LocalOnly, ServiceState, Skipped, service_state, skipped},
 };
 
 /// What the node must hold for every Service.
@@ -36,6 +36,20 @@ pub struct DesiredState {
     pub elements: Elements,
     /// Objects, or parts of them, that were skipped, and why.
     pub problems: Vec<Problem>,
+    /// Local-only virtual servers still to get their marks ([`DesiredState::finish`]).
+    pub local_only: Vec<LocalOnly>,
+}
+
+/// The first firewall mark of local-only virtual servers.
+pub const LOCAL_MARK_BASE: u32 = 0x0010_0000;
+/// How many marks there are. They stay below bit 14, so a marked packet never carries the
+/// masquerade bit (`0x4000`) and its client address is kept.
+pub const LOCAL_MARK_SPACE: u32 = 0x4000;
+
+/// A stable hash (FNV-1a): the same key gets the same mark on every start.
+fn stable_hash(text: &str) -> u32 {
+    text.bytes()
+        .fold(0x811c_9dc5_u32, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
 }
 
 impl DesiredState {
@@ -68,6 +82,45 @@ impl DesiredState {
         e.hairpin.extend(s.hairpin);
         e.localhost_node_ports.extend(s.localhost_node_ports);
         self.problems.extend(state.problems);
+        self.local_only.extend(state.local_only);
+    }
+
+    /// Gives every local-only virtual server its firewall mark, and adds it and its mark map
+    /// entry. Marks come from a stable hash of the key, probing on collision in key order, so
+    /// the same Services get the same marks on every start.
+    pub fn finish(&mut self) {
+        let mut pending = std::mem::take(&mut self.local_only);
+        pending.sort_by_key(|l| l.key);
+        pending.dedup_by_key(|l| l.key);
+        let mut used = BTreeSet::new();
+        for local in pending {
+            let mut slot = stable_hash(&format!("{:?}", local.key)) % LOCAL_MARK_SPACE;
+            while !used.insert(slot) {
+                slot = (slot + 1) % LOCAL_MARK_SPACE;
+            }
+            let mark = LOCAL_MARK_BASE + slot;
+            let key = ServiceKey::Fwmark { family: local.key.family(), mark };
+            let mut service = local.template.clone();
+            service.key = key;
+            service.netmask = ipvs_netlink::Netmask::host(local.key.family());
+            self.virtual_servers.insert(
+                key,
+                VirtualServer {
+                    service,
+                    destinations: local.destinations,
+                    owner: local.owner,
+                    exposure: Exposure::LocalOnly,
+                },
+            );
+            match local.key {
+                LocalKey::Address(port) => {
+                    self.elements.local_traffic.insert(port, mark);
+                }
+                LocalKey::NodePort(family, node_port) => {
+                    self.elements.local_node_ports.insert((family, node_port), mark);
+                }
+            }
+        }
     }
 }
 
@@ -132,6 +185,7 @@ pub fn desired_state<'a>(
             });
         }
     }
+    desired.finish();
     desired.problems.sort();
     desired
 }

@@ -98,6 +98,8 @@ pub enum Exposure {
     LoadBalancer,
     /// A NodePort on a node address.
     NodePort,
+    /// The firewall-mark virtual server of external traffic with `externalTrafficPolicy: Local`.
+    LocalOnly,
 }
 
 /// One IPVS virtual server and the destinations it must have.

@@ -1,12 +1,14 @@
 //! What one Service contributes: its virtual servers, and its elements of the netfilter table.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr, SocketAddrV4},
 };
 
 use ipnetwork::IpNetwork;
-use ipvs_netlink::{Destination, Protocol, Service as VirtualService, ServiceFlags, ServiceKey};
+use ipvs_netlink::{
+    Destination, Family, Protocol, Service as VirtualService, ServiceFlags, ServiceKey,
+};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use netfilter::{Elements, NodePort, ServicePort as NetfilterPort};
 
@@ -28,6 +30,41 @@ pub struct ServiceState {
     pub elements: Elements,
     /// What was wrong with it, or with its EndpointSlices.
     pub problems: Vec<Problem>,
+    /// Its `externalTrafficPolicy: Local` ports: each gets a firewall-mark virtual server with
+    /// only this node's endpoints, for traffic from outside the cluster.
+    pub local_only: Vec<LocalOnly>,
+}
+
+/// What external traffic a local-only virtual server serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LocalKey {
+    /// An external or load-balancer IP port.
+    Address(NetfilterPort),
+    /// A NodePort, on every node address of the family.
+    NodePort(Family, NodePort),
+}
+
+impl LocalKey {
+    /// The address family of the traffic.
+    pub fn family(&self) -> Family {
+        match self {
+            Self::Address(port) => Family::of(port.address),
+            Self::NodePort(family, _) => *family,
+        }
+    }
+}
+
+/// A virtual server for external traffic with `externalTrafficPolicy: Local`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalOnly {
+    /// The traffic it serves.
+    pub key: LocalKey,
+    /// Scheduler, flags and persistence, as the Service's other virtual servers.
+    pub template: VirtualService,
+    /// This node's endpoints, of the key's family.
+    pub destinations: BTreeMap<SocketAddr, Destination>,
+    /// The Service port.
+    pub owner: ServicePortName,
 }
 
 /// Why a Service produces nothing at all, when that is by design rather than a problem.
@@ -238,7 +275,34 @@ pub fn service_state(
             endpoints::collect(slices, &port_name, &protocol_name, node, &mut context.problems);
         let (cluster, local) = endpoints::categorize(&endpoints, node);
         let internal_set = if internal_local { &local } else { &cluster };
-        let external_set = if external_local { &local } else { &cluster };
+        // Virtual servers on external addresses serve in-cluster clients too, so they get every
+        // endpoint; with externalTrafficPolicy Local, external clients are marked over to a
+        // firewall-mark virtual server with only the local ones (see `LocalOnly`).
+        let external_set = &cluster;
+        let template = {
+            let mut t = VirtualService::new(
+                ServiceKey::Fwmark { family: Family::Ipv4, mark: 0 },
+                scheduler.clone(),
+            )
+            .with_flags(scheduler_flags);
+            if let Some(timeout) = affinity {
+                t = t.persistent(timeout);
+            }
+            t
+        };
+        let local_only = |key: LocalKey| LocalOnly {
+            key,
+            template: template.clone(),
+            destinations: local
+                .iter()
+                .filter(|e| Family::of(e.address) == key.family())
+                .map(|e| {
+                    let target = SocketAddr::new(e.address, e.port);
+                    (target, Destination::new(target))
+                })
+                .collect(),
+            owner: owner.clone(),
+        };
         for endpoint in &local {
             state.elements.hairpin.insert(endpoint.address);
         }
@@ -299,6 +363,7 @@ pub fn service_state(
                 let element = NetfilterPort::new(*ip, protocol, number);
                 if external_local {
                     state.elements.local_external_ips.insert(element);
+                    state.local_only.push(local_only(LocalKey::Address(element)));
                 } else {
                     state.elements.external_ips.insert(element);
                 }
@@ -324,6 +389,12 @@ pub fn service_state(
                     let element = NodePort { protocol, port: node_port };
                     if !external_local {
                         state.elements.node_ports.insert(element);
+                    } else {
+                        let families: BTreeSet<Family> =
+                            node.node_port_addresses.iter().map(|ip| Family::of(*ip)).collect();
+                        for family in families {
+                            state.local_only.push(local_only(LocalKey::NodePort(family, element)));
+                        }
                     }
                     if config.localhost_node_ports {
                         let endpoints = external_set

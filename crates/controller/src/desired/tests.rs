@@ -1,6 +1,9 @@
 //! Table-driven tests of the desired state, and the golden scenario against kube-proxy.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+};
 
 use ipvs_netlink::{
     DestinationEntry, Info, ServiceEntry, ServiceFlags, ServiceKey,
@@ -323,10 +326,55 @@ fn the_golden_scenario_matches_kube_proxy() {
             expected.push('\n');
         }
     }
-    // Where kube-ipvs differs from kube-proxy in this scenario: nowhere. svc-e
-    // (externalTrafficPolicy Local) has a local endpoint, so both send external traffic to it
-    // alone; kube-proxy's fallback to cluster endpoints (PR #97081) only shows without one.
-    assert_eq!(ours, expected);
+    // Where kube-ipvs differs from kube-proxy: svc-e, externalTrafficPolicy Local, with endpoint
+    // 10.244.0.51 here and 10.244.1.52 on node-b. kube-proxy gives its load-balancer and NodePort
+    // virtual servers the local endpoint only, so pods using the load-balancer IP reach only this
+    // node's endpoint. kube-ipvs gives them every endpoint (for clients inside the cluster) and adds
+    // a firewall-mark virtual server per port with the local endpoint alone, to which traffic from
+    // outside the cluster is marked; with no local endpoint that one is empty and refuses, where
+    // kube-proxy falls back to remote endpoints whose replies cannot return (PR #97081).
+    let remote = "  -> 10.244.1.52:8080             Masq    1      0          0         ";
+    let mut ours_as_kube_proxy = String::new();
+    let mut block = String::new();
+    for line in ours.lines() {
+        if !line.starts_with("  ->") {
+            block = line.to_owned();
+        }
+        let svc_e_external =
+            block == "TCP  192.0.2.10:80 rr" || block == "TCP  192.168.99.2:30081 rr";
+        if block.starts_with("FWM") || (svc_e_external && line == remote) {
+            continue;
+        }
+        ours_as_kube_proxy.push_str(line);
+        ours_as_kube_proxy.push('\n');
+    }
+    assert_eq!(ours_as_kube_proxy, expected);
+    assert!(ours.contains(&format!("TCP  192.0.2.10:80 rr\n  -> 10.244.0.51:8080             Masq    1      0          0         \n{remote}\n")));
+    let local_only: Vec<&VirtualServer> =
+        state.virtual_servers.values().filter(|v| v.exposure == Exposure::LocalOnly).collect();
+    assert_eq!(local_only.len(), 2);
+    for server in &local_only {
+        assert_eq!(server.owner.to_string(), "golden/svc-e:http");
+        assert_eq!(
+            server.destinations.keys().map(ToString::to_string).collect::<Vec<_>>(),
+            ["10.244.0.51:8080"]
+        );
+    }
+    let marks: BTreeSet<u32> = state
+        .elements
+        .local_traffic
+        .values()
+        .chain(state.elements.local_node_ports.values())
+        .copied()
+        .collect();
+    let fwmarks: BTreeSet<u32> = local_only
+        .iter()
+        .map(|v| match v.key() {
+            ServiceKey::Fwmark { mark, .. } => mark,
+            other => panic!("{other}"),
+        })
+        .collect();
+    assert_eq!(marks, fwmarks, "every marked flow has its virtual server");
 
     let vips: Vec<String> = state.elements.vips.iter().map(ToString::to_string).collect();
     assert!(
@@ -335,4 +383,50 @@ fn the_golden_scenario_matches_kube_proxy() {
     );
     assert!(state.elements.health_check_node_ports.contains(&32100));
     assert_eq!(state.elements.source_ranges.len(), 1);
+}
+
+#[test]
+fn external_traffic_policy_local_gets_a_local_only_virtual_server_with_a_stable_mark() {
+    let lb = |name: &str, ip: &str| {
+        let mut s = service(json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.20", "externalTrafficPolicy": "Local",
+                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "nodePort": 30081}],
+                     "healthCheckNodePort": 32100},
+            "status": {"loadBalancer": {"ingress": [{"ip": ip}]}}
+        }));
+        s.spec.as_mut().unwrap().cluster_ips = None;
+        s
+    };
+    let remote_only = slice(json!({
+        "metadata": {"name": "lb-1", "namespace": "ns", "labels": {"kubernetes.io/service-name": "lb"}},
+        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+        "endpoints": [{"addresses": ["10.244.1.52"], "nodeName": "node-b", "conditions": {"ready": true}}]
+    }));
+    let first = compute(&[lb("lb", "192.0.2.10")], std::slice::from_ref(&remote_only));
+    // No local endpoint: the local-only virtual servers exist, empty, so external clients are
+    // refused; the address's own virtual server still has the remote endpoint.
+    let local_only: Vec<&VirtualServer> =
+        first.virtual_servers.values().filter(|v| v.exposure == Exposure::LocalOnly).collect();
+    assert_eq!(local_only.len(), 2, "one for the load-balancer IP, one for the NodePort");
+    assert!(local_only.iter().all(|v| v.destinations.is_empty()));
+    assert_eq!(destinations(&first, "192.0.2.10:80"), ["10.244.1.52:8080"]);
+    assert!(first.elements.health_check_node_ports.contains(&32100));
+
+    // The same Service, with another one added, keeps its marks.
+    let mut other = lb("other", "192.0.2.11");
+    other.spec.as_mut().unwrap().cluster_ip = Some("10.96.0.21".into());
+    other.spec.as_mut().unwrap().ports.as_mut().unwrap()[0].node_port = Some(30082);
+    let second = compute(&[lb("lb", "192.0.2.10"), other], &[remote_only]);
+    for (port, mark) in &first.elements.local_traffic {
+        assert_eq!(second.elements.local_traffic.get(port), Some(mark));
+    }
+    assert_eq!(second.elements.local_traffic.len(), 2);
+    assert!(
+        second
+            .elements
+            .local_traffic
+            .values()
+            .all(|m| (LOCAL_MARK_BASE..2 * LOCAL_MARK_BASE).contains(m))
+    );
 }
