@@ -214,3 +214,77 @@ async fn a_draining_endpoint_goes_when_the_bound_elapses_even_if_in_use() {
     assert!(ipvsadm(&["-Ln"]).contains("  -> 10.244.1.2:8080              Masq    1"));
     assert_eq!(reconciler.draining().count(), 0);
 }
+
+#[tokio::test]
+async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
+    let pods = [Pod::new(1), Pod::new(2)];
+    for pod in &pods {
+        pod.serve_udp(5353);
+    }
+    let client = Pod::new(3);
+    bind_vip(VIP.into());
+    sysctl_settings::apply(&sysctl_settings::plan(
+        Default::default(),
+        sysctl_settings::KernelVersion::running().unwrap(),
+    ))
+    .unwrap();
+    // The node's table: with its NAT chains, conntrack tracks the node's traffic.
+    let mut table = netfilter::Netfilter::new(netfilter::Config {
+        cluster_cidrs: vec![vm_tests::CLUSTER_CIDR.parse().unwrap()],
+        ..netfilter::Config::default()
+    });
+    table.install(&netfilter::Elements::default()).await.unwrap();
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler = Reconciler::adopt(ipvs, &owned, Duration::from_secs(600)).await.unwrap();
+    let service = SocketAddr::from((VIP, 53));
+    let key = ServiceKey::udp(service);
+    let dns = |destinations: &[SocketAddr]| {
+        let (_, mut server) = server(53, destinations);
+        server.service = Service::new(key, "rr");
+        desired(vec![(key, server)])
+    };
+    reconciler.sync(&dns(&[pods[0].addr(5353), pods[1].addr(5353)]), None).await;
+
+    // A client that keeps one source port, as resolvers do.
+    let socket = client.netns.run(|| std::net::UdpSocket::bind("0.0.0.0:40000").unwrap());
+    socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let ask = || {
+        socket.send_to(b"who", service).unwrap();
+        let mut buf = [0; 64];
+        let (n, _) = socket.recv_from(&mut buf).unwrap();
+        String::from_utf8_lossy(&buf[..n]).split(' ').next().unwrap().to_owned()
+    };
+    let first = ask();
+    let (gone, other) = if first == "pod1" { (&pods[0], &pods[1]) } else { (&pods[1], &pods[0]) };
+    let flows = conntrack::udp_flows(VIP.into()).unwrap();
+    assert!(flows.iter().any(|f| conntrack::is_stale(f, service, gone.addr(5353))), "{flows:?}");
+
+    // The cleanup itself: the flow to that endpoint is found and deleted over ctnetlink.
+    // (The client keeps its IPVS connection, so its next datagram creates the flow again.)
+    assert_eq!(conntrack::delete_stale_udp(&[(service, gone.addr(5353))]).unwrap(), 1);
+    let flows = conntrack::udp_flows(VIP.into()).unwrap();
+    assert!(!flows.iter().any(|f| conntrack::is_stale(f, service, gone.addr(5353))), "{flows:?}");
+    assert_eq!(ask(), gone.name, "still the same endpoint");
+
+    // Its endpoint goes: deleted at once (UDP does not drain). Since 5.9 the kernel itself drops
+    // the flows of a removed destination (expire_nodest_conn); kube-ipvs deletes them too, for
+    // older kernels. Either way none is left.
+    let report = reconciler.sync(&dns(&[other.addr(5353)]), None).await;
+    assert_eq!((report.applied, report.failed.len()), (1, 0));
+    assert!(reconciler.draining().next().is_none());
+    let mut left = Vec::new();
+    for _ in 0..30 {
+        left = conntrack::udp_flows(VIP.into())
+            .unwrap()
+            .into_iter()
+            .filter(|f| conntrack::is_stale(f, service, gone.addr(5353)))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left.is_empty(), "{left:?}");
+    // The same client port is answered by the remaining endpoint.
+    assert_eq!(ask(), other.name);
+}

@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use ipvs_netlink::{Change, IpvsHandle, ServiceKey};
+use ipvs_netlink::{Change, IpvsHandle, Protocol, ServiceKey};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -50,6 +50,8 @@ pub struct SyncReport {
     pub applied: usize,
     /// Changes it refused; their virtual servers were read again.
     pub failed: Vec<ipvs_netlink::Error>,
+    /// Conntrack flows of removed UDP destinations that were deleted.
+    pub stale_flows_deleted: usize,
 }
 
 /// What one [`Reconciler::full_check`] found.
@@ -150,11 +152,19 @@ impl Reconciler {
         }
         let results = self.ipvs.apply(&changes).await;
         let mut reread = BTreeSet::new();
+        let mut removed_udp = Vec::new();
         for (change, result) in changes.iter().zip(results) {
             match result {
                 Ok(()) => {
                     report.applied += 1;
                     self.record(change);
+                    if let Change::DeleteDestination(
+                        ServiceKey::Inet { protocol: Protocol::Udp, address },
+                        endpoint,
+                    ) = change
+                    {
+                        removed_udp.push((*address, *endpoint));
+                    }
                 }
                 Err(err) => {
                     warn!(%err, "IPVS change failed; reading the virtual server again");
@@ -169,6 +179,16 @@ impl Reconciler {
         }
         for key in reread {
             self.reread(key).await;
+        }
+        if !removed_udp.is_empty() {
+            // Clients that keep sending from the same port would stay stuck to the gone endpoint.
+            match tokio::task::spawn_blocking(move || conntrack::delete_stale_udp(&removed_udp))
+                .await
+            {
+                Ok(Ok(deleted)) => report.stale_flows_deleted = deleted,
+                Ok(Err(err)) => warn!(%err, "cannot delete stale UDP conntrack flows"),
+                Err(err) => warn!(%err, "stale UDP conntrack cleanup did not finish"),
+            }
         }
         debug!(applied = report.applied, failed = report.failed.len(), "synced IPVS");
         report
