@@ -10,8 +10,10 @@ use crate::{
 /// The benchmarks.
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 pub(crate) enum Which {
-    /// Programming and dumping IPVS through `ipvs-netlink`, against `ipvsadm -R` and `-Ln`.
+    /// Programming and dumping IPVS through `ipvs-netlink`, against `ipvsadm -R` and `-Ln` (VM).
     Ipvs,
+    /// The desired state and the diff, from scratch and for one change (host).
+    Controller,
 }
 
 pub(crate) fn run(
@@ -22,6 +24,15 @@ pub(crate) fn run(
 ) -> Result<()> {
     let binary = match which {
         Which::Ipvs => build_release_binary("ipvs-bench")?,
+        Which::Controller => {
+            return crate::util::run(crate::util::cargo([
+                "bench",
+                "--package",
+                "controller",
+                "--bench",
+                "desired",
+            ]));
+        }
     };
     let argv = vec![
         binary.to_string_lossy().into_owned(),
