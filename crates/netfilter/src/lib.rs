@@ -22,6 +22,8 @@
 mod model;
 mod ruleset;
 
+use std::collections::BTreeMap;
+
 use nftables::helper::{self, NftablesError};
 use tracing::{debug, warn};
 
@@ -137,12 +139,53 @@ impl Netfilter {
         }
     }
 
+    /// Compares the table in the kernel with what was last written (the table exists, and each
+    /// set and map holds as many elements) and writes it whole if it differs: someone deleted
+    /// or flushed it. Returns whether it had drifted. Reads the table; writes only on drift.
+    pub async fn check(&mut self) -> Result<bool> {
+        let Some(applied) = self.applied.clone() else { return Ok(false) };
+        let wanted = ruleset::element_counts(&self.config, &applied);
+        let found = match helper::get_current_ruleset_with_args_async(
+            helper::DEFAULT_NFT,
+            ["list", "table", "inet", TABLE],
+        )
+        .await
+        {
+            Ok(ruleset) => element_counts_of(&ruleset),
+            Err(_) => BTreeMap::new(),
+        };
+        if found == wanted {
+            return Ok(false);
+        }
+        warn!(table = TABLE, "the nftables table differs from what was written; writing it again");
+        self.install(&applied).await?;
+        Ok(true)
+    }
+
     /// Deletes the table, if it exists.
     pub async fn remove(&mut self) -> Result<()> {
         self.run("remove", &ruleset::remove()).await?;
         self.applied = None;
         Ok(())
     }
+}
+
+/// How many elements each set and map of a listed table holds.
+fn element_counts_of(ruleset: &nftables::schema::Nftables<'_>) -> BTreeMap<String, usize> {
+    use nftables::schema::{NfListObject, NfObject};
+    ruleset
+        .objects
+        .iter()
+        .filter_map(|object| match object {
+            NfObject::ListObject(NfListObject::Set(set)) => {
+                Some((set.name.to_string(), set.elem.as_ref().map_or(0, |e| e.len())))
+            }
+            NfObject::ListObject(NfListObject::Map(map)) => {
+                Some((map.name.to_string(), map.elem.as_ref().map_or(0, |e| e.len())))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// The table as `nft list table inet kube-ipvs` prints it, for people to read.

@@ -344,6 +344,18 @@ pub(crate) fn element_changes(
     deletes
 }
 
+/// How many elements each set and map holds for these elements, by name: what a listing of
+/// the table shows when nothing changed it.
+pub(crate) fn element_counts(config: &Config, elements: &Elements) -> BTreeMap<String, usize> {
+    let mut counts: BTreeMap<String, usize> =
+        contents(elements).into_iter().map(|(name, items)| (name, items.len())).collect();
+    counts.extend(mark_maps(elements).into_iter().map(|(name, entries)| (name, entries.len())));
+    let localhost = map_entries(config, elements).len();
+    counts.insert(LOCALHOST_ADDRESSES.to_owned(), localhost);
+    counts.insert(LOCALHOST_PORTS.to_owned(), localhost);
+    counts
+}
+
 fn table() -> NfListObject<'static> {
     NfListObject::Table(Table { family: NfFamily::INet, name: TABLE.into(), handle: None })
 }

@@ -9,10 +9,11 @@ use std::{
 
 use controller::{
     desired::{DesiredState, NodeInfo, ProxyConfig, desired_state},
-    reconcile::Reconciler,
+    node::NodeSync,
+    reconcile::{Owned, Reconciler},
 };
 use dummy_link::{DummyLink, KUBE_IPVS0};
-use ipvs_netlink::{IpvsHandle, ServiceKey};
+use ipvs_netlink::IpvsHandle;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use netfilter::{Config, Netfilter};
 use serde_json::json;
@@ -50,9 +51,16 @@ fn slice(topology: &Topology, nodes: &[&str]) -> EndpointSlice {
 
 struct Node {
     topology: Topology,
-    reconciler: Reconciler,
-    link: DummyLink,
-    netfilter: Netfilter,
+    sync: NodeSync,
+}
+
+fn node_info() -> NodeInfo {
+    NodeInfo {
+        name: "node-a".into(),
+        zone: None,
+        node_port_addresses: vec![NODE_IP.into()],
+        local_addresses: vec![NODE_IP.into()],
+    }
 }
 
 impl Node {
@@ -67,34 +75,41 @@ impl Node {
         );
         sysctl_settings::apply(&plan).unwrap();
         let ipvs = IpvsHandle::new().unwrap();
-        let owned = |_: &ServiceKey| true;
-        Self {
-            topology,
-            reconciler: Reconciler::adopt(ipvs, &owned, Duration::from_secs(60)).await.unwrap(),
+        let sync = NodeSync {
+            reconciler: Reconciler::adopt(ipvs, &ownership(), Duration::from_secs(60))
+                .await
+                .unwrap(),
             link: DummyLink::ensure(dummy_link::connect().unwrap(), KUBE_IPVS0).await.unwrap(),
             netfilter: Netfilter::new(Config {
                 cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap()],
                 ..Config::default()
             }),
-        }
+        };
+        Self { topology, sync }
     }
 
-    /// Programs the node for these endpoint placements; masquerade rules go first.
-    async fn program(&mut self, nodes: &[&str]) -> DesiredState {
-        let node = NodeInfo {
-            name: "node-a".into(),
-            zone: None,
-            node_port_addresses: vec![NODE_IP.into()],
-            local_addresses: vec![NODE_IP.into()],
-        };
+    fn desired(&self, nodes: &[&str]) -> DesiredState {
         let slice = slice(&self.topology, nodes);
-        let desired = desired_state([&service()], [&slice], &node, &ProxyConfig::default());
+        let desired = desired_state([&service()], [&slice], &node_info(), &ProxyConfig::default());
         assert!(desired.problems.is_empty(), "{:?}", desired.problems);
-        self.netfilter.update(&desired.elements).await.unwrap();
-        assert!(self.link.sync(&desired.elements.vips).await.is_complete());
-        let report = self.reconciler.sync(&desired.virtual_servers, None).await;
-        assert!(report.failed.is_empty(), "{:?}", report.failed);
         desired
+    }
+
+    /// Programs the node for these endpoint placements.
+    async fn program(&mut self, nodes: &[&str]) -> DesiredState {
+        let desired = self.desired(nodes);
+        let applied = self.sync.apply(&desired, None).await.unwrap();
+        assert!(applied.ipvs.failed.is_empty(), "{:?}", applied.ipvs.failed);
+        desired
+    }
+}
+
+fn ownership() -> Owned {
+    Owned {
+        service_addresses: ["10.96.0.10".parse().unwrap(), LB_IP.into()].into(),
+        node_port_addresses: [NODE_IP.into()].into(),
+        node_port_range: 30000..=32767,
+        exclude_cidrs: vec![],
     }
 }
 
@@ -132,4 +147,31 @@ async fn external_traffic_policy_local_for_outside_and_inside_clients() {
     let client = &node.topology.pods[3];
     let inside = client.netns.run(|| ask_many(6, SocketAddr::from((LB_IP, 80))));
     assert_eq!(names(&inside), endpoints);
+}
+
+#[tokio::test]
+async fn drift_of_addresses_table_and_ipvs_is_healed_by_the_full_check() {
+    let mut node = Node::new().await;
+    let desired = node.program(&["node-a", "node-a", "node-a"]).await;
+    let ask = |node: &Node| node.topology.client.run(|| tcp_ask(SocketAddr::from((LB_IP, 80))));
+    assert!(ask(&node).is_ok());
+    assert_eq!(
+        node.sync.full_check(&desired, &ownership()).await.unwrap(),
+        Default::default(),
+        "nothing drifted"
+    );
+
+    // Behind our back: the load-balancer address unbound, a set flushed, the IPVS table cleared.
+    sh("ip", &["addr", "del", &format!("{LB_IP}/32"), "dev", KUBE_IPVS0]);
+    sh("nft", &["flush", "set", "inet", "kube-ipvs", "vips-v4"]);
+    sh("ipvsadm", &["-C"]);
+    assert!(ask(&node).is_err(), "the node is broken");
+
+    let healed = node.sync.full_check(&desired, &ownership()).await.unwrap();
+    assert!(healed.netfilter, "{healed:?}");
+    assert_eq!(healed.addresses, 1, "{healed:?}");
+    assert!(healed.virtual_servers >= 3, "{healed:?}");
+    assert!(ask(&node).is_ok(), "healed");
+    let listing = netfilter::listing().await.unwrap();
+    assert!(listing.contains("10.96.0.10, 192.0.2.10"), "{listing}");
 }

@@ -288,3 +288,21 @@ async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
     // The same client port is answered by the remaining endpoint.
     assert_eq!(ask(), other.name);
 }
+
+#[tokio::test]
+async fn a_failed_change_is_read_back_and_tried_again_from_the_kernels_state() {
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler = Reconciler::adopt(ipvs, &owned, Duration::from_secs(60)).await.unwrap();
+    reconciler.sync(&desired(vec![server(1, &[addr("10.244.0.2:8080")])]), None).await;
+    // Someone deletes the virtual server; the shadow does not know.
+    ipvsadm(&["-D", "-t", "10.96.0.10:1"]);
+    let report = reconciler
+        .sync(&desired(vec![server(1, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")])]), None)
+        .await;
+    // Adding the destination failed (no such service); read back, the whole server was added.
+    assert_eq!(report.failed.len(), 1, "{report:?}");
+    assert!(matches!(report.failed[0], ipvs_netlink::Error::NoSuchService { .. }));
+    assert_eq!(report.retried, 3, "the service and its two destinations");
+    let listed = ipvsadm(&["-Ln"]);
+    assert!(listed.contains("10.244.0.2:8080") && listed.contains("10.244.0.3:8080"), "{listed}");
+}

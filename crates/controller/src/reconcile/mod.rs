@@ -21,15 +21,10 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 pub use self::diff::{KernelServer, KernelState, Plan, drains, plan};
-use crate::desired::VirtualServer;
-
-/// A failure to read the kernel's IPVS table.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// IPVS could not be read.
-    #[error("reading the IPVS table: {0}")]
-    Ipvs(#[from] ipvs_netlink::Error),
-}
+use crate::{
+    Error,
+    desired::{LOCAL_MARK_BASE, LOCAL_MARK_SPACE, VirtualServer},
+};
 
 /// Which virtual servers are kube-ipvs's: the others are never touched.
 pub trait Ownership {
@@ -43,13 +38,48 @@ impl<F: Fn(&ServiceKey) -> bool> Ownership for F {
     }
 }
 
+/// kube-ipvs's own virtual servers: those on Service addresses (kube-ipvs0's), those on
+/// NodePort addresses within the NodePort range, and the firewall-mark ones of
+/// `externalTrafficPolicy: Local`; never those in `--ipvs-exclude-cidrs`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owned {
+    /// Addresses bound to kube-ipvs0, and those about to be.
+    pub service_addresses: BTreeSet<std::net::IpAddr>,
+    /// Addresses NodePorts are served on.
+    pub node_port_addresses: BTreeSet<std::net::IpAddr>,
+    /// The NodePort range (`--service-node-port-range`, 30000-32767).
+    pub node_port_range: std::ops::RangeInclusive<u16>,
+    /// `--ipvs-exclude-cidrs`.
+    pub exclude_cidrs: Vec<ipnetwork::IpNetwork>,
+}
+
+impl Ownership for Owned {
+    fn owns(&self, key: &ServiceKey) -> bool {
+        match key {
+            ServiceKey::Inet { address, .. } => {
+                let ip = address.ip();
+                !self.exclude_cidrs.iter().any(|cidr| cidr.contains(ip))
+                    && (self.service_addresses.contains(&ip)
+                        || (self.node_port_addresses.contains(&ip)
+                            && self.node_port_range.contains(&address.port())))
+            }
+            ServiceKey::Fwmark { mark, .. } => {
+                (LOCAL_MARK_BASE..LOCAL_MARK_BASE + LOCAL_MARK_SPACE).contains(mark)
+            }
+        }
+    }
+}
+
 /// What one [`Reconciler::sync`] did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
     /// Changes the kernel accepted.
     pub applied: usize,
-    /// Changes it refused; their virtual servers were read again.
+    /// Changes it refused; their virtual servers were read again and the changes planned anew
+    /// and tried once more.
     pub failed: Vec<ipvs_netlink::Error>,
+    /// Changes that succeeded on that second try.
+    pub retried: usize,
     /// Conntrack flows of removed UDP destinations that were deleted.
     pub stale_flows_deleted: usize,
 }
@@ -98,7 +128,7 @@ impl Reconciler {
         ownership: &dyn Ownership,
         drain_bound: Duration,
     ) -> Result<Self, Error> {
-        let shadow = owned_state(ipvs.dump().await?, ownership);
+        let shadow = owned_state(ipvs.dump().await.map_err(Error::Ipvs)?, ownership);
         let now = Instant::now();
         let draining = shadow
             .iter()
@@ -177,8 +207,25 @@ impl Reconciler {
         for entry in draining {
             self.draining.entry(entry).or_insert(now);
         }
-        for key in reread {
-            self.reread(key).await;
+        for key in &reread {
+            self.reread(*key).await;
+        }
+        if !reread.is_empty() {
+            // Once more, from what the kernel really holds; what still fails waits for the next sync.
+            let retry: Vec<Change> = reread
+                .iter()
+                .flat_map(|key| plan(*key, self.shadow.get(key), desired.get(key)).changes)
+                .collect();
+            for (change, result) in retry.iter().zip(self.ipvs.apply(&retry).await) {
+                match result {
+                    Ok(()) => {
+                        report.applied += 1;
+                        report.retried += 1;
+                        self.record(change);
+                    }
+                    Err(err) => warn!(%err, "IPVS change failed again"),
+                }
+            }
         }
         if !removed_udp.is_empty() {
             // Clients that keep sending from the same port would stay stuck to the gone endpoint.
@@ -256,7 +303,7 @@ impl Reconciler {
     /// Reads the kernel and compares it with the shadow; the kernel's state becomes the shadow,
     /// so the next [`Reconciler::sync`] with `keys: None` heals every difference.
     pub async fn full_check(&mut self, ownership: &dyn Ownership) -> Result<Drift, Error> {
-        let kernel = owned_state(self.ipvs.dump().await?, ownership);
+        let kernel = owned_state(self.ipvs.dump().await.map_err(Error::Ipvs)?, ownership);
         let mut drift = Drift::default();
         for key in kernel.keys().chain(self.shadow.keys()).collect::<BTreeSet<_>>() {
             let same = match (kernel.get(key), self.shadow.get(key)) {
@@ -295,7 +342,7 @@ impl Reconciler {
                     self.draining.retain(|(k, _), _| *k != key);
                     continue;
                 }
-                Err(err) => return Err(err.into()),
+                Err(err) => return Err(Error::Ipvs(err)),
             };
             for entry in destinations {
                 let id = (key, entry.destination.address);
@@ -319,5 +366,28 @@ impl Reconciler {
         }
         info!(destinations = done.len(), "drained destinations deleted");
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_covers_service_addresses_node_ports_and_our_marks_only() {
+        let owned = Owned {
+            service_addresses: ["10.96.0.10".parse().unwrap()].into(),
+            node_port_addresses: ["192.168.99.2".parse().unwrap()].into(),
+            node_port_range: 30000..=32767,
+            exclude_cidrs: vec!["10.96.0.0/28".parse().unwrap()],
+        };
+        let tcp = |s: &str| ServiceKey::tcp(s.parse().unwrap());
+        assert!(owned.owns(&tcp("192.168.99.2:30080")));
+        assert!(!owned.owns(&tcp("192.168.99.2:22")), "outside the NodePort range");
+        assert!(!owned.owns(&tcp("10.96.0.10:80")), "excluded");
+        assert!(!owned.owns(&tcp("192.0.2.1:80")), "someone else's");
+        let mark = |mark| ServiceKey::Fwmark { family: ipvs_netlink::Family::Ipv4, mark };
+        assert!(owned.owns(&mark(LOCAL_MARK_BASE + 7)));
+        assert!(!owned.owns(&mark(7)));
     }
 }

@@ -1,0 +1,95 @@
+//! The whole node: the netfilter table, kube-ipvs0 and IPVS, moved to a desired state together.
+
+use std::collections::BTreeSet;
+
+use dummy_link::DummyLink;
+use ipvs_netlink::ServiceKey;
+use netfilter::Netfilter;
+use tracing::warn;
+
+use crate::{
+    Error,
+    desired::DesiredState,
+    reconcile::{Ownership, Reconciler, SyncReport},
+};
+
+/// What [`NodeSync::apply`] did.
+#[derive(Debug)]
+pub struct Applied {
+    /// The netfilter table.
+    pub netfilter: netfilter::Update,
+    /// kube-ipvs0's addresses.
+    pub addresses: dummy_link::SyncReport,
+    /// IPVS.
+    pub ipvs: SyncReport,
+}
+
+/// What [`NodeSync::full_check`] found and healed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Healed {
+    /// The netfilter table was rewritten (deleted or flushed behind our back).
+    pub netfilter: bool,
+    /// Addresses bound again to kube-ipvs0 (or unbound).
+    pub addresses: usize,
+    /// Virtual servers that differed from what was programmed.
+    pub virtual_servers: usize,
+}
+
+impl Healed {
+    /// Whether anything had drifted.
+    pub fn any(&self) -> bool {
+        self.netfilter || self.addresses > 0 || self.virtual_servers > 0
+    }
+}
+
+/// The node's kernel state kube-ipvs owns.
+#[derive(Debug)]
+pub struct NodeSync {
+    /// IPVS.
+    pub reconciler: Reconciler,
+    /// kube-ipvs0.
+    pub link: DummyLink,
+    /// The netfilter table.
+    pub netfilter: Netfilter,
+}
+
+impl NodeSync {
+    /// Moves the node to `desired`, for the virtual servers `keys` (all with `None`). The
+    /// masquerade rules go first and the virtual servers last, so no virtual server is ever
+    /// reachable before its replies can be masqueraded (kubernetes#133773).
+    pub async fn apply(
+        &mut self,
+        desired: &DesiredState,
+        keys: Option<&BTreeSet<ServiceKey>>,
+    ) -> Result<Applied, Error> {
+        let netfilter = self.netfilter.update(&desired.elements).await?;
+        let addresses = self.link.sync(&desired.elements.vips).await;
+        for err in &addresses.failed {
+            warn!(%err, "kube-ipvs0 address not synced");
+        }
+        let ipvs = self.reconciler.sync(&desired.virtual_servers, keys).await;
+        Ok(Applied { netfilter, addresses, ipvs })
+    }
+
+    /// The periodic check: compares the table, the addresses and the IPVS table with what was
+    /// programmed, and heals every difference.
+    pub async fn full_check(
+        &mut self,
+        desired: &DesiredState,
+        ownership: &dyn Ownership,
+    ) -> Result<Healed, Error> {
+        let netfilter = self.netfilter.check().await?;
+        let addresses = self.link.sync(&desired.elements.vips).await;
+        let drift = self.reconciler.full_check(ownership).await?;
+        self.reconciler.sync(&desired.virtual_servers, None).await;
+        let healed = Healed {
+            netfilter,
+            addresses: addresses.added.len() + addresses.removed.len(),
+            virtual_servers: drift.servers.len(),
+        };
+        if healed.any() {
+            warn!(?healed, "healed drift of the node's state");
+        }
+        Ok(healed)
+    }
+}
