@@ -356,6 +356,25 @@ pub(crate) fn element_counts(config: &Config, elements: &Elements) -> BTreeMap<S
     counts
 }
 
+/// `add map inet kube-ipvs <name> { type <key> : <value>; }`
+fn add_map(name: &str, key: Vec<SetType>, value: SetType) -> NfObject<'static> {
+    NfObject::CmdObject(NfCmd::Add(NfListObject::Map(Box::new(nftables::schema::Map {
+        family: NfFamily::INet,
+        table: TABLE.into(),
+        name: name.to_owned().into(),
+        handle: None,
+        set_type: SetTypeValue::Concatenated(key.into()),
+        map: SetTypeValue::Single(value),
+        policy: None,
+        flags: None,
+        elem: None,
+        timeout: None,
+        gc_interval: None,
+        size: None,
+        comment: None,
+    }))))
+}
+
 fn table() -> NfListObject<'static> {
     NfListObject::Table(Table { family: NfFamily::INet, name: TABLE.into(), handle: None })
 }
@@ -398,25 +417,11 @@ pub(crate) fn install(config: &Config, elements: &Elements) -> Nftables<'static>
     for (name, value) in
         [(LOCALHOST_ADDRESSES, SetType::Ipv4Addr), (LOCALHOST_PORTS, SetType::InetService)]
     {
-        objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Map(Box::new(
-            nftables::schema::Map {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                name: name.into(),
-                handle: None,
-                set_type: SetTypeValue::Concatenated(
-                    vec![SetType::InetProto, SetType::InetService, SetType::Mark].into(),
-                ),
-                map: SetTypeValue::Single(value),
-                policy: None,
-                flags: None,
-                elem: None,
-                timeout: None,
-                gc_interval: None,
-                size: None,
-                comment: None,
-            },
-        )))));
+        objects.push(add_map(
+            name,
+            vec![SetType::InetProto, SetType::InetService, SetType::Mark],
+            value,
+        ));
     }
     let entries = map_entries(config, elements);
     if !entries.is_empty() {
@@ -430,23 +435,7 @@ pub(crate) fn install(config: &Config, elements: &Elements) -> Nftables<'static>
         } else {
             vec![SetType::InetProto, SetType::InetService]
         };
-        objects.push(NfObject::CmdObject(NfCmd::Add(NfListObject::Map(Box::new(
-            nftables::schema::Map {
-                family: NfFamily::INet,
-                table: TABLE.into(),
-                name: name.clone().into(),
-                handle: None,
-                set_type: SetTypeValue::Concatenated(key.into()),
-                map: SetTypeValue::Single(SetType::Mark),
-                policy: None,
-                flags: None,
-                elem: None,
-                timeout: None,
-                gc_interval: None,
-                size: None,
-                comment: None,
-            },
-        )))));
+        objects.push(add_map(&name, key, SetType::Mark));
         if !entries.is_empty() {
             objects.push(NfObject::CmdObject(NfCmd::Add(mark_map_element(&name, &entries))));
         }
