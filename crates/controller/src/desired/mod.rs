@@ -23,6 +23,7 @@ pub use self::{
         DEFAULT_AFFINITY_TIMEOUT, DEFAULT_SCHEDULER, Exposure, HEADLESS_LABEL, NodeInfo, Problem,
         ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS,
         SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ServicePortName, VirtualServer, ZONE_LABEL,
+        node_port_addresses,
     },
     service::{LocalKey, LocalOnly, ServiceState, Skipped, service_state, skipped},
 };

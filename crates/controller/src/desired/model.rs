@@ -66,6 +66,44 @@ pub struct NodeInfo {
     pub local_addresses: Vec<IpAddr>,
 }
 
+impl NodeInfo {
+    /// The node as its Node object describes it (name, zone label), with the NodePort
+    /// addresses and local addresses the caller found on the host.
+    pub fn from_node(
+        node: &k8s_openapi::api::core::v1::Node,
+        node_port_addresses: Vec<IpAddr>,
+        local_addresses: Vec<IpAddr>,
+    ) -> Self {
+        Self {
+            name: node.metadata.name.clone().unwrap_or_default(),
+            zone: node.metadata.labels.as_ref().and_then(|l| l.get(ZONE_LABEL)).cloned(),
+            node_port_addresses,
+            local_addresses,
+        }
+    }
+}
+
+/// The addresses NodePorts are served on, from the node's addresses outside kube-ipvs0 and
+/// `--nodeport-addresses`: with no CIDR, every address but loopback and link-local ones (as
+/// kube-proxy); otherwise those within the CIDRs, loopback excluded.
+pub fn node_port_addresses(local: &[IpAddr], cidrs: &[IpNetwork]) -> Vec<IpAddr> {
+    let link_local = |ip: &IpAddr| match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.segments()[0] & 0xffc0 == 0xfe80,
+    };
+    let mut addresses: Vec<IpAddr> = local
+        .iter()
+        .filter(|ip| !ip.is_loopback())
+        .filter(|ip| {
+            if cidrs.is_empty() { !link_local(ip) } else { cidrs.iter().any(|c| c.contains(**ip)) }
+        })
+        .copied()
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    addresses
+}
+
 /// A Service port, named as kube-proxy names them: `namespace/name:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServicePortName {

@@ -430,3 +430,27 @@ fn external_traffic_policy_local_gets_a_local_only_virtual_server_with_a_stable_
             .all(|m| (LOCAL_MARK_BASE..2 * LOCAL_MARK_BASE).contains(m))
     );
 }
+
+#[test]
+fn node_port_addresses_follow_kube_proxy() {
+    let local: Vec<IpAddr> = ["127.0.0.1", "192.168.99.2", "fd00:99::2", "fe80::1", "10.0.0.5"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let all = node_port_addresses(&local, &[]);
+    assert_eq!(
+        all.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["10.0.0.5", "192.168.99.2", "fd00:99::2"]
+    );
+    let only = node_port_addresses(
+        &local,
+        &["192.168.99.0/24".parse().unwrap(), "127.0.0.0/8".parse().unwrap()],
+    );
+    assert_eq!(only.iter().map(ToString::to_string).collect::<Vec<_>>(), ["192.168.99.2"]);
+    let node: k8s_openapi::api::core::v1::Node = serde_json::from_value(json!({
+        "metadata": {"name": "node-a", "labels": {"topology.kubernetes.io/zone": "zone-1"}}
+    }))
+    .unwrap();
+    let info = NodeInfo::from_node(&node, all, local);
+    assert_eq!((info.name.as_str(), info.zone.as_deref()), ("node-a", Some("zone-1")));
+}
