@@ -3,14 +3,14 @@
 use std::collections::BTreeSet;
 
 use dummy_link::DummyLink;
-use ipvs_netlink::ServiceKey;
+use ipvs_netlink::{Change, ServiceKey};
 use netfilter::Netfilter;
 use tracing::warn;
 
 use crate::{
     Error,
     desired::DesiredState,
-    reconcile::{Ownership, Reconciler, SyncReport},
+    reconcile::{Owned, Ownership, Reconciler, SyncReport},
 };
 
 /// What [`NodeSync::apply`] did.
@@ -92,4 +92,57 @@ impl NodeSync {
         }
         Ok(healed)
     }
+}
+
+/// What [`clean_up`] removed.
+#[derive(Debug, Default)]
+pub struct CleanedUp {
+    /// Virtual servers deleted.
+    pub virtual_servers: usize,
+    /// Virtual servers the kernel refused to delete.
+    pub failed: Vec<ipvs_netlink::Error>,
+    /// kube-ipvs0 existed and was deleted.
+    pub link: bool,
+}
+
+/// Removes everything kube-ipvs owns from the node (`kube-ipvs cleanup`): the virtual servers
+/// on kube-ipvs0's addresses, those on the node's addresses within `node_port_range`, the
+/// firewall-mark ones of `externalTrafficPolicy: Local`, then kube-ipvs0 and the netfilter
+/// table. Virtual servers in `exclude_cidrs`, and everything else, are left alone.
+pub async fn clean_up(
+    node_port_range: std::ops::RangeInclusive<u16>,
+    exclude_cidrs: Vec<ipnetwork::IpNetwork>,
+) -> Result<CleanedUp, Error> {
+    let handle = dummy_link::connect()?;
+    let link = DummyLink::find(handle.clone(), dummy_link::KUBE_IPVS0).await?;
+    let service_addresses = match &link {
+        Some(link) => link.addresses().await?,
+        None => BTreeSet::new(),
+    };
+    let mut node_port_addresses: BTreeSet<_> =
+        dummy_link::local_addresses(handle, dummy_link::KUBE_IPVS0).await?.into_iter().collect();
+    node_port_addresses.insert(std::net::Ipv4Addr::LOCALHOST.into());
+    let owned = Owned { service_addresses, node_port_addresses, node_port_range, exclude_cidrs };
+    let ipvs = ipvs_netlink::IpvsHandle::new()?;
+    let deletions: Vec<Change> = ipvs
+        .list_services()
+        .await?
+        .into_iter()
+        .map(|entry| entry.service.key)
+        .filter(|key| owned.owns(key))
+        .map(Change::DeleteService)
+        .collect();
+    let mut report = CleanedUp::default();
+    for result in ipvs.apply(&deletions).await {
+        match result {
+            Ok(_) => report.virtual_servers += 1,
+            Err(err) => report.failed.push(err),
+        }
+    }
+    if let Some(link) = link {
+        link.delete().await?;
+        report.link = true;
+    }
+    Netfilter::new(netfilter::Config::default()).remove().await?;
+    Ok(report)
 }

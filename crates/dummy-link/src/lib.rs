@@ -320,6 +320,32 @@ impl DummyLink {
     }
 }
 
+/// Every address of the host outside the link `except` (IPv6 link-local ones aside), from one
+/// dump: the addresses NodePorts may be served on, and those that need no binding to be local.
+pub async fn local_addresses(handle: Handle, except: &str) -> Result<Vec<IpAddr>> {
+    let skip = DummyLink::find(handle.clone(), except).await.ok().flatten().map(|link| link.index);
+    let messages: Vec<AddressMessage> =
+        handle.address().get().execute().try_collect().await.map_err(|source| Error::Netlink {
+            link: "*".into(),
+            operation: "list addresses".into(),
+            source,
+        })?;
+    let mut addresses: Vec<IpAddr> = messages
+        .iter()
+        .filter(|message| Some(message.header.index) != skip)
+        .filter_map(|message| {
+            message.attributes.iter().find_map(|attr| match attr {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        })
+        .filter(|ip| !is_ipv6_link_local(*ip))
+        .collect();
+    addresses.sort();
+    addresses.dedup();
+    Ok(addresses)
+}
+
 /// Deletes the dummy link `name` if it exists; `Ok(false)` if there was none.
 pub async fn delete_if_present(handle: Handle, name: &str) -> Result<bool> {
     match DummyLink::find(handle, name).await? {

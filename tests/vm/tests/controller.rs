@@ -175,3 +175,40 @@ async fn drift_of_addresses_table_and_ipvs_is_healed_by_the_full_check() {
     let listing = netfilter::listing().await.unwrap();
     assert!(listing.contains("10.96.0.10, 192.0.2.10"), "{listing}");
 }
+
+#[tokio::test]
+async fn clean_up_removes_only_what_kube_ipvs_owns() {
+    let mut node = Node::new().await;
+    node.program(&["node-a", "node-a", "node-a"]).await;
+    // Someone else's virtual servers: on an address of no Service, and on the node's address
+    // outside the NodePort range.
+    sh("ipvsadm", &["-A", "-t", "198.51.100.1:80", "-s", "rr"]);
+    sh("ipvsadm", &["-A", "-t", &format!("{NODE_IP}:8443"), "-s", "rr"]);
+    // And one kube-ipvs would own, but excluded by --ipvs-exclude-cidrs.
+    sh("ip", &["addr", "add", "10.96.5.5/32", "dev", KUBE_IPVS0]);
+    sh("ipvsadm", &["-A", "-t", "10.96.5.5:80", "-s", "rr"]);
+
+    let report = controller::node::clean_up(30000..=32767, vec!["10.96.5.0/24".parse().unwrap()])
+        .await
+        .unwrap();
+    assert!(report.failed.is_empty(), "{:?}", report.failed);
+    assert!(report.link, "kube-ipvs0 deleted");
+    // The ClusterIP, the load-balancer address, the NodePort and the local fwmark one.
+    assert!(report.virtual_servers >= 3, "{report:?}");
+    let left: BTreeSet<String> = sh("ipvsadm", &["-Sn"]).lines().map(String::from).collect();
+    let expected: BTreeSet<String> = [
+        "-A -t 10.96.5.5:80 -s rr".to_owned(),
+        "-A -t 198.51.100.1:80 -s rr".to_owned(),
+        format!("-A -t {NODE_IP}:8443 -s rr"),
+    ]
+    .into();
+    assert_eq!(left, expected, "only those remain");
+    let links = sh("ip", &["-o", "link"]);
+    assert!(!links.contains(KUBE_IPVS0), "{links}");
+    let tables = sh("nft", &["list", "tables"]);
+    assert!(!tables.contains("kube-ipvs"), "{tables}");
+
+    // Cleaning a clean node is harmless.
+    let again = controller::node::clean_up(30000..=32767, vec![]).await.unwrap();
+    assert!(!again.link && again.virtual_servers == 0 && again.failed.is_empty(), "{again:?}");
+}

@@ -1,0 +1,128 @@
+//! `kube-ipvs`: Kubernetes Services on a node with the kernel's IPVS load balancer, in place of
+//! kube-proxy's IPVS mode.
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use ipvs_netlink::{IpvsHandle, listing};
+use kube_ipvs::config;
+
+#[derive(Parser)]
+#[command(
+    name = "kube-ipvs",
+    version,
+    about = "Kubernetes Services with the kernel's IPVS load balancer, in place of kube-proxy's IPVS mode"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the kernel's IPVS table exactly as `ipvsadm -Ln` does.
+    Ls {
+        /// Columns, as ipvsadm's listing options.
+        #[arg(long, value_enum, default_value = "default")]
+        columns: Columns,
+    },
+    /// Remove everything kube-ipvs owns from this node: its virtual servers (on kube-ipvs0's
+    /// addresses, on NodePorts, and its firewall-mark ones), kube-ipvs0, and its nftables table.
+    /// Nothing else is touched.
+    Cleanup {
+        #[command(flatten)]
+        flags: Box<config::Flags>,
+        /// The NodePort range of the cluster (`--service-node-port-range`).
+        #[arg(long, default_value = "30000-32767", value_name = "FIRST-LAST")]
+        node_port_range: String,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Columns {
+    /// `ipvsadm -Ln`.
+    Default,
+    /// `ipvsadm -Ln --stats`.
+    Stats,
+    /// `ipvsadm -Ln --rate`.
+    Rate,
+    /// `ipvsadm -Ln --thresholds`.
+    Thresholds,
+    /// `ipvsadm -Ln --persistent-conn`.
+    PersistentConn,
+}
+
+impl From<Columns> for listing::Columns {
+    fn from(columns: Columns) -> Self {
+        match columns {
+            Columns::Default => Self::Default,
+            Columns::Stats => Self::Stats,
+            Columns::Rate => Self::Rate,
+            Columns::Thresholds => Self::Thresholds,
+            Columns::PersistentConn => Self::PersistentConn,
+        }
+    }
+}
+
+fn init_logging(format: config::LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        config::LogFormat::Text => builder.init(),
+        config::LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn parse_range(text: &str) -> Result<std::ops::RangeInclusive<u16>> {
+    let (first, last) = text.split_once('-').context("the range must be FIRST-LAST")?;
+    Ok(first.trim().parse()?..=last.trim().parse()?)
+}
+
+async fn ls(columns: Columns) -> Result<()> {
+    let ipvs = IpvsHandle::new()?;
+    let info = ipvs.info().await?;
+    let table = ipvs.dump().await?;
+    print!("{}", listing::render(&info, &table, columns.into()));
+    Ok(())
+}
+
+async fn cleanup(flags: &config::Flags, node_port_range: &str) -> Result<()> {
+    let file = flags
+        .config
+        .as_ref()
+        .map(std::fs::read_to_string)
+        .transpose()
+        .context("reading --config")?;
+    let (config, warnings) = config::load(flags, file.as_deref())?;
+    init_logging(config.log_format);
+    for warning in warnings {
+        tracing::warn!("{warning}");
+    }
+    let report =
+        controller::node::clean_up(parse_range(node_port_range)?, config.exclude_cidrs).await?;
+    for err in &report.failed {
+        tracing::error!(%err, "cannot delete a virtual server");
+    }
+    tracing::info!(
+        virtual_servers = report.virtual_servers,
+        kube_ipvs0 = report.link,
+        "removed kube-ipvs's virtual servers, kube-ipvs0 and its nftables table"
+    );
+    let failed = report.failed.len();
+    anyhow::ensure!(failed == 0, "{failed} virtual servers could not be deleted");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Cli::parse().command {
+        Command::Ls { columns } => ls(columns).await,
+        Command::Cleanup { flags, node_port_range } => cleanup(&flags, &node_port_range).await,
+        Command::Version => {
+            println!("kube-ipvs {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+    }
+}
