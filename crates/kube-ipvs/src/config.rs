@@ -471,7 +471,7 @@ fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), ConfigError> {
 fn validate(config: &Config) -> Result<(), ConfigError> {
     if !SCHEDULERS.contains(&config.scheduler.as_str()) {
         return Err(invalid(
-            "scheduler",
+            "--ipvs-scheduler (ipvs.scheduler)",
             format!("{:?} is not one of {}", config.scheduler, SCHEDULERS.join(", ")),
         ));
     }
@@ -479,7 +479,7 @@ fn validate(config: &Config) -> Result<(), ConfigError> {
     // externalTrafficPolicy Local virtual servers.
     if !(14..=31).contains(&config.masquerade_bit) || config.masquerade_bit == 20 {
         return Err(invalid(
-            "masquerade bit",
+            "--iptables-masquerade-bit (iptables.masqueradeBit)",
             format!(
                 "{} must be between 14 and 31, and not 20 (kube-ipvs's own marks use those bits)",
                 config.masquerade_bit
@@ -563,14 +563,20 @@ ipvs:
     #[test]
     fn invalid_values_name_their_field() {
         let cases = [
-            ("ipvs:\n  scheduler: fastest\n", "scheduler: \"fastest\" is not one of"),
+            (
+                "ipvs:\n  scheduler: fastest\n",
+                "--ipvs-scheduler (ipvs.scheduler): \"fastest\" is not one of",
+            ),
             ("ipvs:\n  syncPeriod: soon\n", "ipvs.syncPeriod: \"soon\" is not a duration"),
             ("clusterCIDR: 10.244.0.0/33\n", "clusterCIDR: \"10.244.0.0/33\" is not a CIDR"),
             (
                 "healthzBindAddress: localhost\n",
                 "healthzBindAddress: \"localhost\" is not an address and port",
             ),
-            ("iptables:\n  masqueradeBit: 3\n", "masquerade bit: 3 must be between 14 and 31"),
+            (
+                "iptables:\n  masqueradeBit: 3\n",
+                "--iptables-masquerade-bit (iptables.masqueradeBit): 3 must be between 14 and 31",
+            ),
             (
                 "nodePortAddresses: [primary, 10.0.0.0/8]\n",
                 "nodePortAddresses: primary cannot be combined",
