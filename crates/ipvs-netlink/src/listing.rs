@@ -112,17 +112,8 @@ pub fn service_line(entry: &ServiceEntry, columns: Columns) -> String {
         Columns::Rate => format!("{name:<33}{}", numbers(&rate_columns(&entry.counters()))),
         _ => {
             let mut line = format!("{name} {}", service.scheduler);
-            let sched_flags = service.flags
-                & (ServiceFlags::SCHED1 | ServiceFlags::SCHED2 | ServiceFlags::SCHED3);
-            if !sched_flags.is_empty() {
-                let names = scheduler_flag_names(&service.scheduler);
-                let set: Vec<&str> =
-                    [ServiceFlags::SCHED1, ServiceFlags::SCHED2, ServiceFlags::SCHED3]
-                        .iter()
-                        .zip(names)
-                        .filter(|(flag, _)| sched_flags.contains(**flag))
-                        .map(|(_, name)| name)
-                        .collect();
+            let set = scheduler_flags(service);
+            if !set.is_empty() {
                 let _ = write!(line, " ({})", set.join(","));
             }
             if service.flags.contains(ServiceFlags::PERSISTENT) {
@@ -193,6 +184,81 @@ pub fn destination_line(
             entry.inactive_connections
         ),
     }
+}
+
+/// The scheduler flags set on the service, by the names ipvsadm gives them.
+fn scheduler_flags(service: &crate::types::Service) -> Vec<&'static str> {
+    [ServiceFlags::SCHED1, ServiceFlags::SCHED2, ServiceFlags::SCHED3]
+        .into_iter()
+        .zip(scheduler_flag_names(&service.scheduler))
+        .filter(|(flag, _)| service.flags.contains(*flag))
+        .map(|(_, name)| name)
+        .collect()
+}
+
+/// The table as JSON, sorted as [`render`] sorts it: one object per virtual server with its
+/// destinations, carrying the numbers of every `ipvsadm -Ln` column set at once.
+pub fn json(table: &[TableEntry]) -> serde_json::Value {
+    let mut sorted = table.to_vec();
+    sort_like_ipvsadm(&mut sorted);
+    let services: Vec<_> = sorted
+        .iter()
+        .map(|(entry, destinations)| {
+            let service = &entry.service;
+            let mut object = match &service.key {
+                ServiceKey::Inet { protocol, address } => serde_json::json!({
+                    "protocol": protocol.name(),
+                    "address": address.to_string(),
+                }),
+                ServiceKey::Fwmark { family, mark } => serde_json::json!({
+                    "fwmark": mark,
+                    "family": match family { Family::Ipv4 => "IPv4", Family::Ipv6 => "IPv6" },
+                }),
+            };
+            let persistent = service.flags.contains(ServiceFlags::PERSISTENT);
+            let fields = serde_json::json!({
+                "scheduler": service.scheduler,
+                "flags": scheduler_flags(service),
+                "persistent": persistent.then_some(service.timeout),
+                "persistence_engine": service.persistence_engine,
+                "one_packet": service.flags.contains(ServiceFlags::ONE_PACKET),
+                "stats": stats_json(&entry.counters()),
+                "destinations": destinations.iter().map(|d| serde_json::json!({
+                    "address": d.destination.address.to_string(),
+                    "forward": d.destination.forward.name(),
+                    "weight": d.destination.weight as i32,
+                    "upper_threshold": d.destination.upper_threshold,
+                    "lower_threshold": d.destination.lower_threshold,
+                    "active_connections": d.active_connections,
+                    "inactive_connections": d.inactive_connections,
+                    "persistent_connections": d.persistent_connections,
+                    "stats": stats_json(&d.counters()),
+                })).collect::<Vec<_>>(),
+            });
+            if let (Some(object), serde_json::Value::Object(fields)) =
+                (object.as_object_mut(), fields)
+            {
+                object.extend(fields);
+            }
+            object
+        })
+        .collect();
+    serde_json::Value::Array(services)
+}
+
+fn stats_json(stats: &Stats) -> serde_json::Value {
+    serde_json::json!({
+        "connections": stats.connections,
+        "in_packets": stats.in_packets,
+        "out_packets": stats.out_packets,
+        "in_bytes": stats.in_bytes,
+        "out_bytes": stats.out_bytes,
+        "connection_rate": stats.connection_rate,
+        "in_packet_rate": stats.in_packet_rate,
+        "out_packet_rate": stats.out_packet_rate,
+        "in_byte_rate": stats.in_byte_rate,
+        "out_byte_rate": stats.out_byte_rate,
+    })
 }
 
 fn scheduler_flag_names(scheduler: &str) -> [&'static str; 3] {
@@ -301,11 +367,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn lists_as_ipvsadm_1_31_does() {
-        let info = Info { version: 0x010201, connection_table_size: 4096 };
+    fn sample() -> Vec<TableEntry> {
         let web = ServiceKey::tcp("10.96.0.10:80".parse().unwrap());
-        let table = vec![
+        vec![
             (
                 service(Service::new(web, "rr")),
                 vec![
@@ -343,7 +407,13 @@ mod tests {
                 service(Service::new(ServiceKey::sctp("10.96.0.99:3868".parse().unwrap()), "nq")),
                 vec![],
             ),
-        ];
+        ]
+    }
+
+    #[test]
+    fn lists_as_ipvsadm_1_31_does() {
+        let info = Info { version: 0x010201, connection_table_size: 4096 };
+        let table = sample();
         let expected = "\
 IP Virtual Server version 1.2.1 (size=4096)
 Prot LocalAddress:Port Scheduler Flags
@@ -366,5 +436,53 @@ FWM  8 IPv6 lc persistent 360
             numbers(&[0, 99_999_999, 123_456_789, 5_000_000_000]),
             "        0 99999999  123456K    5000M"
         );
+    }
+
+    #[test]
+    fn json_carries_every_column_in_listing_order() {
+        let mut table = sample();
+        table[0].1[2].active_connections = 4;
+        table[0].1[2].stats64 =
+            Some(Stats { connections: 9, in_bytes: 1 << 40, ..Stats::default() });
+        let json = json(&table);
+        let services = json.as_array().unwrap();
+        let names: Vec<String> = services
+            .iter()
+            .map(|s| match (s.get("address"), s.get("fwmark")) {
+                (Some(address), _) => {
+                    format!("{} {}", s["protocol"].as_str().unwrap(), address.as_str().unwrap())
+                }
+                (None, Some(mark)) => format!("FWM {mark} {}", s["family"].as_str().unwrap()),
+                (None, None) => panic!("{s}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "TCP 192.0.2.10:443",
+                "TCP 10.96.0.10:80",
+                "UDP 10.96.0.54:5060",
+                "SCTP 10.96.0.99:3868",
+                "FWM 8 IPv6"
+            ],
+            "ipvsadm's order"
+        );
+        let sh = &services[0];
+        assert_eq!(sh["scheduler"], "sh");
+        assert_eq!(sh["flags"], serde_json::json!(["sh-fallback", "sh-port"]));
+        assert_eq!(sh["persistent"], 300);
+        let web = &services[1];
+        assert_eq!(web["persistent"], serde_json::Value::Null);
+        let first = &web["destinations"][0];
+        assert_eq!(first["address"], "10.244.1.5:8080");
+        assert_eq!(first["forward"], "Masq");
+        assert_eq!(first["active_connections"], 4);
+        assert_eq!(first["stats"]["connections"], 9);
+        assert_eq!(first["stats"]["in_bytes"], 1u64 << 40, "64-bit counters kept whole");
+        assert_eq!(web["destinations"][1]["forward"], "Route");
+        assert_eq!(web["destinations"][1]["weight"], 3);
+        let sip = &services[2];
+        assert_eq!(sip["persistence_engine"], "sip");
+        assert_eq!(sip["one_packet"], true);
     }
 }

@@ -24,6 +24,9 @@ enum Command {
         /// Columns, as ipvsadm's listing options.
         #[arg(long, value_enum, default_value = "default")]
         columns: Columns,
+        /// Print JSON instead: every column set at once, in the same order.
+        #[arg(long, conflicts_with = "columns")]
+        json: bool,
     },
     /// Remove everything kube-ipvs owns from this node: its virtual servers (on kube-ipvs0's
     /// addresses, on NodePorts, and its firewall-mark ones), kube-ipvs0, and its nftables table.
@@ -80,11 +83,15 @@ fn parse_range(text: &str) -> Result<std::ops::RangeInclusive<u16>> {
     Ok(first.trim().parse()?..=last.trim().parse()?)
 }
 
-async fn ls(columns: Columns) -> Result<()> {
+async fn ls(columns: Columns, json: bool) -> Result<()> {
     let ipvs = IpvsHandle::new()?;
-    let info = ipvs.info().await?;
     let table = ipvs.dump().await?;
-    print!("{}", listing::render(&info, &table, columns.into()));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&listing::json(&table))?);
+    } else {
+        let info = ipvs.info().await?;
+        print!("{}", listing::render(&info, &table, columns.into()));
+    }
     Ok(())
 }
 
@@ -118,7 +125,7 @@ async fn cleanup(flags: &config::Flags, node_port_range: &str) -> Result<()> {
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
-        Command::Ls { columns } => ls(columns).await,
+        Command::Ls { columns, json } => ls(columns, json).await,
         Command::Cleanup { flags, node_port_range } => cleanup(&flags, &node_port_range).await,
         Command::Version => {
             println!("kube-ipvs {}", env!("CARGO_PKG_VERSION"));

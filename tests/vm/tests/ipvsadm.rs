@@ -157,6 +157,37 @@ async fn the_crate_lists_what_ipvsadm_lists() {
     let fields: Vec<u32> = line.split_whitespace().skip(2).map(|f| f.parse().unwrap()).collect();
     let [weight, persistent, active, _inactive] = fields[..] else { panic!("{line}") };
     assert_eq!((weight, persistent, active), (1, 1, 1), "{listed}");
+
+    // The JSON listing: the same virtual servers in the same order, with the same counts.
+    let json = listing::json(&ipvs.dump().await.unwrap());
+    let services = json.as_array().unwrap();
+    let from_json: Vec<(String, String)> = services
+        .iter()
+        .map(|s| match s.get("address") {
+            Some(address) => (s["protocol"].to_string(), address.to_string()),
+            None => ("FWM".to_owned(), s["fwmark"].to_string()),
+        })
+        .map(|(a, b)| (a.trim_matches('"').to_owned(), b.trim_matches('"').to_owned()))
+        .collect();
+    let listed = ipvsadm(&["-Ln"]);
+    let from_ipvsadm: Vec<(String, String)> = listed
+        .lines()
+        .skip(3)
+        .filter(|l| !l.starts_with("  ->"))
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next().unwrap().to_owned(), words.next().unwrap().to_owned())
+        })
+        .collect();
+    assert_eq!(from_json, from_ipvsadm, "{listed}");
+    let held = services
+        .iter()
+        .flat_map(|s| s["destinations"].as_array().unwrap())
+        .find(|d| d["address"] == "10.244.1.2:8080")
+        .unwrap();
+    assert_eq!(held["active_connections"], 1, "{held}");
+    assert_eq!(held["persistent_connections"], 1, "{held}");
+    assert!(held["stats"]["connections"].as_u64().unwrap() >= 1, "{held}");
 }
 
 #[tokio::test]
