@@ -1,6 +1,8 @@
 //! `kube-ipvs`: Kubernetes Services on a node with the kernel's IPVS load balancer, in place of
 //! kube-proxy's IPVS mode.
 
+use std::ops::RangeInclusive;
+
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ipvs_netlink::{IpvsHandle, listing};
@@ -35,8 +37,8 @@ enum Command {
         #[command(flatten)]
         flags: Box<config::Flags>,
         /// The NodePort range of the cluster (`--service-node-port-range`).
-        #[arg(long, default_value = "30000-32767", value_name = "FIRST-LAST")]
-        node_port_range: String,
+        #[arg(long, default_value = "30000-32767", value_name = "FIRST-LAST", value_parser = port_range)]
+        node_port_range: RangeInclusive<u16>,
     },
     /// Print the version.
     Version,
@@ -78,9 +80,15 @@ fn init_logging(format: config::LogFormat) {
     }
 }
 
-fn parse_range(text: &str) -> Result<std::ops::RangeInclusive<u16>> {
-    let (first, last) = text.split_once('-').context("the range must be FIRST-LAST")?;
-    Ok(first.trim().parse()?..=last.trim().parse()?)
+/// A port range as kube-apiserver's `--service-node-port-range` takes it: `FIRST-LAST`.
+fn port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
+    let port = |p: &str| p.trim().parse::<u16>().map_err(|_| format!("{p:?} is not a port"));
+    let (first, last) = text.split_once('-').ok_or("the range must be FIRST-LAST")?;
+    let (first, last) = (port(first)?, port(last)?);
+    if first > last {
+        return Err(format!("{first} is above {last}"));
+    }
+    Ok(first..=last)
 }
 
 async fn ls(columns: Columns, json: bool) -> Result<()> {
@@ -95,20 +103,21 @@ async fn ls(columns: Columns, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn cleanup(flags: &config::Flags, node_port_range: &str) -> Result<()> {
+async fn cleanup(flags: &config::Flags, node_port_range: RangeInclusive<u16>) -> Result<()> {
     let file = flags
         .config
         .as_ref()
-        .map(std::fs::read_to_string)
-        .transpose()
-        .context("reading --config")?;
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading --config {}", path.display()))
+        })
+        .transpose()?;
     let (config, warnings) = config::load(flags, file.as_deref())?;
     init_logging(config.log_format);
     for warning in warnings {
         tracing::warn!("{warning}");
     }
-    let report =
-        controller::node::clean_up(parse_range(node_port_range)?, config.exclude_cidrs).await?;
+    let report = controller::node::clean_up(node_port_range, config.exclude_cidrs).await?;
     for err in &report.failed {
         tracing::error!(%err, "cannot delete a virtual server");
     }
@@ -126,10 +135,24 @@ async fn cleanup(flags: &config::Flags, node_port_range: &str) -> Result<()> {
 async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Ls { columns, json } => ls(columns, json).await,
-        Command::Cleanup { flags, node_port_range } => cleanup(&flags, &node_port_range).await,
+        Command::Cleanup { flags, node_port_range } => cleanup(&flags, node_port_range).await,
         Command::Version => {
             println!("kube-ipvs {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::port_range;
+
+    #[test]
+    fn port_ranges_are_checked() {
+        assert_eq!(port_range("30000-32767"), Ok(30000..=32767));
+        assert_eq!(port_range(" 80 - 80 "), Ok(80..=80));
+        assert_eq!(port_range("30000"), Err("the range must be FIRST-LAST".to_owned()));
+        assert_eq!(port_range("30000-70000"), Err("\"70000\" is not a port".to_owned()));
+        assert_eq!(port_range("32767-30000"), Err("32767 is above 30000".to_owned()));
     }
 }
