@@ -205,18 +205,8 @@ pub fn json(table: &[TableEntry]) -> serde_json::Value {
         .iter()
         .map(|(entry, destinations)| {
             let service = &entry.service;
-            let mut object = match &service.key {
-                ServiceKey::Inet { protocol, address } => serde_json::json!({
-                    "protocol": protocol.name(),
-                    "address": address.to_string(),
-                }),
-                ServiceKey::Fwmark { family, mark } => serde_json::json!({
-                    "fwmark": mark,
-                    "family": match family { Family::Ipv4 => "IPv4", Family::Ipv6 => "IPv6" },
-                }),
-            };
             let persistent = service.flags.contains(ServiceFlags::PERSISTENT);
-            let fields = serde_json::json!({
+            let mut object = serde_json::json!({
                 "scheduler": service.scheduler,
                 "flags": scheduler_flags(service),
                 "persistent": persistent.then_some(service.timeout),
@@ -235,10 +225,19 @@ pub fn json(table: &[TableEntry]) -> serde_json::Value {
                     "stats": stats_json(&d.counters()),
                 })).collect::<Vec<_>>(),
             });
-            if let (Some(object), serde_json::Value::Object(fields)) =
-                (object.as_object_mut(), fields)
-            {
-                object.extend(fields);
+            match service.key {
+                ServiceKey::Inet { protocol, address } => {
+                    object["protocol"] = protocol.name().into();
+                    object["address"] = address.to_string().into();
+                }
+                ServiceKey::Fwmark { family, mark } => {
+                    object["fwmark"] = mark.into();
+                    object["family"] = match family {
+                        Family::Ipv4 => "IPv4",
+                        Family::Ipv6 => "IPv6",
+                    }
+                    .into();
+                }
             }
             object
         })
