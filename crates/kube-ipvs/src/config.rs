@@ -12,29 +12,10 @@ use serde_json::Value;
 
 use controller::desired::SCHEDULERS;
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ConfigError {
-    /// The file is not YAML, or not a `KubeProxyConfiguration`.
-    #[error("{file}: {reason}")]
-    File {
-        /// The file.
-        file: String,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A value is invalid.
-    #[error("{field}: {reason}")]
-    Invalid {
-        /// The flag or field, such as `ipvs.scheduler` or `--ipvs-scheduler`.
-        field: String,
-        /// Why.
-        reason: String,
-    },
-}
+use crate::Error;
 
-fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field: field.to_owned(), reason: reason.into() }
+fn invalid(field: &str, reason: impl Into<String>) -> Error {
+    Error::Invalid { field: field.to_owned(), reason: reason.into() }
 }
 
 /// Where NodePorts are served.
@@ -244,26 +225,23 @@ fn get<'a>(document: &'a Value, path: &str) -> Option<&'a Value> {
     set(path.split('.').try_fold(document, |v, key| v.get(key)))
 }
 
-fn string(field: &str, value: &Value) -> Result<String, ConfigError> {
+fn string(field: &str, value: &Value) -> Result<String, Error> {
     value
         .as_str()
         .map(str::to_owned)
         .ok_or_else(|| invalid(field, format!("{value} is not a string")))
 }
 
-fn boolean(field: &str, value: &Value) -> Result<bool, ConfigError> {
+fn boolean(field: &str, value: &Value) -> Result<bool, Error> {
     value.as_bool().ok_or_else(|| invalid(field, format!("{value} is not true or false")))
 }
 
-fn duration(field: &str, text: &str) -> Result<Duration, ConfigError> {
+fn duration(field: &str, text: &str) -> Result<Duration, Error> {
     humantime::parse_duration(text)
         .map_err(|err| invalid(field, format!("{text:?} is not a duration: {err}")))
 }
 
-fn cidrs(
-    field: &str,
-    items: impl IntoIterator<Item = String>,
-) -> Result<Vec<IpNetwork>, ConfigError> {
+fn cidrs(field: &str, items: impl IntoIterator<Item = String>) -> Result<Vec<IpNetwork>, Error> {
     items
         .into_iter()
         .map(|s| s.trim().to_owned())
@@ -272,7 +250,7 @@ fn cidrs(
         .collect()
 }
 
-fn list(field: &str, value: &Value) -> Result<Vec<String>, ConfigError> {
+fn list(field: &str, value: &Value) -> Result<Vec<String>, Error> {
     match value {
         Value::Array(items) => items.iter().map(|v| string(field, v)).collect(),
         other => Err(invalid(field, format!("{other} is not a list"))),
@@ -280,12 +258,12 @@ fn list(field: &str, value: &Value) -> Result<Vec<String>, ConfigError> {
 }
 
 /// `host:port`, or `:port` (every address), as kube-proxy accepts.
-fn bind_address(field: &str, text: &str) -> Result<SocketAddr, ConfigError> {
+fn bind_address(field: &str, text: &str) -> Result<SocketAddr, Error> {
     let full = if text.starts_with(':') { format!("0.0.0.0{text}") } else { text.to_owned() };
     full.parse().map_err(|_| invalid(field, format!("{text:?} is not an address and port")))
 }
 
-fn node_port_addresses(field: &str, items: Vec<String>) -> Result<NodePortAddresses, ConfigError> {
+fn node_port_addresses(field: &str, items: Vec<String>) -> Result<NodePortAddresses, Error> {
     if items.iter().any(|s| s == "primary") {
         return if items.len() == 1 {
             Ok(NodePortAddresses::Primary)
@@ -299,7 +277,7 @@ fn node_port_addresses(field: &str, items: Vec<String>) -> Result<NodePortAddres
 
 /// The configuration from the flags and, if `flags.config` is set, the file's text.
 /// Returns it with the warnings to log.
-pub fn load(flags: &Flags, file: Option<&str>) -> Result<(Config, Vec<String>), ConfigError> {
+pub fn load(flags: &Flags, file: Option<&str>) -> Result<(Config, Vec<String>), Error> {
     let mut config = Config::default();
     let mut warnings = Vec::new();
     if let Some(text) = file {
@@ -319,17 +297,15 @@ fn apply_file(
     file: &str,
     text: &str,
     warnings: &mut Vec<String>,
-) -> Result<(), ConfigError> {
-    let document: Value = serde_norway::from_str(text).map_err(|err| ConfigError::File {
-        file: file.to_owned(),
-        reason: format!("not YAML: {err}"),
-    })?;
+) -> Result<(), Error> {
+    let document: Value = serde_norway::from_str(text)
+        .map_err(|err| Error::File { file: file.to_owned(), reason: format!("not YAML: {err}") })?;
     let kind = document.get("kind").and_then(Value::as_str);
     let api_version = document.get("apiVersion").and_then(Value::as_str);
     if kind != Some("KubeProxyConfiguration")
         || api_version != Some("kubeproxy.config.k8s.io/v1alpha1")
     {
-        return Err(ConfigError::File {
+        return Err(Error::File {
             file: file.to_owned(),
             reason: format!(
                 "not a KubeProxyConfiguration of kubeproxy.config.k8s.io/v1alpha1 (kind {kind:?}, apiVersion {api_version:?})"
@@ -409,7 +385,7 @@ fn apply_file(
     Ok(())
 }
 
-fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), ConfigError> {
+fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), Error> {
     if let Some(v) = &flags.kubeconfig {
         config.kubeconfig = Some(v.clone());
     }
@@ -468,7 +444,7 @@ fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn validate(config: &Config) -> Result<(), ConfigError> {
+fn validate(config: &Config) -> Result<(), Error> {
     if !SCHEDULERS.contains(&config.scheduler.as_str()) {
         return Err(invalid(
             "--ipvs-scheduler (ipvs.scheduler)",

@@ -1,5 +1,25 @@
-//! The `kube-ipvs` program's own parts: its configuration. The data plane and the controller
-//! are the crates `ipvs-netlink`, `dummy-link`, `netfilter`, `sysctl-settings`, `conntrack` and
-//! `controller`.
+//! The `kube-ipvs` daemon's own parts, in the order data flows through them:
+//!
+//! - [`source`]: Services, EndpointSlices and the Node, watched from the API server or read
+//!   from a directory of manifests, as one stream of watch events;
+//! - [`proxier`]: the cache of those objects, which Services changed, and the sync loop that
+//!   turns them into the desired state (crate `controller`) and moves the kernel there;
+//! - [`health`], [`metrics`], [`service_health`]: what the sync loop reports, served over HTTP
+//!   by [`http`] as kube-proxy serves it;
+//! - [`config`]: kube-proxy's flags and `KubeProxyConfiguration`, and kube-ipvs's own options;
+//! - [`daemon`]: `kube-ipvs run`, which wires them together.
+//!
+//! The data plane and the desired-state computation are the crates `ipvs-netlink`,
+//! `dummy-link`, `netfilter`, `sysctl-settings`, `conntrack` and `controller`.
 
 pub mod config;
+pub mod daemon;
+mod error;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod proxier;
+pub mod service_health;
+pub mod source;
+
+pub use error::Error;

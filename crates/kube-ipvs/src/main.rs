@@ -1,7 +1,7 @@
 //! `kube-ipvs`: Kubernetes Services on a node with the kernel's IPVS load balancer, in place of
 //! kube-proxy's IPVS mode.
 
-use std::ops::RangeInclusive;
+use std::{ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -21,6 +21,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the proxy: watch Services, EndpointSlices and this node's Node, and keep the
+    /// kernel's IPVS table, kube-ipvs0 and the nftables table in step with them. Stops on
+    /// SIGTERM or SIGINT and leaves the kernel state in place.
+    Run {
+        #[command(flatten)]
+        flags: Box<config::Flags>,
+        /// Read Services, EndpointSlices and the Node from YAML or JSON files in this
+        /// directory, and follow changes to it, instead of the API server.
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
+        /// How often the manifests directory is read again.
+        #[arg(long, default_value = "1s", value_name = "DURATION", value_parser = humantime::parse_duration)]
+        manifests_interval: Duration,
+        /// The cluster's NodePort range (`--service-node-port-range`): virtual servers on the
+        /// node's addresses in it belong to kube-ipvs.
+        #[arg(long, default_value = "30000-32767", value_name = "FIRST-LAST", value_parser = port_range)]
+        node_port_range: RangeInclusive<u16>,
+        /// Export the kernel's connection, packet and byte counters of every virtual server on
+        /// `/metrics`, labelled with its Service.
+        #[arg(long)]
+        traffic_metrics: bool,
+    },
     /// Print the kernel's IPVS table exactly as `ipvsadm -Ln` does.
     Ls {
         /// Columns, as ipvsadm's listing options.
@@ -103,7 +125,9 @@ async fn ls(columns: Columns, json: bool) -> Result<()> {
     Ok(())
 }
 
-async fn cleanup(flags: &config::Flags, node_port_range: RangeInclusive<u16>) -> Result<()> {
+/// The configuration from the flags and `--config`; logging is set up, and the warnings
+/// logged.
+fn configure(flags: &config::Flags) -> Result<config::Config> {
     let file = flags
         .config
         .as_ref()
@@ -117,6 +141,11 @@ async fn cleanup(flags: &config::Flags, node_port_range: RangeInclusive<u16>) ->
     for warning in warnings {
         tracing::warn!("{warning}");
     }
+    Ok(config)
+}
+
+async fn cleanup(flags: &config::Flags, node_port_range: RangeInclusive<u16>) -> Result<()> {
+    let config = configure(flags)?;
     let report = controller::node::clean_up(node_port_range, config.exclude_cidrs).await?;
     for err in &report.failed {
         tracing::error!(%err, "cannot delete a virtual server");
@@ -134,6 +163,17 @@ async fn cleanup(flags: &config::Flags, node_port_range: RangeInclusive<u16>) ->
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {
+        Command::Run { flags, manifests, manifests_interval, node_port_range, traffic_metrics } => {
+            let config = configure(&flags)?;
+            let options = kube_ipvs::daemon::RunOptions {
+                manifests,
+                manifests_interval,
+                node_port_range,
+                traffic_metrics,
+            };
+            kube_ipvs::daemon::run(config, options).await?;
+            Ok(())
+        }
         Command::Ls { columns, json } => ls(columns, json).await,
         Command::Cleanup { flags, node_port_range } => cleanup(&flags, node_port_range).await,
         Command::Version => {

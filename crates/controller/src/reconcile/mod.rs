@@ -144,6 +144,11 @@ impl Reconciler {
         Ok(Self { ipvs, shadow, draining, drain_bound })
     }
 
+    /// The IPVS handle it writes through (for its message counts).
+    pub fn ipvs(&self) -> &IpvsHandle {
+        &self.ipvs
+    }
+
     /// The shadow: what this reconciler believes the kernel holds.
     pub fn shadow(&self) -> &KernelState {
         &self.shadow

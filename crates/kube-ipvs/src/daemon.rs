@@ -1,0 +1,215 @@
+//! `kube-ipvs run`: sets the node up, starts the source and the HTTP servers, and runs the
+//! sync loop until SIGTERM or SIGINT. Kernel state is left in place on exit, as kube-proxy
+//! leaves it, so traffic survives a restart or an upgrade.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    sync::Arc,
+    time::Duration,
+};
+
+use controller::{
+    desired::ProxyConfig,
+    node::NodeSync,
+    reconcile::{Owned, Reconciler},
+};
+use dummy_link::{DummyLink, KUBE_IPVS0};
+use ipvs_netlink::IpvsHandle;
+use netfilter::Netfilter;
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::mpsc,
+    time::{Instant, sleep_until},
+};
+use tracing::{info, warn};
+
+use crate::{
+    Error,
+    config::Config,
+    health::ProxyHealth,
+    http::{self, Shared},
+    metrics::Metrics,
+    proxier::{Proxier, Settings},
+    source::{api, manifests::Manifests},
+};
+
+/// Options of `kube-ipvs run` beyond kube-proxy's configuration.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Read Services, EndpointSlices and the Node from this directory instead of the API
+    /// server.
+    pub manifests: Option<PathBuf>,
+    /// How often the manifests directory is read again.
+    pub manifests_interval: Duration,
+    /// The cluster's NodePort range.
+    pub node_port_range: std::ops::RangeInclusive<u16>,
+    /// Export the kernel's traffic counters of every virtual server on `/metrics`.
+    pub traffic_metrics: bool,
+}
+
+/// The node's name: `--hostname-override`, else the host name.
+pub fn node_name(config: &Config) -> String {
+    config.hostname_override.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|name| name.trim().to_lowercase())
+            .unwrap_or_default()
+    })
+}
+
+async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
+    let client_config = match &config.kubeconfig {
+        Some(path) => {
+            let kubeconfig = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| Error::Client(format!("{}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
+                .await
+                .map_err(|e| Error::Client(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await.map_err(|e| Error::Client(e.to_string()))?,
+    };
+    kube::Client::try_from(client_config).map_err(|e| Error::Client(e.to_string()))
+}
+
+/// Kernel parameters and IPVS timeouts, as kube-proxy sets them at start.
+async fn set_up_kernel(config: &Config, ipvs: &IpvsHandle) -> Result<(), Error> {
+    let options = sysctl_settings::Options {
+        strict_arp: config.strict_arp,
+        localhost_node_ports: config.localhost_node_ports,
+    };
+    let plan = sysctl_settings::plan(options, sysctl_settings::KernelVersion::running()?);
+    sysctl_settings::apply(&plan)?;
+    let secs = |d: Duration| u32::try_from(d.as_secs()).unwrap_or(u32::MAX);
+    let timeouts = ipvs_netlink::Timeouts {
+        tcp: secs(config.tcp_timeout),
+        tcp_fin: secs(config.tcp_fin_timeout),
+        udp: secs(config.udp_timeout),
+    };
+    // Zero leaves a timeout as it is.
+    if timeouts != ipvs_netlink::Timeouts::default() {
+        ipvs.set_timeouts(timeouts).await.map_err(Error::Timeouts)?;
+        info!(?timeouts, "set the IPVS timeouts");
+    }
+    Ok(())
+}
+
+async fn local_addresses() -> Result<Vec<IpAddr>, Error> {
+    let handle = dummy_link::connect().map_err(controller::Error::from)?;
+    Ok(dummy_link::local_addresses(handle, KUBE_IPVS0).await.map_err(controller::Error::from)?)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
+    let node_name = node_name(&config);
+    info!(node = node_name, version = env!("CARGO_PKG_VERSION"), "starting kube-ipvs");
+    let ipvs = IpvsHandle::new().map_err(controller::Error::from)?;
+    set_up_kernel(&config, &ipvs).await?;
+
+    // The kernel as the last run left it is adopted, not reset: nothing is written until the
+    // first lists are complete, and then only what differs.
+    let link_handle = dummy_link::connect().map_err(controller::Error::from)?;
+    let link = DummyLink::ensure(link_handle, KUBE_IPVS0).await.map_err(controller::Error::from)?;
+    let local = local_addresses().await?;
+    let mut node_port_addresses: BTreeSet<IpAddr> = local.iter().copied().collect();
+    node_port_addresses.insert(Ipv4Addr::LOCALHOST.into());
+    let owned = Owned {
+        service_addresses: link.addresses().await.map_err(controller::Error::from)?,
+        node_port_addresses,
+        node_port_range: options.node_port_range.clone(),
+        exclude_cidrs: config.exclude_cidrs.clone(),
+    };
+    let reconciler = Reconciler::adopt(ipvs.clone(), &owned, config.drain_bound).await?;
+    let netfilter = Netfilter::new(netfilter::Config {
+        cluster_cidrs: config.cluster_cidrs.clone(),
+        masquerade_all: config.masquerade_all,
+        masquerade_bit: config.masquerade_bit,
+        localhost_node_ports: config.localhost_node_ports,
+    });
+    let node = NodeSync { reconciler, link, netfilter };
+
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(ProxyHealth::new(config.sync_period));
+    let owners = http::Owners::default();
+    let shared = Shared {
+        health: health.clone(),
+        metrics: metrics.clone(),
+        traffic: options.traffic_metrics.then(|| ipvs.clone()),
+        owners: owners.clone(),
+    };
+    let bound =
+        http::serve("/healthz", config.healthz_bind_address, http::health_router(shared.clone()))
+            .await?;
+    info!(address = %bound, "serving /healthz and /livez");
+    let bound =
+        http::serve("/metrics", config.metrics_bind_address, http::metrics_router(shared)).await?;
+    info!(address = %bound, "serving /metrics and /proxyMode");
+
+    let settings = Settings {
+        proxy: ProxyConfig {
+            scheduler: config.scheduler.clone(),
+            service_proxy_name: config.service_proxy_name.clone(),
+            localhost_node_ports: config.localhost_node_ports,
+            exclude_cidrs: config.exclude_cidrs.clone(),
+        },
+        node_name: node_name.clone(),
+        node_port_addresses: config.node_port_addresses.clone(),
+        node_port_range: options.node_port_range.clone(),
+    };
+    let mut proxier = Proxier::new(settings, node, local, metrics, health, owners);
+
+    let (sink, mut inputs) = mpsc::channel(4096);
+    match &options.manifests {
+        Some(dir) => {
+            info!(dir = %dir.display(), "reading Services and EndpointSlices from manifests");
+            let manifests = Manifests::new(dir.clone(), node_name);
+            tokio::spawn(manifests.follow(options.manifests_interval, sink));
+        }
+        None => {
+            let client = kube_client(&config).await?;
+            let stream = api::inputs(client, &node_name, config.service_proxy_name.as_deref());
+            tokio::spawn(api::forward(stream, sink));
+        }
+    }
+
+    let mut terminate =
+        signal(SignalKind::terminate()).map_err(|e| Error::Client(e.to_string()))?;
+    let mut interrupt =
+        signal(SignalKind::interrupt()).map_err(|e| Error::Client(e.to_string()))?;
+    let mut next_sync = Instant::now();
+    let mut next_check = Instant::now() + config.sync_period;
+    let mut drain = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { info!("SIGTERM: stopping; the kernel state stays in place"); break }
+            _ = interrupt.recv() => { info!("SIGINT: stopping; the kernel state stays in place"); break }
+            input = inputs.recv() => match input {
+                Some(input) => proxier.handle(input),
+                None => { warn!("the source ended"); break }
+            },
+            _ = sleep_until(next_sync), if proxier.ready() && proxier.pending() => {
+                let retry = match proxier.sync().await {
+                    Ok(_) => Duration::ZERO,
+                    Err(err) => { warn!(%err, "sync failed; retrying"); Duration::from_secs(1) }
+                };
+                next_sync = Instant::now() + config.min_sync_period.max(retry);
+            }
+            _ = sleep_until(next_check) => {
+                match local_addresses().await {
+                    Ok(addresses) => proxier.set_local_addresses(addresses),
+                    Err(err) => warn!(%err, "cannot read the node's addresses"),
+                }
+                if let Err(err) = proxier.full_check().await {
+                    warn!(%err, "full check failed; retrying at the next one");
+                }
+                next_check = Instant::now() + config.sync_period;
+            }
+            _ = drain.tick(), if proxier.draining() => {
+                if let Err(err) = proxier.drain().await {
+                    warn!(%err, "draining failed; retrying");
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,621 @@
+//! The cache of API objects, which Services changed, and the sync that moves the node there.
+//!
+//! [`Proxier::handle`] feeds each [`Input`] to kube-rs reflector stores and marks the Services
+//! it touches dirty. [`Proxier::sync`] recomputes the desired state of the dirty Services only
+//! (`controller::desired::service_state`), joins it with the others' and applies the
+//! difference for their virtual servers (`controller::node::NodeSync`). Until Services and
+//! EndpointSlices have both been listed once, nothing is synced: a restart never empties a
+//! Service for a moment. [`Proxier::full_check`] compares the whole kernel state with what was
+//! programmed and repairs it.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::Instant,
+};
+
+use controller::{
+    desired::{
+        DesiredState, Exposure, NodeInfo, Problem, ProxyConfig, SERVICE_NAME_LABEL, ServiceState,
+        node_port_addresses, service_state,
+    },
+    node::NodeSync,
+    reconcile::Owned,
+};
+use jiff::Timestamp;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::runtime::{
+    reflector::{self, ObjectRef, Store, store::Writer},
+    watcher::Event,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Error,
+    config::NodePortAddresses,
+    health::{ProxyHealth, node_eligible},
+    http::Owners,
+    metrics::{Kind, Metrics, TrafficPolicy},
+    service_health::{ServiceHealth, Target},
+    source::Input,
+};
+
+/// The annotation with the time of the change an EndpointSlice reflects.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
+
+/// A Service, by namespace and name.
+pub type ServiceName = (String, String);
+
+/// What the proxier needs to know besides the objects.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The desired-state options.
+    pub proxy: ProxyConfig,
+    /// This node's name.
+    pub node_name: String,
+    /// Where NodePorts are served.
+    pub node_port_addresses: NodePortAddresses,
+    /// The cluster's NodePort range: virtual servers on node addresses in it are kube-ipvs's.
+    pub node_port_range: std::ops::RangeInclusive<u16>,
+}
+
+#[derive(Debug, Default)]
+struct Pending {
+    /// When the oldest pending change arrived.
+    since: Option<Instant>,
+    /// The EndpointSlice trigger times of the pending changes.
+    triggers: Vec<Timestamp>,
+}
+
+struct Cache<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
+    store: Store<K>,
+    writer: Writer<K>,
+    listed: bool,
+}
+
+impl<K> Cache<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    fn new() -> Self {
+        let (store, writer) = reflector::store();
+        Self { store, writer, listed: false }
+    }
+}
+
+/// The daemon's state between syncs.
+pub struct Proxier {
+    settings: Settings,
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
+    nodes: Cache<Node>,
+    /// The Service each EndpointSlice belongs to, and the reverse.
+    slice_service: HashMap<ServiceName, String>,
+    service_slices: HashMap<ServiceName, BTreeSet<String>>,
+    unlabelled: BTreeSet<ServiceName>,
+    dirty: BTreeMap<ServiceName, Pending>,
+    all_dirty: bool,
+    states: BTreeMap<ServiceName, ServiceState>,
+    health_check_ports: BTreeMap<ServiceName, u16>,
+    internal_local: BTreeSet<ServiceName>,
+    desired: DesiredState,
+    reported: BTreeSet<Problem>,
+    local_addresses: Vec<IpAddr>,
+    synced_once: bool,
+    node: NodeSync,
+    metrics: Arc<Metrics>,
+    health: Arc<ProxyHealth>,
+    service_health: ServiceHealth,
+    owners: Owners,
+}
+
+impl std::fmt::Debug for Proxier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxier")
+            .field("services", &self.states.len())
+            .field("dirty", &self.dirty.len())
+            .field("all_dirty", &self.all_dirty)
+            .finish_non_exhaustive()
+    }
+}
+
+fn name_of<K: kube::Resource>(object: &K) -> ServiceName {
+    let meta = object.meta();
+    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+}
+
+fn service_label(slice: &EndpointSlice) -> Option<String> {
+    slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned()
+}
+
+fn trigger_time(slice: &EndpointSlice) -> Option<Timestamp> {
+    slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?.parse().ok()
+}
+
+/// The healthCheckNodePort of a LoadBalancer Service with `externalTrafficPolicy: Local`.
+fn health_check_port(service: &Service) -> Option<u16> {
+    let spec = service.spec.as_ref()?;
+    let local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let balanced = spec.type_.as_deref() == Some("LoadBalancer");
+    (local && balanced).then_some(spec.health_check_node_port?).and_then(|p| u16::try_from(p).ok())
+}
+
+impl Proxier {
+    /// A proxier that programs the node through `node`, and reports to `metrics`, `health`
+    /// and `owners`. `local_addresses` are the node's addresses outside kube-ipvs0.
+    pub fn new(
+        settings: Settings,
+        node: NodeSync,
+        local_addresses: Vec<IpAddr>,
+        metrics: Arc<Metrics>,
+        health: Arc<ProxyHealth>,
+        owners: Owners,
+    ) -> Self {
+        Self {
+            settings,
+            services: Cache::new(),
+            slices: Cache::new(),
+            nodes: Cache::new(),
+            slice_service: HashMap::new(),
+            service_slices: HashMap::new(),
+            unlabelled: BTreeSet::new(),
+            dirty: BTreeMap::new(),
+            all_dirty: true,
+            states: BTreeMap::new(),
+            health_check_ports: BTreeMap::new(),
+            internal_local: BTreeSet::new(),
+            desired: DesiredState::default(),
+            reported: BTreeSet::new(),
+            local_addresses,
+            synced_once: false,
+            node,
+            service_health: ServiceHealth::new(health.clone()),
+            metrics,
+            health,
+            owners,
+        }
+    }
+
+    /// Whether Services and EndpointSlices have both been listed: before that, nothing is
+    /// synced, so nothing is removed from the kernel.
+    pub fn ready(&self) -> bool {
+        self.services.listed && self.slices.listed
+    }
+
+    /// Whether a change waits to be synced.
+    pub fn pending(&self) -> bool {
+        self.all_dirty || !self.dirty.is_empty()
+    }
+
+    /// Whether destinations are draining (and [`Proxier::drain`] has work).
+    pub fn draining(&self) -> bool {
+        self.node.reconciler.draining().next().is_some()
+    }
+
+    /// The virtual servers last programmed.
+    pub fn desired(&self) -> &DesiredState {
+        &self.desired
+    }
+
+    fn mark(&mut self, service: ServiceName, trigger: Option<Timestamp>) {
+        let pending = self.dirty.entry(service).or_default();
+        pending.since.get_or_insert_with(Instant::now);
+        pending.triggers.extend(trigger);
+        self.queued();
+    }
+
+    fn queued(&self) {
+        self.health.queued();
+        self.metrics.last_queued.set(Timestamp::now().as_millisecond() as f64 / 1000.0);
+        self.metrics.service_changes_pending.set(self.dirty.len() as i64);
+    }
+
+    fn index_slice(&mut self, slice: &EndpointSlice) -> Option<ServiceName> {
+        let key = name_of(slice);
+        let service = service_label(slice);
+        let old = match &service {
+            Some(service) => self.slice_service.insert(key.clone(), service.clone()),
+            None => self.slice_service.remove(&key),
+        };
+        if let Some(old) = old.filter(|old| Some(old) != service.as_ref()) {
+            let old_service = (key.0.clone(), old);
+            if let Some(set) = self.service_slices.get_mut(&old_service) {
+                set.remove(&key.1);
+            }
+            self.mark(old_service, None);
+        }
+        match service {
+            Some(service) => {
+                self.unlabelled.remove(&key);
+                let service = (key.0.clone(), service);
+                self.service_slices.entry(service.clone()).or_default().insert(key.1);
+                Some(service)
+            }
+            None => {
+                self.unlabelled.insert(key);
+                None
+            }
+        }
+    }
+
+    fn unindex_slice(&mut self, slice: &EndpointSlice) -> Option<ServiceName> {
+        let key = name_of(slice);
+        self.unlabelled.remove(&key);
+        let service = (key.0.clone(), self.slice_service.remove(&key)?);
+        if let Some(set) = self.service_slices.get_mut(&service) {
+            set.remove(&key.1);
+            if set.is_empty() {
+                self.service_slices.remove(&service);
+            }
+        }
+        Some(service)
+    }
+
+    fn reindex_slices(&mut self) {
+        self.slice_service.clear();
+        self.service_slices.clear();
+        self.unlabelled.clear();
+        for slice in self.slices.store.state() {
+            self.index_slice(&slice);
+        }
+    }
+
+    fn relisted(&mut self) {
+        self.all_dirty = true;
+        self.queued();
+    }
+
+    /// Takes one event into the cache and marks what it touches dirty.
+    pub fn handle(&mut self, input: Input) {
+        match input {
+            Input::Service(event) => {
+                self.services.writer.apply_watcher_event(&event);
+                match &*event {
+                    Event::Apply(service) | Event::Delete(service) => {
+                        self.metrics.service_changes.inc();
+                        self.mark(name_of(service), None);
+                    }
+                    Event::InitDone => {
+                        if !self.services.listed {
+                            info!(services = self.services.store.len(), "Services listed");
+                        }
+                        self.services.listed = true;
+                        self.relisted();
+                    }
+                    Event::Init | Event::InitApply(_) => {}
+                }
+            }
+            Input::Slice(event) => {
+                self.slices.writer.apply_watcher_event(&event);
+                match &*event {
+                    Event::Apply(slice) => {
+                        self.metrics.endpoint_changes.inc();
+                        if let Some(service) = self.index_slice(slice) {
+                            self.mark(service, trigger_time(slice));
+                        }
+                    }
+                    Event::Delete(slice) => {
+                        self.metrics.endpoint_changes.inc();
+                        if let Some(service) = self.unindex_slice(slice) {
+                            self.mark(service, None);
+                        }
+                    }
+                    Event::InitDone => {
+                        if !self.slices.listed {
+                            info!(slices = self.slices.store.len(), "EndpointSlices listed");
+                        }
+                        self.slices.listed = true;
+                        self.reindex_slices();
+                        self.relisted();
+                    }
+                    Event::Init | Event::InitApply(_) => {}
+                }
+                self.metrics.endpoint_changes_pending.set(self.dirty.len() as i64);
+            }
+            Input::Node(event) => {
+                self.nodes.writer.apply_watcher_event(&event);
+                match &*event {
+                    Event::Apply(_) | Event::Delete(_) | Event::InitDone => {
+                        self.nodes.listed = true;
+                        let node = self.own_node();
+                        let eligible = node.as_deref().is_none_or(node_eligible);
+                        self.health.set_node_eligible(eligible);
+                        // Labels (the zone) and addresses affect every Service.
+                        self.relisted();
+                    }
+                    Event::Init | Event::InitApply(_) => {}
+                }
+            }
+            Input::WatchFailed { kind, .. } => {
+                self.metrics.watch_errors.get_or_create(&Kind { kind: kind.to_owned() }).inc();
+            }
+        }
+    }
+
+    fn own_node(&self) -> Option<Arc<Node>> {
+        self.nodes.store.get(&ObjectRef::new(&self.settings.node_name))
+    }
+
+    fn node_info(&self) -> NodeInfo {
+        let node = self.own_node();
+        let addresses = match &self.settings.node_port_addresses {
+            NodePortAddresses::All => node_port_addresses(&self.local_addresses, &[]),
+            NodePortAddresses::Cidrs(cidrs) => node_port_addresses(&self.local_addresses, cidrs),
+            NodePortAddresses::Primary => {
+                let mut primary: Vec<IpAddr> = node
+                    .as_deref()
+                    .and_then(|n| n.status.as_ref()?.addresses.clone())
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|a| a.type_ == "InternalIP")
+                    .filter_map(|a| a.address.parse().ok())
+                    .collect();
+                primary.sort();
+                primary.dedup();
+                primary
+            }
+        };
+        match node {
+            Some(node) => NodeInfo::from_node(&node, addresses, self.local_addresses.clone()),
+            None => NodeInfo {
+                name: self.settings.node_name.clone(),
+                zone: None,
+                node_port_addresses: addresses,
+                local_addresses: self.local_addresses.clone(),
+            },
+        }
+    }
+
+    /// Sets the node's addresses outside kube-ipvs0 (read again at every full check); a
+    /// change recomputes every Service.
+    pub fn set_local_addresses(&mut self, mut addresses: Vec<IpAddr>) {
+        addresses.sort();
+        addresses.dedup();
+        if addresses != self.local_addresses {
+            info!(?addresses, "the node's addresses changed");
+            self.local_addresses = addresses;
+            self.relisted();
+        }
+    }
+
+    fn state_of(&self, name: &ServiceName, node: &NodeInfo) -> Option<ServiceState> {
+        let service = self.services.store.get(&ObjectRef::new(&name.1).within(&name.0))?;
+        let slices: Vec<Arc<EndpointSlice>> = self
+            .service_slices
+            .get(name)
+            .into_iter()
+            .flatten()
+            .filter_map(|slice| self.slices.store.get(&ObjectRef::new(slice).within(&name.0)))
+            .collect();
+        let slices: Vec<&EndpointSlice> = slices.iter().map(AsRef::as_ref).collect();
+        Some(service_state(&service, &slices, node, &self.settings.proxy))
+    }
+
+    /// Who owns what, from the objects and the kernel.
+    async fn ownership(&self, node: &NodeInfo) -> Result<Owned, Error> {
+        let mut service_addresses =
+            self.node.link.addresses().await.map_err(controller::Error::from)?;
+        service_addresses.extend(self.desired.elements.vips.iter().copied());
+        let mut node_port_addresses: BTreeSet<IpAddr> =
+            self.local_addresses.iter().copied().collect();
+        node_port_addresses.extend(node.node_port_addresses.iter().copied());
+        node_port_addresses.insert(Ipv4Addr::LOCALHOST.into());
+        Ok(Owned {
+            service_addresses,
+            node_port_addresses,
+            node_port_range: self.settings.node_port_range.clone(),
+            exclude_cidrs: self.settings.proxy.exclude_cidrs.clone(),
+        })
+    }
+
+    /// Recomputes the dirty Services, and applies what changed. Returns whether anything was
+    /// synced (nothing is before the first lists).
+    pub async fn sync(&mut self) -> Result<bool, Error> {
+        if !self.ready() || !self.pending() {
+            return Ok(false);
+        }
+        let started = Instant::now();
+        let node = self.node_info();
+        let full = self.all_dirty || !self.synced_once;
+        let dirty = std::mem::take(&mut self.dirty);
+        let names: BTreeSet<ServiceName> = if full {
+            self.services.store.state().iter().map(|s| name_of(s.as_ref())).collect()
+        } else {
+            dirty.keys().cloned().collect()
+        };
+        if full {
+            self.states.clear();
+            self.health_check_ports.clear();
+            self.internal_local.clear();
+        }
+        for name in &names {
+            let service = self.services.store.get(&ObjectRef::new(&name.1).within(&name.0));
+            match self.state_of(name, &node) {
+                Some(state) => {
+                    self.states.insert(name.clone(), state);
+                }
+                None => {
+                    self.states.remove(name);
+                }
+            }
+            match service.as_deref().and_then(health_check_port) {
+                Some(port) => self.health_check_ports.insert(name.clone(), port),
+                None => self.health_check_ports.remove(name),
+            };
+            let spec = service.as_deref().and_then(|s| s.spec.as_ref());
+            if spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local") {
+                self.internal_local.insert(name.clone());
+            } else {
+                self.internal_local.remove(name);
+            }
+        }
+        let mut desired = DesiredState::default();
+        for state in self.states.values() {
+            desired.merge(state.clone());
+        }
+        desired.finish();
+        for (namespace, name) in &self.unlabelled {
+            desired.problems.push(Problem {
+                object: format!("EndpointSlice {namespace}/{name}"),
+                reason: format!("has no {SERVICE_NAME_LABEL} label; skipped"),
+            });
+        }
+        desired.problems.sort();
+
+        let keys: Option<BTreeSet<_>> = (!full).then(|| {
+            let touched = |servers: &BTreeMap<_, controller::desired::VirtualServer>| {
+                servers
+                    .iter()
+                    .filter(|(_, s)| {
+                        names.contains(&(s.owner.namespace.clone(), s.owner.name.clone()))
+                    })
+                    .map(|(k, _)| *k)
+                    .collect::<Vec<_>>()
+            };
+            let mut keys: BTreeSet<_> =
+                touched(&self.desired.virtual_servers).into_iter().collect();
+            keys.extend(touched(&desired.virtual_servers));
+            keys
+        });
+        let result = self.node.apply(&desired, keys.as_ref()).await;
+        let applied = match result {
+            Ok(applied) => applied,
+            Err(err) => {
+                // Nothing is lost: everything is synced again.
+                self.all_dirty = true;
+                self.queued();
+                return Err(err.into());
+            }
+        };
+        for err in &applied.ipvs.failed {
+            warn!(%err, "IPVS change failed; retried at the next full check");
+            let kind = kind_of(err).unwrap_or_else(|| "Other".into());
+            self.metrics.netlink_errors.get_or_create(&Kind { kind }).inc();
+        }
+        if !applied.ipvs.failed.is_empty() || !applied.addresses.failed.is_empty() {
+            // The shadow knows what failed; the next full check repairs it.
+            debug!("partial failures are left to the periodic full check");
+        }
+        self.report(&desired.problems);
+        self.desired = desired;
+        self.all_dirty = false;
+        self.synced_once = true;
+        self.after_sync(&dirty, full, started.elapsed()).await;
+        Ok(true)
+    }
+
+    fn report(&mut self, problems: &[Problem]) {
+        let now: BTreeSet<Problem> = problems.iter().cloned().collect();
+        for problem in now.difference(&self.reported) {
+            warn!(object = %problem.object, reason = %problem.reason, "skipped");
+        }
+        self.metrics.skipped_objects.set(now.len() as i64);
+        self.reported = now;
+    }
+
+    async fn after_sync(
+        &mut self,
+        dirty: &BTreeMap<ServiceName, Pending>,
+        full: bool,
+        took: std::time::Duration,
+    ) {
+        let seconds = took.as_secs_f64();
+        self.metrics.sync_duration.observe(seconds);
+        if full {
+            self.metrics.full_sync_duration.observe(seconds);
+        } else {
+            self.metrics.partial_sync_duration.observe(seconds);
+        }
+        let now = Timestamp::now();
+        self.metrics.last_sync.set(now.as_millisecond() as f64 / 1000.0);
+        for trigger in dirty.values().flat_map(|p| &p.triggers) {
+            let latency = now.duration_since(*trigger).as_secs_f64();
+            if latency >= 0.0 {
+                self.metrics.network_programming.observe(latency);
+            }
+        }
+        self.metrics.service_changes_pending.set(0);
+        self.metrics.endpoint_changes_pending.set(0);
+        self.metrics.sent_messages(&self.node.reconciler.ipvs().sent_messages().await);
+        self.metrics.draining.set(self.node.reconciler.draining().count() as i64);
+        self.health.updated();
+
+        let mut owners = BTreeMap::new();
+        let mut local: BTreeMap<ServiceName, BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut no_local = BTreeSet::new();
+        let mut internal_served = BTreeSet::new();
+        for (key, server) in &self.desired.virtual_servers {
+            let owner = &server.owner;
+            owners.insert(*key, owner.to_string());
+            if server.exposure == Exposure::ClusterIp && !server.destinations.is_empty() {
+                internal_served.insert((owner.namespace.clone(), owner.name.clone()));
+            }
+            if server.exposure == Exposure::LocalOnly {
+                let ips = local.entry((owner.namespace.clone(), owner.name.clone())).or_default();
+                ips.extend(server.destinations.keys().map(|a| a.ip()));
+            }
+        }
+        *self.owners.write().unwrap_or_else(std::sync::PoisonError::into_inner) = owners;
+        let mut wanted = BTreeMap::new();
+        for (name, port) in &self.health_check_ports {
+            let local_endpoints = local.get(name).map_or(0, BTreeSet::len);
+            if local_endpoints == 0 {
+                no_local.insert(name.clone());
+            }
+            let target =
+                Target { namespace: name.0.clone(), name: name.1.clone(), local_endpoints };
+            wanted.insert(*port, target);
+        }
+        let no_local_internal = self.internal_local.difference(&internal_served).count();
+        for (policy, count) in [("external", no_local.len()), ("internal", no_local_internal)] {
+            let labels = TrafficPolicy { traffic_policy: policy.into() };
+            self.metrics.no_local_endpoints.get_or_create(&labels).set(count as i64);
+        }
+        self.service_health.sync(wanted).await;
+    }
+
+    /// The periodic full check: compares the kernel with what was programmed, and repairs
+    /// every difference (a cleared IPVS table, removed addresses, a deleted netfilter table).
+    pub async fn full_check(&mut self) -> Result<(), Error> {
+        if !self.synced_once {
+            return Ok(());
+        }
+        let node = self.node_info();
+        let owned = self.ownership(&node).await?;
+        let healed = self.node.full_check(&self.desired, &owned).await?;
+        let repairs = [
+            ("ipvs", healed.virtual_servers),
+            ("address", healed.addresses),
+            ("netfilter", usize::from(healed.netfilter)),
+        ];
+        for (kind, count) in repairs {
+            if count > 0 {
+                let counter = self.metrics.drift_repairs.get_or_create(&Kind { kind: kind.into() });
+                counter.inc_by(count as u64);
+            }
+        }
+        self.metrics.sent_messages(&self.node.reconciler.ipvs().sent_messages().await);
+        Ok(())
+    }
+
+    /// Deletes draining destinations whose connections ended or whose bound elapsed.
+    pub async fn drain(&mut self) -> Result<(), Error> {
+        let done = self.node.reconciler.drain().await?;
+        if !done.is_empty() {
+            debug!(destinations = done.len(), "drained destinations deleted");
+        }
+        self.metrics.draining.set(self.node.reconciler.draining().count() as i64);
+        Ok(())
+    }
+}
+
+/// The error's variant name, for the `kind` label.
+fn kind_of(err: &ipvs_netlink::Error) -> Option<String> {
+    let text = format!("{err:?}");
+    let end = text.find(|c: char| !c.is_alphanumeric()).unwrap_or(text.len());
+    (end > 0).then(|| text[..end].to_owned())
+}

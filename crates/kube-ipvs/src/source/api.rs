@@ -1,0 +1,70 @@
+//! The API server: list and watch with kube-rs's watcher, which relists after 410 Gone and
+//! retries with backoff while the API server is unreachable.
+
+use futures::{Stream, StreamExt, stream::BoxStream};
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{WatchStreamExt, watcher},
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::{Input, label_selector};
+
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: &'static str,
+    wrap: fn(watcher::Event<K>) -> Input,
+) -> BoxStream<'static, Input>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    watcher(api, config)
+        // Managed fields are large and never used.
+        .modify(|object| object.managed_fields_mut().clear())
+        .default_backoff()
+        .map(move |event| match event {
+            Ok(event) => wrap(event),
+            Err(error) => Input::WatchFailed { kind, error: error.to_string() },
+        })
+        .boxed()
+}
+
+/// The watch events of every Service and EndpointSlice this node proxies, and of the Node
+/// named `node`. The stream never ends.
+pub fn inputs(
+    client: Client,
+    node: &str,
+    service_proxy_name: Option<&str>,
+) -> impl Stream<Item = Input> + Send + 'static {
+    let selected = watcher::Config::default().labels(&label_selector(service_proxy_name));
+    futures::stream::select_all([
+        watch(Api::<Service>::all(client.clone()), selected.clone(), "Service", Input::service),
+        watch(Api::<EndpointSlice>::all(client.clone()), selected, "EndpointSlice", Input::slice),
+        watch(
+            Api::<Node>::all(client),
+            watcher::Config::default().fields(&format!("metadata.name={node}")),
+            "Node",
+            Input::node,
+        ),
+    ])
+}
+
+/// Sends [`inputs`] to `sink` until the receiver is gone.
+pub async fn forward(inputs: impl Stream<Item = Input>, sink: mpsc::Sender<Input>) {
+    let mut inputs = std::pin::pin!(inputs);
+    while let Some(input) = inputs.next().await {
+        if let Input::WatchFailed { kind, error } = &input {
+            warn!(kind, %error, "watch failed; the kernel keeps its state, retrying");
+        }
+        if sink.send(input).await.is_err() {
+            return;
+        }
+    }
+}

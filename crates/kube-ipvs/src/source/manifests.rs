@@ -1,0 +1,308 @@
+//! A directory of manifests: Services, EndpointSlices and Nodes in YAML or JSON files (several
+//! documents per file, and `List`s, as `kubectl apply -f DIR` takes them), followed for
+//! changes. For standalone use, demos and benchmarks.
+//!
+//! The first scan lists everything (as a watch's initial list does); later scans send only
+//! what was added, changed or removed. A document that is not a usable object is reported
+//! once, with its file, and skipped; the rest of the file is still used.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::runtime::watcher::Event;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tracing::warn;
+
+use super::Input;
+use crate::Error;
+
+type Key = (String, String);
+
+/// The objects of one or more files.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Objects {
+    services: BTreeMap<Key, Service>,
+    slices: BTreeMap<Key, EndpointSlice>,
+    nodes: BTreeMap<Key, Node>,
+}
+
+impl Objects {
+    fn extend(&mut self, other: &Objects) {
+        self.services.extend(other.services.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.slices.extend(other.slices.iter().map(|(k, v)| (k.clone(), v.clone())));
+        self.nodes.extend(other.nodes.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+}
+
+#[derive(Debug)]
+struct File {
+    modified: Option<SystemTime>,
+    len: u64,
+    objects: Objects,
+}
+
+/// A manifests directory and what was last read from it.
+#[derive(Debug)]
+pub struct Manifests {
+    dir: PathBuf,
+    node: String,
+    files: BTreeMap<PathBuf, File>,
+    current: Option<Objects>,
+}
+
+fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
+    (namespace.unwrap_or("default").to_owned(), name.unwrap_or_default().to_owned())
+}
+
+/// Parses one document into `objects`; returns why it cannot be used.
+fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
+    let kind = document.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let named = |document: &Value| {
+        document.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| !n.is_empty())
+    };
+    if kind != "List" && !named(&document) {
+        return Err(format!("a {kind:?} without metadata.name"));
+    }
+    match kind.as_str() {
+        "List" => {
+            let items = document.get("items").and_then(Value::as_array).cloned();
+            let mut problems = Vec::new();
+            for item in items.unwrap_or_default() {
+                if let Err(problem) = add_document(item, objects) {
+                    problems.push(problem);
+                }
+            }
+            if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
+        }
+        "Service" => {
+            let mut service: Service =
+                serde_json::from_value(document).map_err(|e| format!("a Service: {e}"))?;
+            let key = key(service.metadata.namespace.as_deref(), service.metadata.name.as_deref());
+            service.metadata.namespace = Some(key.0.clone());
+            objects.services.insert(key, service);
+            Ok(())
+        }
+        "EndpointSlice" => {
+            let mut slice: EndpointSlice =
+                serde_json::from_value(document).map_err(|e| format!("an EndpointSlice: {e}"))?;
+            let key = key(slice.metadata.namespace.as_deref(), slice.metadata.name.as_deref());
+            slice.metadata.namespace = Some(key.0.clone());
+            objects.slices.insert(key, slice);
+            Ok(())
+        }
+        "Node" => {
+            let node: Node =
+                serde_json::from_value(document).map_err(|e| format!("a Node: {e}"))?;
+            objects.nodes.insert(key(Some(""), node.metadata.name.as_deref()), node);
+            Ok(())
+        }
+        other => Err(format!("kind {other:?} is not a Service, EndpointSlice, Node or List")),
+    }
+}
+
+/// The objects of one file's text. Problems are logged with the file's name.
+fn parse(path: &Path, text: &str) -> Objects {
+    let mut objects = Objects::default();
+    for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let result =
+            Value::deserialize(document).map_err(|e| format!("not YAML: {e}")).and_then(|value| {
+                match value {
+                    Value::Null => Ok(()),
+                    value => add_document(value, &mut objects),
+                }
+            });
+        if let Err(reason) = result {
+            warn!(file = %path.display(), document = index + 1, %reason, "manifest skipped");
+        }
+    }
+    objects
+}
+
+fn changes<K: Clone + PartialEq>(
+    old: &BTreeMap<Key, K>,
+    new: &BTreeMap<Key, K>,
+    wrap: fn(Event<K>) -> Input,
+    out: &mut Vec<Input>,
+) {
+    for (key, object) in new {
+        if old.get(key) != Some(object) {
+            out.push(wrap(Event::Apply(object.clone())));
+        }
+    }
+    for (key, object) in old {
+        if !new.contains_key(key) {
+            out.push(wrap(Event::Delete(object.clone())));
+        }
+    }
+}
+
+fn listing<K: Clone>(
+    objects: &BTreeMap<Key, K>,
+    wrap: fn(Event<K>) -> Input,
+    out: &mut Vec<Input>,
+) {
+    out.push(wrap(Event::Init));
+    out.extend(objects.values().map(|o| wrap(Event::InitApply(o.clone()))));
+    out.push(wrap(Event::InitDone));
+}
+
+impl Manifests {
+    /// The manifests in `dir`; `node` is this node's name (other Nodes are ignored).
+    pub fn new(dir: PathBuf, node: String) -> Self {
+        Self { dir, node, files: BTreeMap::new(), current: None }
+    }
+
+    /// Reads the files that changed since the last scan, and returns the events that bring a
+    /// watcher's cache from the last scan's objects to these.
+    pub fn scan(&mut self) -> Result<Vec<Input>, Error> {
+        let io = |source| Error::Manifests { dir: self.dir.clone(), source };
+        let mut seen = BTreeMap::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            let manifest =
+                matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json"));
+            // Follows symbolic links, as a mounted ConfigMap has them.
+            let Ok(metadata) = std::fs::metadata(&path) else { continue };
+            if !manifest || !metadata.is_file() {
+                continue;
+            }
+            let (modified, len) = (metadata.modified().ok(), metadata.len());
+            let file = match self.files.remove(&path) {
+                Some(file) if file.modified == modified && file.len == len => file,
+                _ => match std::fs::read_to_string(&path) {
+                    Ok(text) => File { modified, len, objects: parse(&path, &text) },
+                    Err(err) => {
+                        warn!(file = %path.display(), %err, "manifest cannot be read");
+                        continue;
+                    }
+                },
+            };
+            seen.insert(path, file);
+        }
+        self.files = seen;
+        let mut all = Objects::default();
+        for file in self.files.values() {
+            all.extend(&file.objects);
+        }
+        all.nodes.retain(|(_, name), _| *name == self.node);
+        let mut out = Vec::new();
+        match &self.current {
+            None => {
+                listing(&all.services, Input::service, &mut out);
+                listing(&all.slices, Input::slice, &mut out);
+                listing(&all.nodes, Input::node, &mut out);
+            }
+            Some(old) => {
+                changes(&old.services, &all.services, Input::service, &mut out);
+                changes(&old.slices, &all.slices, Input::slice, &mut out);
+                changes(&old.nodes, &all.nodes, Input::node, &mut out);
+            }
+        }
+        self.current = Some(all);
+        Ok(out)
+    }
+
+    /// Scans every `interval` and sends the events to `sink`, until the receiver is gone. A
+    /// directory that cannot be read is reported and tried again.
+    pub async fn follow(mut self, interval: Duration, sink: mpsc::Sender<Input>) {
+        loop {
+            match self.scan() {
+                Ok(inputs) => {
+                    for input in inputs {
+                        if sink.send(input).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(err) => warn!(%err, "manifests not read; the kernel keeps its state"),
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(inputs: &[Input]) -> Vec<String> {
+        inputs.iter().map(ToString::to_string).collect()
+    }
+
+    const WEB: &str = "
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: web-1, labels: {kubernetes.io/service-name: web}}
+addressType: IPv4
+endpoints: [{addresses: [10.244.0.2]}]
+---
+kind: ConfigMap
+metadata: {name: not-ours}
+---
+kind: Service
+metadata: {}
+---
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Node, metadata: {name: node-a, labels: {topology.kubernetes.io/zone: z1}}}
+- {apiVersion: v1, kind: Node, metadata: {name: node-b}}
+";
+
+    #[test]
+    fn the_first_scan_lists_and_later_scans_send_changes() {
+        let dir = std::env::temp_dir().join(format!("kube-ipvs-manifests-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("web.yaml"), WEB).unwrap();
+        std::fs::write(dir.join("README.md"), "not a manifest").unwrap();
+        let mut manifests = Manifests::new(dir.clone(), "node-a".into());
+        assert_eq!(
+            names(&manifests.scan().unwrap()),
+            [
+                "Service init",
+                "Service list default/web",
+                "Service done",
+                "EndpointSlice init",
+                "EndpointSlice list default/web-1",
+                "EndpointSlice done",
+                "Node init",
+                "Node list node-a",
+                "Node done"
+            ]
+        );
+        assert!(manifests.scan().unwrap().is_empty(), "nothing changed");
+
+        let api = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: other}\nspec: {clusterIP: 10.96.0.11}\n";
+        std::fs::write(dir.join("api.yml"), api).unwrap();
+        assert_eq!(names(&manifests.scan().unwrap()), ["Service apply other/api"]);
+        let namespace = manifests.current.as_ref().unwrap().services.keys().next().cloned();
+        assert_eq!(namespace, Some(("default".into(), "web".into())), "namespace defaults");
+
+        std::fs::remove_file(dir.join("web.yaml")).unwrap();
+        let removed = manifests.scan().unwrap();
+        assert_eq!(removed.len(), 3, "{:?}", names(&removed));
+        assert_eq!(names(&removed)[0], "Service delete default/web");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_missing_directory_is_an_error_naming_it() {
+        let mut manifests = Manifests::new("/nonexistent/manifests".into(), "n".into());
+        let err = manifests.scan().unwrap_err().to_string();
+        assert!(err.starts_with("--manifests /nonexistent/manifests: "), "{err}");
+    }
+}

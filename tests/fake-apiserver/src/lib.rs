@@ -1,0 +1,562 @@
+//! An in-process Kubernetes API server for tests.
+//!
+//! It speaks the real list and watch protocol over HTTP, for Services, EndpointSlices and
+//! Nodes, with the objects as JSON (as k8s-openapi serializes them):
+//!
+//! - lists carry the store's `resourceVersion`, and are paged with `limit` and `continue`;
+//! - `?watch=1` streams newline-delimited events from a `resourceVersion`: the changes after
+//!   it, then live ones; an object that stops (or starts) matching the selectors is sent as
+//!   `DELETED` (or `ADDED`), as the real watch cache does;
+//! - `BOOKMARK` events when `allowWatchBookmarks` is set;
+//! - watches end after `timeoutSeconds`, or after the server's own limit;
+//! - label selectors (`k`, `!k`, `k=v`, `k!=v`) and the `metadata.name` and
+//!   `metadata.namespace` field selectors;
+//! - and failures on demand: every open watch dropped, the history compacted so resumed
+//!   watches get `410 Gone` and must list again, or the whole server stopped (connections
+//!   refused) and started again on the same address.
+
+use std::{
+    collections::BTreeMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use axum::{
+    Router,
+    body::Body,
+    extract::{Query, State},
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use serde_json::{Value, json};
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast, mpsc, watch},
+    task::{JoinHandle, JoinSet},
+};
+
+/// The resources served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Resource {
+    /// `/api/v1/services`.
+    Services,
+    /// `/apis/discovery.k8s.io/v1/endpointslices`.
+    EndpointSlices,
+    /// `/api/v1/nodes`.
+    Nodes,
+}
+
+impl Resource {
+    /// The resource of an object's `kind`.
+    pub fn of_kind(kind: &str) -> Option<Self> {
+        match kind {
+            "Service" => Some(Self::Services),
+            "EndpointSlice" => Some(Self::EndpointSlices),
+            "Node" => Some(Self::Nodes),
+            _ => None,
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Self::Services => "Service",
+            Self::EndpointSlices => "EndpointSlice",
+            Self::Nodes => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Self::EndpointSlices => "discovery.k8s.io/v1",
+            Self::Services | Self::Nodes => "v1",
+        }
+    }
+
+    fn namespaced(self) -> bool {
+        self != Self::Nodes
+    }
+
+    /// Its plural name, as in the URL.
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::Services => "services",
+            Self::EndpointSlices => "endpointslices",
+            Self::Nodes => "nodes",
+        }
+    }
+}
+
+type Key = (Resource, String, String);
+
+/// One change: the object before and after (`None` when absent).
+#[derive(Debug, Clone)]
+struct Change {
+    version: u64,
+    resource: Resource,
+    old: Option<Value>,
+    new: Option<Value>,
+}
+
+#[derive(Debug, Default)]
+struct Store {
+    version: u64,
+    objects: BTreeMap<Key, Value>,
+    history: Vec<Change>,
+    /// Watches from a version below this get 410 Gone.
+    compacted: u64,
+    requests: Vec<String>,
+    uid: u64,
+}
+
+/// Server-side settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How often a watch that asked for bookmarks gets one.
+    pub bookmark_interval: Duration,
+    /// The longest a watch lasts, whatever `timeoutSeconds` asks.
+    pub max_watch: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { bookmark_interval: Duration::from_secs(1), max_watch: Duration::from_secs(300) }
+    }
+}
+
+struct Shared {
+    store: Mutex<Store>,
+    changes: broadcast::Sender<Change>,
+    /// Bumped to end every open watch.
+    generation: watch::Sender<u64>,
+    settings: Mutex<Settings>,
+}
+
+/// The server, running on a loopback port until dropped.
+pub struct FakeApiServer {
+    shared: Arc<Shared>,
+    address: SocketAddr,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn meta<'a>(object: &'a Value, field: &str) -> &'a str {
+    object.pointer(&format!("/metadata/{field}")).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Whether `object` matches a label selector (`k`, `!k`, `k=v`, `k==v`, `k!=v`, comma-separated).
+pub fn labels_match(selector: &str, object: &Value) -> bool {
+    let labels = object.pointer("/metadata/labels").and_then(Value::as_object);
+    let label = |key: &str| labels.and_then(|l| l.get(key.trim())).and_then(Value::as_str);
+    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
+        if let Some((key, value)) = term.split_once("!=") {
+            label(key) != Some(value.trim())
+        } else if let Some((key, value)) = term.split_once("==").or_else(|| term.split_once('=')) {
+            label(key) == Some(value.trim())
+        } else if let Some(key) = term.strip_prefix('!') {
+            label(key).is_none()
+        } else {
+            label(term).is_some()
+        }
+    })
+}
+
+/// Whether `object` matches a field selector (`metadata.name=…`, `metadata.namespace=…`).
+pub fn fields_match(selector: &str, object: &Value) -> bool {
+    selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
+        let (field, value, equal) = match term.split_once("!=") {
+            Some((f, v)) => (f, v, false),
+            None => match term.split_once("==").or_else(|| term.split_once('=')) {
+                Some((f, v)) => (f, v, true),
+                None => return false,
+            },
+        };
+        let actual = match field.trim() {
+            "metadata.name" => meta(object, "name"),
+            "metadata.namespace" => meta(object, "namespace"),
+            _ => return false,
+        };
+        (actual == value.trim()) == equal
+    })
+}
+
+/// The query parameters of a list or watch.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Params {
+    watch: Option<String>,
+    resource_version: Option<String>,
+    label_selector: Option<String>,
+    field_selector: Option<String>,
+    allow_watch_bookmarks: Option<bool>,
+    timeout_seconds: Option<u64>,
+    limit: Option<usize>,
+    #[serde(rename = "continue")]
+    continue_: Option<String>,
+}
+
+impl Params {
+    fn matches(&self, object: &Value) -> bool {
+        labels_match(self.label_selector.as_deref().unwrap_or_default(), object)
+            && fields_match(self.field_selector.as_deref().unwrap_or_default(), object)
+    }
+
+    fn watching(&self) -> bool {
+        matches!(self.watch.as_deref(), Some("1" | "true"))
+    }
+}
+
+fn json_response(status: StatusCode, body: &Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+fn status(code: u16, reason: &str, message: String) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+impl Shared {
+    fn list(&self, resource: Resource, params: &Params) -> Response {
+        let mut store = lock(&self.store);
+        store.requests.push(format!("LIST {}", resource.plural()));
+        let offset: usize = match params.continue_.as_deref() {
+            None | Some("") => 0,
+            Some(token) => match token.parse() {
+                Ok(offset) => offset,
+                Err(_) => {
+                    let body =
+                        status(400, "BadRequest", format!("invalid continue token {token:?}"));
+                    return json_response(StatusCode::BAD_REQUEST, &body);
+                }
+            },
+        };
+        let matching: Vec<&Value> = store
+            .objects
+            .iter()
+            .filter(|((r, _, _), object)| *r == resource && params.matches(object))
+            .map(|(_, object)| object)
+            .collect();
+        let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let page: Vec<&Value> = matching.iter().skip(offset).take(limit).copied().collect();
+        let mut metadata = json!({"resourceVersion": store.version.to_string()});
+        if offset + page.len() < matching.len() {
+            metadata["continue"] = (offset + page.len()).to_string().into();
+        }
+        let body = json!({
+            "kind": format!("{}List", resource.kind()),
+            "apiVersion": resource.api_version(),
+            "metadata": metadata,
+            "items": page,
+        });
+        json_response(StatusCode::OK, &body)
+    }
+
+    fn watch(self: &Arc<Self>, resource: Resource, params: Params) -> Response {
+        let settings = *lock(&self.settings);
+        let mut changes = self.changes.subscribe();
+        let mut generation = self.generation.subscribe();
+        let (sender, receiver) = mpsc::channel::<String>(256);
+        let from: u64 = params.resource_version.as_deref().unwrap_or("0").parse().unwrap_or(0);
+        let (backlog, gone, mut version) = {
+            let mut store = lock(&self.store);
+            store.requests.push(format!("WATCH {} from {from}", resource.plural()));
+            let gone = from != 0 && from < store.compacted;
+            let backlog: Vec<Change> = store
+                .history
+                .iter()
+                .filter(|c| c.resource == resource && c.version > from)
+                .cloned()
+                .collect();
+            // The watch has seen everything up to now: the backlog of its resource, and the
+            // other resources' changes, which later bookmarks count too.
+            (backlog, gone, from.max(store.version))
+        };
+        let timeout = params
+            .timeout_seconds
+            .map_or(settings.max_watch, Duration::from_secs)
+            .min(settings.max_watch);
+        let bookmarks = params.allow_watch_bookmarks.unwrap_or(false);
+        tokio::spawn(async move {
+            let line = |kind: &str, object: &Value| {
+                format!("{}\n", json!({"type": kind, "object": object}))
+            };
+            if gone {
+                let message = format!("too old resource version: {from}");
+                let _ = sender.send(line("ERROR", &status(410, "Expired", message))).await;
+                return;
+            }
+            let event = |change: &Change| -> Option<String> {
+                let was = change.old.as_ref().is_some_and(|o| params.matches(o));
+                let is = change.new.as_ref().is_some_and(|n| params.matches(n));
+                match (was, is, &change.new) {
+                    (false, true, Some(new)) => Some(line("ADDED", new)),
+                    (true, true, Some(new)) => Some(line("MODIFIED", new)),
+                    (true, false, _) => {
+                        let mut gone = change.new.clone().or_else(|| change.old.clone())?;
+                        gone["metadata"]["resourceVersion"] = change.version.to_string().into();
+                        Some(line("DELETED", &gone))
+                    }
+                    _ => None,
+                }
+            };
+            for change in &backlog {
+                if let Some(line) = event(change)
+                    && sender.send(line).await.is_err()
+                {
+                    return;
+                }
+            }
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let mut bookmark = tokio::time::interval(settings.bookmark_interval);
+            bookmark.tick().await;
+            loop {
+                let line = tokio::select! {
+                    _ = &mut deadline => return,
+                    _ = generation.changed() => return,
+                    _ = bookmark.tick(), if bookmarks => {
+                        let object = json!({"kind": resource.kind(), "apiVersion": resource.api_version(),
+                                            "metadata": {"resourceVersion": version.to_string()}});
+                        line("BOOKMARK", &object)
+                    }
+                    change = changes.recv() => match change {
+                        Ok(change) if change.resource == resource && change.version > version => {
+                            version = change.version;
+                            match event(&change) { Some(line) => line, None => continue }
+                        }
+                        // Another resource's change: later bookmarks carry its version.
+                        Ok(change) => { version = version.max(change.version); continue }
+                        // Fell behind: end the watch, as an API server does.
+                        Err(_) => return,
+                    },
+                };
+                if sender.send(line).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let body = futures::stream::unfold(receiver, |mut receiver| async move {
+            receiver.recv().await.map(|line| (Ok::<_, Infallible>(line), receiver))
+        });
+        Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(Body::from_stream(body))
+            .expect("a valid response")
+    }
+}
+
+async fn serve_resource(
+    State((shared, resource)): State<(Arc<Shared>, Resource)>,
+    Query(params): Query<Params>,
+) -> Response {
+    if params.watching() { shared.watch(resource, params) } else { shared.list(resource, &params) }
+}
+
+fn router(shared: Arc<Shared>) -> Router {
+    let route = |resource| get(serve_resource).with_state((shared.clone(), resource));
+    Router::new()
+        .route("/api/v1/services", route(Resource::Services))
+        .route("/apis/discovery.k8s.io/v1/endpointslices", route(Resource::EndpointSlices))
+        .route("/api/v1/nodes", route(Resource::Nodes))
+        .fallback(|| async {
+            json_response(
+                StatusCode::NOT_FOUND,
+                &status(404, "NotFound", "not served by the fake API server".into()),
+            )
+        })
+}
+
+/// Accepts connections until aborted; aborting it closes every connection too.
+async fn accept(listener: TcpListener, router: Router) {
+    let mut connections = JoinSet::new();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        connections.spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
+        });
+        while connections.try_join_next().is_some() {}
+    }
+}
+
+impl FakeApiServer {
+    /// A server on a free loopback port.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_on(SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// A server on `address`.
+    pub async fn start_on(address: SocketAddr) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            store: Mutex::default(),
+            changes: broadcast::channel(65_536).0,
+            generation: watch::channel(0).0,
+            settings: Mutex::default(),
+        });
+        let listener = TcpListener::bind(address).await?;
+        let address = listener.local_addr()?;
+        let task = tokio::spawn(accept(listener, router(shared.clone())));
+        Ok(Self { shared, address, task: Mutex::new(Some(task)) })
+    }
+
+    /// Where it listens.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// A kubeconfig for it.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context: {{cluster: fake, user: fake}}\ncurrent-context: fake\n",
+            self.address
+        )
+    }
+
+    /// Changes server-side settings (for watches started from now on).
+    pub fn set(&self, settings: Settings) {
+        *lock(&self.shared.settings) = settings;
+    }
+
+    fn record(&self, store: &mut Store, key: Key, new: Option<Value>) -> u64 {
+        store.version += 1;
+        let version = store.version;
+        let old = match &new {
+            Some(object) => store.objects.insert(key.clone(), object.clone()),
+            None => store.objects.remove(&key),
+        };
+        let change = Change { version, resource: key.0, old, new };
+        store.history.push(change.clone());
+        let _ = self.shared.changes.send(change);
+        version
+    }
+
+    /// Creates or replaces an object (its `kind` says which resource); returns its new
+    /// resource version. Namespaced objects without a namespace go to `default`.
+    ///
+    /// # Panics
+    /// If the object's kind is not served or it has no name: a mistake in the test.
+    pub fn apply(&self, mut object: Value) -> u64 {
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        let resource =
+            Resource::of_kind(&kind).unwrap_or_else(|| panic!("kind {kind:?} is not served"));
+        assert!(!meta(&object, "name").is_empty(), "{kind} without a name");
+        object["apiVersion"] = resource.api_version().into();
+        if resource.namespaced() && meta(&object, "namespace").is_empty() {
+            object["metadata"]["namespace"] = "default".into();
+        }
+        let mut store = lock(&self.shared.store);
+        let key =
+            (resource, meta(&object, "namespace").to_owned(), meta(&object, "name").to_owned());
+        let uid = match store.objects.get(&key) {
+            Some(old) => meta(old, "uid").to_owned(),
+            None => {
+                store.uid += 1;
+                format!("00000000-0000-0000-0000-{:012}", store.uid)
+            }
+        };
+        object["metadata"]["uid"] = uid.into();
+        object["metadata"]["resourceVersion"] = (store.version + 1).to_string().into();
+        self.record(&mut store, key, Some(object))
+    }
+
+    /// Deletes an object; returns whether it existed.
+    pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> bool {
+        let mut store = lock(&self.shared.store);
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        if !store.objects.contains_key(&key) {
+            return false;
+        }
+        self.record(&mut store, key, None);
+        true
+    }
+
+    /// Forgets the history: a watch resumed from an older version gets `410 Gone` and the
+    /// client has to list again.
+    pub fn compact(&self) {
+        let mut store = lock(&self.shared.store);
+        store.compacted = store.version + 1;
+        store.history.clear();
+    }
+
+    /// Ends every open watch (the connections stay up).
+    pub fn drop_watches(&self) {
+        self.shared.generation.send_modify(|g| *g += 1);
+    }
+
+    /// Stops serving: the listener closes and every connection is cut, so clients see
+    /// connections refused until [`FakeApiServer::resume`].
+    pub async fn stop(&self) {
+        let task = lock(&self.task).take();
+        if let Some(task) = task {
+            task.abort();
+            let _ = task.await;
+        }
+        self.drop_watches();
+    }
+
+    /// Serves again on the same address.
+    pub async fn resume(&self) -> std::io::Result<()> {
+        let listener = TcpListener::bind(self.address).await?;
+        let task = tokio::spawn(accept(listener, router(self.shared.clone())));
+        *lock(&self.task) = Some(task);
+        Ok(())
+    }
+
+    /// The lists and watches served, in order, as `LIST services` or
+    /// `WATCH services from 12`.
+    pub fn requests(&self) -> Vec<String> {
+        lock(&self.shared.store).requests.clone()
+    }
+
+    /// The current resource version.
+    pub fn version(&self) -> u64 {
+        lock(&self.shared.store).version
+    }
+}
+
+impl Drop for FakeApiServer {
+    fn drop(&mut self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+        self.drop_watches();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn get(address: SocketAddr, path: &str) -> String {
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn watches_end_at_the_server_limit() {
+        let server = FakeApiServer::start().await.unwrap();
+        server.set(Settings {
+            bookmark_interval: Duration::from_millis(100),
+            max_watch: Duration::from_millis(500),
+        });
+        let address = server.address();
+        let started = std::time::Instant::now();
+        let text = tokio::task::spawn_blocking(move || {
+            get(address, "/api/v1/services?watch=1&allowWatchBookmarks=true&timeoutSeconds=290")
+        })
+        .await
+        .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5), "{text}");
+        assert!(text.contains("BOOKMARK"), "{text}");
+    }
+}
