@@ -42,8 +42,20 @@ fn build_test_binaries() -> Result<Vec<PathBuf>> {
     Ok(binaries)
 }
 
+/// Builds the `kube-ipvs` executable next to the test binaries, where the end-to-end tests
+/// find it (`vm_tests::daemon::binary`).
+fn build_daemon() -> Result<()> {
+    let mut command = cargo(["build", "--package", "kube-ipvs", "--bin", "kube-ipvs"]);
+    eprintln!("+ {}", describe(&command));
+    if !command.status()?.success() {
+        bail!("building kube-ipvs failed");
+    }
+    Ok(())
+}
+
 /// Builds the tests, runs them in the VM and prints the closing `N passed, N failed` line.
 pub(crate) fn run(filter: Option<&str>, options: &VmOptions) -> Result<()> {
+    build_daemon().context("building kube-ipvs for the end-to-end tests")?;
     let binaries = build_test_binaries().context("building the VM tests")?;
     let results =
         vm::boot(GuestTask::Tests { binaries, filter: filter.map(str::to_owned) }, options)?;

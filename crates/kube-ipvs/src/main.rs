@@ -95,7 +95,10 @@ impl From<Columns> for listing::Columns {
 fn init_logging(format: config::LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         config::LogFormat::Text => builder.init(),
         config::LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -16,6 +16,8 @@ use std::{
     time::Duration,
 };
 
+pub mod daemon;
+
 use nix::sched::{CloneFlags, setns};
 use socket2::{Domain, Socket, Type};
 
