@@ -40,11 +40,26 @@ pub fn sort_like_ipvsadm(table: &mut [TableEntry]) {
 
 /// The whole listing: the version line, the column titles, then every service, sorted.
 pub fn render(info: &Info, table: &[TableEntry], columns: Columns) -> String {
+    render_annotated(info, table, columns, |_| None)
+}
+
+/// [`render`], with `annotate`'s text after the line of each service it has one for (two
+/// spaces apart), so that the listing stays `ipvsadm`'s line for line.
+pub fn render_annotated(
+    info: &Info,
+    table: &[TableEntry],
+    columns: Columns,
+    annotate: impl Fn(&ServiceKey) -> Option<String>,
+) -> String {
     let mut sorted = table.to_vec();
     sort_like_ipvsadm(&mut sorted);
     let mut out = header(info, columns);
     for (service, destinations) in &sorted {
         out.push_str(&service_line(service, columns));
+        if let Some(note) = annotate(&service.service.key) {
+            out.push_str("  ");
+            out.push_str(&note);
+        }
         out.push('\n');
         for destination in destinations {
             out.push_str(&destination_line(service, destination, columns));

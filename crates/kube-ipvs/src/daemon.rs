@@ -30,6 +30,7 @@ use crate::{
     config::Config,
     health::ProxyHealth,
     http::{self, Shared},
+    inspect::Published,
     metrics::Metrics,
     proxier::{Proxier, Settings},
     source::{api, manifests::Manifests},
@@ -130,12 +131,12 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
 
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(ProxyHealth::new(config.sync_period));
-    let owners = http::Owners::default();
+    let published = Published::default();
     let shared = Shared {
         health: health.clone(),
         metrics: metrics.clone(),
         traffic: options.traffic_metrics.then(|| ipvs.clone()),
-        owners: owners.clone(),
+        programmed: published.clone(),
     };
     let bound =
         http::serve("/healthz", config.healthz_bind_address, http::health_router(shared.clone()))
@@ -156,7 +157,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
         node_port_addresses: config.node_port_addresses.clone(),
         node_port_range: options.node_port_range.clone(),
     };
-    let mut proxier = Proxier::new(settings, node, local, metrics, health, owners);
+    let mut proxier = Proxier::new(settings, node, local, metrics, health, published);
 
     let (sink, mut inputs) = mpsc::channel(4096);
     match &options.manifests {

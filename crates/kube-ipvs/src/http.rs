@@ -1,11 +1,7 @@
 //! The HTTP servers kube-proxy has: health (`/healthz`, `/livez`, 10256) and metrics
 //! (`/metrics`, `/healthz`, `/proxyMode`, 10249).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-    sync::{Arc, RwLock},
-};
+use std::{collections::BTreeSet, net::SocketAddr, sync::Arc};
 
 use axum::{
     Router,
@@ -14,19 +10,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
-use ipvs_netlink::{IpvsHandle, ServiceKey};
+use ipvs_netlink::IpvsHandle;
 use tokio::net::TcpListener;
 use tracing::warn;
 
 use crate::{
     Error,
     health::ProxyHealth,
+    inspect::Published,
     metrics::{Code, Metrics, VirtualServerLabels},
 };
-
-/// Which Service port each virtual server implements (`namespace/name:port`), as the sync
-/// loop last programmed them.
-pub type Owners = Arc<RwLock<BTreeMap<ServiceKey, String>>>;
 
 /// What the servers read.
 #[derive(Clone)]
@@ -37,8 +30,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// The kernel, for per-virtual-server traffic counters (`--service-traffic-metrics`).
     pub traffic: Option<IpvsHandle>,
-    /// The owners of the virtual servers.
-    pub owners: Owners,
+    /// What the sync loop last programmed.
+    pub programmed: Published,
 }
 
 fn health_response(shared: &Shared, liveness: bool) -> Response {
@@ -66,15 +59,14 @@ async fn metrics(State(shared): State<Shared>) -> Response {
     if let Some(ipvs) = &shared.traffic {
         match ipvs.list_services().await {
             Ok(services) => {
-                let owners =
-                    shared.owners.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let programmed =
+                    shared.programmed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let mut seen = BTreeSet::new();
                 for entry in services {
-                    let Some(owner) = owners.get(&entry.service.key) else { continue };
-                    let labels = VirtualServerLabels {
-                        service: owner.clone(),
-                        virtual_server: entry.service.key.to_string(),
-                    };
+                    let key = entry.service.key.to_string();
+                    let Some(view) = programmed.virtual_servers.get(&key) else { continue };
+                    let labels =
+                        VirtualServerLabels { service: view.service.clone(), virtual_server: key };
                     let c = entry.counters();
                     let values =
                         [c.connections, c.in_packets, c.out_packets, c.in_bytes, c.out_bytes];
@@ -99,13 +91,21 @@ pub fn health_router(shared: Shared) -> Router {
     Router::new().route("/healthz", get(healthz)).route("/livez", get(livez)).with_state(shared)
 }
 
-/// `/metrics`, `/healthz` and `/proxyMode`.
+async fn virtual_servers(State(shared): State<Shared>) -> Response {
+    let programmed =
+        shared.programmed.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let body = serde_json::to_string(&programmed).expect("the view serializes");
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// `/metrics`, `/healthz`, `/proxyMode`, and `/virtualservers` (what `kube-ipvs ls` shows).
 pub fn metrics_router(shared: Shared) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/livez", get(livez))
         .route("/proxyMode", get(|| async { "ipvs" }))
+        .route("/virtualservers", get(virtual_servers))
         .with_state(shared)
 }
 

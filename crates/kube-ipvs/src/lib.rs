@@ -6,6 +6,7 @@
 //!   turns them into the desired state (crate `controller`) and moves the kernel there;
 //! - [`health`], [`metrics`], [`service_health`]: what the sync loop reports, served over HTTP
 //!   by [`http`] as kube-proxy serves it;
+//! - [`inspect`]: what the daemon programmed, for `kube-ipvs ls` and its `--diff`;
 //! - [`config`]: kube-proxy's flags and `KubeProxyConfiguration`, and kube-ipvs's own options;
 //! - [`daemon`]: `kube-ipvs run`, which wires them together.
 //!
@@ -17,6 +18,7 @@ pub mod daemon;
 mod error;
 pub mod health;
 pub mod http;
+pub mod inspect;
 pub mod metrics;
 pub mod proxier;
 pub mod service_health;

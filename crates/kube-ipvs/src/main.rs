@@ -1,12 +1,12 @@
 //! `kube-ipvs`: Kubernetes Services on a node with the kernel's IPVS load balancer, in place of
 //! kube-proxy's IPVS mode.
 
-use std::{ops::RangeInclusive, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use ipvs_netlink::{IpvsHandle, listing};
-use kube_ipvs::config;
+use kube_ipvs::{config, inspect::Programmed};
 
 #[derive(Parser)]
 #[command(
@@ -43,14 +43,27 @@ enum Command {
         #[arg(long)]
         traffic_metrics: bool,
     },
-    /// Print the kernel's IPVS table exactly as `ipvsadm -Ln` does.
+    /// Print the kernel's IPVS table as `ipvsadm -Ln` does, line for line, each virtual
+    /// server followed by the Service it implements (asked of the running daemon).
     Ls {
         /// Columns, as ipvsadm's listing options.
         #[arg(long, value_enum, default_value = "default")]
         columns: Columns,
-        /// Print JSON instead: every column set at once, in the same order.
+        /// Print JSON instead: every column set at once, in the same order, with the
+        /// Services.
         #[arg(long, conflicts_with = "columns")]
         json: bool,
+        /// Print only what differs between the daemon's desired state and the kernel:
+        /// `+` missing, `-` not desired, `~` different. Exits with 1 when anything differs.
+        #[arg(long, conflicts_with_all = ["json", "columns"])]
+        diff: bool,
+        /// The running daemon's metrics address, where it tells which Service each virtual
+        /// server implements.
+        #[arg(long, default_value = "127.0.0.1:10249", value_name = "ADDRESS")]
+        daemon: SocketAddr,
+        /// Do not ask the daemon: exactly `ipvsadm -Ln`'s listing.
+        #[arg(long, conflicts_with = "diff")]
+        no_names: bool,
     },
     /// Remove everything kube-ipvs owns from this node: its virtual servers (on kube-ipvs0's
     /// addresses, on NodePorts, and its firewall-mark ones), kube-ipvs0, and its nftables table.
@@ -116,16 +129,63 @@ fn port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
     Ok(first..=last)
 }
 
-async fn ls(columns: Columns, json: bool) -> Result<()> {
+/// What the daemon at `address` programmed.
+async fn programmed(address: SocketAddr) -> Result<Programmed> {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri = format!("http://{address}/virtualservers").parse()?;
+    let ask = async {
+        let response = client.get(uri).await?;
+        anyhow::ensure!(response.status().is_success(), "it answered {}", response.status());
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(serde_json::from_slice(&body)?)
+    };
+    tokio::time::timeout(Duration::from_secs(5), ask)
+        .await
+        .map_err(|_| anyhow::anyhow!("no answer within 5 s"))?
+        .with_context(|| format!("asking kube-ipvs at {address} (--daemon)"))
+}
+
+async fn ls(columns: Columns, json: bool, diff: bool, daemon: Option<SocketAddr>) -> Result<bool> {
     let ipvs = IpvsHandle::new()?;
-    let table = ipvs.dump().await?;
+    let mut table = ipvs.dump().await?;
+    listing::sort_like_ipvsadm(&mut table);
+    let programmed = match daemon {
+        None => None,
+        Some(address) => match programmed(address).await {
+            Ok(programmed) => Some(programmed),
+            Err(err) if !diff => {
+                eprintln!("kube-ipvs ls: Services not shown: {err:#}");
+                None
+            }
+            Err(err) => return Err(err),
+        },
+    };
+    if diff {
+        let lines = programmed.as_ref().map(|p| p.diff(&table)).unwrap_or_default();
+        for line in &lines {
+            println!("{line}");
+        }
+        return Ok(lines.is_empty());
+    }
     if json {
-        println!("{}", serde_json::to_string_pretty(&listing::json(&table))?);
+        let mut value = listing::json(&table);
+        if let (Some(programmed), Some(items)) = (&programmed, value.as_array_mut()) {
+            for ((entry, _), item) in table.iter().zip(items) {
+                if let Some(view) = programmed.virtual_servers.get(&entry.service.key.to_string()) {
+                    item["service"] = view.service.clone().into();
+                    item["type"] = view.kind.clone().into();
+                }
+            }
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
         let info = ipvs.info().await?;
-        print!("{}", listing::render(&info, &table, columns.into()));
+        let annotate = |key: &_| programmed.as_ref().and_then(|p| p.annotation(key));
+        print!("{}", listing::render_annotated(&info, &table, columns.into(), annotate));
     }
-    Ok(())
+    Ok(true)
 }
 
 /// The configuration from the flags and `--config`; logging is set up, and the warnings
@@ -177,7 +237,13 @@ async fn main() -> Result<()> {
             kube_ipvs::daemon::run(config, options).await?;
             Ok(())
         }
-        Command::Ls { columns, json } => ls(columns, json).await,
+        Command::Ls { columns, json, diff, daemon, no_names } => {
+            let same = ls(columns, json, diff, (!no_names).then_some(daemon)).await?;
+            if !same {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Cleanup { flags, node_port_range } => cleanup(&flags, node_port_range).await,
         Command::Version => {
             println!("kube-ipvs {}", env!("CARGO_PKG_VERSION"));

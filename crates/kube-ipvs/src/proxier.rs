@@ -38,7 +38,7 @@ use crate::{
     Error,
     config::NodePortAddresses,
     health::{ProxyHealth, node_eligible},
-    http::Owners,
+    inspect::{Programmed, Published},
     metrics::{Kind, Metrics, TrafficPolicy},
     service_health::{ServiceHealth, Target},
     source::Input,
@@ -61,14 +61,6 @@ pub struct Settings {
     pub node_port_addresses: NodePortAddresses,
     /// The cluster's NodePort range: virtual servers on node addresses in it are kube-ipvs's.
     pub node_port_range: std::ops::RangeInclusive<u16>,
-}
-
-#[derive(Debug, Default)]
-struct Pending {
-    /// When the oldest pending change arrived.
-    since: Option<Instant>,
-    /// The EndpointSlice trigger times of the pending changes.
-    triggers: Vec<Timestamp>,
 }
 
 struct Cache<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
@@ -97,7 +89,11 @@ pub struct Proxier {
     slice_service: HashMap<ServiceName, String>,
     service_slices: HashMap<ServiceName, BTreeSet<String>>,
     unlabelled: BTreeSet<ServiceName>,
-    dirty: BTreeMap<ServiceName, Pending>,
+    dirty: BTreeSet<ServiceName>,
+    /// The EndpointSlice trigger times of the changes not synced yet.
+    triggers: Vec<Timestamp>,
+    /// When this proxier started: earlier trigger times are not measured (as kube-proxy).
+    started: Timestamp,
     all_dirty: bool,
     states: BTreeMap<ServiceName, ServiceState>,
     health_check_ports: BTreeMap<ServiceName, u16>,
@@ -110,7 +106,7 @@ pub struct Proxier {
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
     service_health: ServiceHealth,
-    owners: Owners,
+    published: Published,
 }
 
 impl std::fmt::Debug for Proxier {
@@ -146,14 +142,14 @@ fn health_check_port(service: &Service) -> Option<u16> {
 
 impl Proxier {
     /// A proxier that programs the node through `node`, and reports to `metrics`, `health`
-    /// and `owners`. `local_addresses` are the node's addresses outside kube-ipvs0.
+    /// and `published`. `local_addresses` are the node's addresses outside kube-ipvs0.
     pub fn new(
         settings: Settings,
         node: NodeSync,
         local_addresses: Vec<IpAddr>,
         metrics: Arc<Metrics>,
         health: Arc<ProxyHealth>,
-        owners: Owners,
+        published: Published,
     ) -> Self {
         Self {
             settings,
@@ -163,7 +159,9 @@ impl Proxier {
             slice_service: HashMap::new(),
             service_slices: HashMap::new(),
             unlabelled: BTreeSet::new(),
-            dirty: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            triggers: Vec::new(),
+            started: Timestamp::now(),
             all_dirty: true,
             states: BTreeMap::new(),
             health_check_ports: BTreeMap::new(),
@@ -176,7 +174,7 @@ impl Proxier {
             service_health: ServiceHealth::new(health.clone()),
             metrics,
             health,
-            owners,
+            published,
         }
     }
 
@@ -201,11 +199,16 @@ impl Proxier {
         &self.desired
     }
 
-    fn mark(&mut self, service: ServiceName, trigger: Option<Timestamp>) {
-        let pending = self.dirty.entry(service).or_default();
-        pending.since.get_or_insert_with(Instant::now);
-        pending.triggers.extend(trigger);
+    fn mark(&mut self, service: ServiceName) {
+        self.dirty.insert(service);
         self.queued();
+    }
+
+    /// Keeps the slice's trigger time, to measure network programming latency.
+    fn triggered(&mut self, slice: &EndpointSlice) {
+        // Trigger times have a resolution of one second.
+        let since = self.started - jiff::SignedDuration::from_secs(1);
+        self.triggers.extend(trigger_time(slice).filter(|t| *t >= since));
     }
 
     fn queued(&self) {
@@ -226,7 +229,7 @@ impl Proxier {
             if let Some(set) = self.service_slices.get_mut(&old_service) {
                 set.remove(&key.1);
             }
-            self.mark(old_service, None);
+            self.mark(old_service);
         }
         match service {
             Some(service) => {
@@ -277,7 +280,7 @@ impl Proxier {
                 match &*event {
                     Event::Apply(service) | Event::Delete(service) => {
                         self.metrics.service_changes.inc();
-                        self.mark(name_of(service), None);
+                        self.mark(name_of(service));
                     }
                     Event::InitDone => {
                         if !self.services.listed {
@@ -294,14 +297,15 @@ impl Proxier {
                 match &*event {
                     Event::Apply(slice) => {
                         self.metrics.endpoint_changes.inc();
+                        self.triggered(slice);
                         if let Some(service) = self.index_slice(slice) {
-                            self.mark(service, trigger_time(slice));
+                            self.mark(service);
                         }
                     }
                     Event::Delete(slice) => {
                         self.metrics.endpoint_changes.inc();
                         if let Some(service) = self.unindex_slice(slice) {
-                            self.mark(service, None);
+                            self.mark(service);
                         }
                     }
                     Event::InitDone => {
@@ -312,7 +316,8 @@ impl Proxier {
                         self.reindex_slices();
                         self.relisted();
                     }
-                    Event::Init | Event::InitApply(_) => {}
+                    Event::InitApply(slice) => self.triggered(slice),
+                    Event::Init => {}
                 }
                 self.metrics.endpoint_changes_pending.set(self.dirty.len() as i64);
             }
@@ -425,7 +430,7 @@ impl Proxier {
         let names: BTreeSet<ServiceName> = if full {
             self.services.store.state().iter().map(|s| name_of(s.as_ref())).collect()
         } else {
-            dirty.keys().cloned().collect()
+            dirty
         };
         if full {
             self.states.clear();
@@ -504,7 +509,7 @@ impl Proxier {
         self.desired = desired;
         self.all_dirty = false;
         self.synced_once = true;
-        self.after_sync(&dirty, full, started.elapsed()).await;
+        self.after_sync(full, started.elapsed()).await;
         Ok(true)
     }
 
@@ -517,12 +522,7 @@ impl Proxier {
         self.reported = now;
     }
 
-    async fn after_sync(
-        &mut self,
-        dirty: &BTreeMap<ServiceName, Pending>,
-        full: bool,
-        took: std::time::Duration,
-    ) {
+    async fn after_sync(&mut self, full: bool, took: std::time::Duration) {
         let seconds = took.as_secs_f64();
         self.metrics.sync_duration.observe(seconds);
         if full {
@@ -532,8 +532,8 @@ impl Proxier {
         }
         let now = Timestamp::now();
         self.metrics.last_sync.set(now.as_millisecond() as f64 / 1000.0);
-        for trigger in dirty.values().flat_map(|p| &p.triggers) {
-            let latency = now.duration_since(*trigger).as_secs_f64();
+        for trigger in std::mem::take(&mut self.triggers) {
+            let latency = now.duration_since(trigger).as_secs_f64();
             if latency >= 0.0 {
                 self.metrics.network_programming.observe(latency);
             }
@@ -544,13 +544,11 @@ impl Proxier {
         self.metrics.draining.set(self.node.reconciler.draining().count() as i64);
         self.health.updated();
 
-        let mut owners = BTreeMap::new();
         let mut local: BTreeMap<ServiceName, BTreeSet<IpAddr>> = BTreeMap::new();
         let mut no_local = BTreeSet::new();
         let mut internal_served = BTreeSet::new();
-        for (key, server) in &self.desired.virtual_servers {
+        for server in self.desired.virtual_servers.values() {
             let owner = &server.owner;
-            owners.insert(*key, owner.to_string());
             if server.exposure == Exposure::ClusterIp && !server.destinations.is_empty() {
                 internal_served.insert((owner.namespace.clone(), owner.name.clone()));
             }
@@ -559,7 +557,7 @@ impl Proxier {
                 ips.extend(server.destinations.keys().map(|a| a.ip()));
             }
         }
-        *self.owners.write().unwrap_or_else(std::sync::PoisonError::into_inner) = owners;
+        self.publish();
         let mut wanted = BTreeMap::new();
         for (name, port) in &self.health_check_ports {
             let local_endpoints = local.get(name).map_or(0, BTreeSet::len);
@@ -576,6 +574,15 @@ impl Proxier {
             self.metrics.no_local_endpoints.get_or_create(&labels).set(count as i64);
         }
         self.service_health.sync(wanted).await;
+    }
+
+    fn publish(&self) {
+        let programmed = Programmed::new(
+            &self.desired,
+            self.node.reconciler.shadow().keys(),
+            self.node.reconciler.draining(),
+        );
+        *self.published.write().unwrap_or_else(std::sync::PoisonError::into_inner) = programmed;
     }
 
     /// The periodic full check: compares the kernel with what was programmed, and repairs
@@ -599,6 +606,7 @@ impl Proxier {
             }
         }
         self.metrics.sent_messages(&self.node.reconciler.ipvs().sent_messages().await);
+        self.publish();
         Ok(())
     }
 

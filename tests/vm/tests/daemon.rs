@@ -16,7 +16,8 @@ use serde_json::json;
 use vm_tests::{
     NODE_IP, Topology,
     daemon::{
-        Daemon, answered_by, answering, eventually, ipvs_writes, nft_table, service, slice, vips,
+        Daemon, HEALTHZ, METRICS, answered_by, answering, eventually, http_get, ipvs_writes,
+        nft_table, service, slice, vips,
     },
     ipvsadm, sh, tcp_ask,
 };
@@ -251,4 +252,143 @@ async fn malformed_objects_are_reported_once_and_the_good_ones_programmed() {
     }
     assert!(daemon.running());
     assert!(daemon.metric("kube_ipvs_skipped_objects") >= 100.0, "{}", daemon.metrics());
+}
+
+/// An EndpointSlice of Service `name` with these pods on these nodes.
+fn placed(name: &str, pods: &[(&vm_tests::Pod, &str)]) -> serde_json::Value {
+    let mut slice = slice(name, &[]);
+    slice["endpoints"] = pods
+        .iter()
+        .map(|(pod, node)| json!({"addresses": [pod.ip.to_string()], "nodeName": node, "conditions": {"ready": true}}))
+        .collect();
+    slice
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_type_health_metrics_and_ls() {
+    let topology = node(3);
+    let pods: Vec<_> = topology.pods.iter().collect();
+    let api = FakeApiServer::start().await.unwrap();
+    let mut daemon = Daemon::with_api("types", &api.kubeconfig(), &[]);
+    let lb = Ipv4Addr::new(192, 0, 2, 10);
+    // ClusterIP with session affinity and its own scheduler.
+    let mut sticky = service("sticky", WEB, 80, json!({"sessionAffinity": "ClientIP"}));
+    sticky["metadata"]["annotations"] = json!({"kube-ipvs.io/scheduler": "lc"});
+    api.apply(sticky);
+    api.apply(slice("sticky", &pods));
+    // NodePort.
+    let http = |node_port: u16| json!([{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": node_port}]);
+    api.apply(service("np", LATE, 80, json!({"type": "NodePort", "ports": http(30080)})));
+    api.apply(slice("np", &pods));
+    // LoadBalancer with externalTrafficPolicy Local: pod1 here, pod2 and pod3 elsewhere.
+    let mut local = service(
+        "local",
+        Ipv4Addr::new(10, 96, 0, 12),
+        80,
+        json!({
+        "type": "LoadBalancer", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100, "ports": http(30081)}),
+    );
+    local["status"] = json!({"loadBalancer": {"ingress": [{"ip": lb.to_string()}]}});
+    api.apply(local);
+    api.apply(placed("local", &[(pods[0], "node-a"), (pods[1], "node-b"), (pods[2], "node-b")]));
+
+    let all = topology.pod_names();
+    eventually(MINUTE, || answered_by(SocketAddr::from((LATE, 80)), 9, &all));
+    daemon.wait_synced();
+    // Affinity: one client, one pod.
+    let sticky = answering(SocketAddr::from((WEB, 80)), 6).unwrap();
+    assert_eq!(sticky.len(), 1, "{sticky:?}");
+    assert!(
+        ipvsadm(&["-Ln"]).contains("TCP  10.96.0.10:80 lc persistent 10800"),
+        "{}",
+        ipvsadm(&["-Ln"])
+    );
+    // NodePort from outside: every pod.
+    let outside = topology.client.run(|| answering(SocketAddr::from((NODE_IP, 30080)), 9)).unwrap();
+    assert_eq!(outside, all);
+    // Local: outside clients reach this node's pod only, and it sees their address.
+    let answers: Vec<_> = topology
+        .client
+        .run(|| (0..6).map(|_| tcp_ask(SocketAddr::from((lb, 80))).unwrap()).collect());
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.from == "pod1" && a.peer == std::net::IpAddr::from(vm_tests::CLIENT_IP)),
+        "{answers:?}"
+    );
+    // Its healthCheckNodePort answers with the local endpoint count, from outside too.
+    let health =
+        topology.client.run(|| http_get(SocketAddr::from((NODE_IP, 32100)), "/healthz")).unwrap();
+    assert_eq!(health.0, 200, "{health:?}");
+    let body: serde_json::Value = serde_json::from_str(&health.1).unwrap();
+    assert_eq!(body["localEndpoints"], 1);
+    assert_eq!(body["service"], json!({"namespace": "ns", "name": "local"}));
+    // The endpoint leaves this node; the EndpointSlice says when that happened, for
+    // kubeproxy_network_programming_duration_seconds.
+    let mut moved = placed("local", &[(pods[1], "node-b")]);
+    moved["metadata"]["annotations"] =
+        json!({"endpoints.kubernetes.io/last-change-trigger-time": jiff_now()});
+    api.apply(moved);
+    eventually(MINUTE, || match http_get(SocketAddr::from((NODE_IP, 32100)), "/healthz") {
+        Ok((503, body)) if body.contains("\"localEndpoints\": 0") => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+
+    // kube-proxy's health and metrics endpoints.
+    let (code, body) = http_get(HEALTHZ.parse().unwrap(), "/healthz").unwrap();
+    assert_eq!(code, 200, "{body}");
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!((body["healthy"].clone(), body["nodeEligible"].clone()), (json!(true), json!(true)));
+    assert_eq!(http_get(HEALTHZ.parse().unwrap(), "/livez").unwrap().0, 200);
+    assert_eq!(http_get(METRICS.parse().unwrap(), "/proxyMode").unwrap(), (200, "ipvs".to_owned()));
+    let metrics = daemon.metrics();
+    for name in [
+        "kubeproxy_sync_proxy_rules_duration_seconds_count",
+        "kubeproxy_network_programming_duration_seconds_count 1",
+        "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+        "kubeproxy_sync_proxy_rules_service_changes_total",
+        "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
+        "kubeproxy_sync_proxy_rules_no_local_endpoints_total{traffic_policy=\"external\"} 1",
+        "kube_ipvs_netlink_messages_total{kind=\"AddService\"}",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+
+    // `kube-ipvs ls`: ipvsadm's listing line for line, plus the Services.
+    let ls = sh(vm_tests::daemon::binary().to_str().unwrap(), &["ls"]);
+    let plain: Vec<&str> =
+        ls.lines().map(|l| l.split_once("  # ").map_or(l, |(line, _)| line)).collect();
+    let ipvsadm_lines: Vec<String> = ipvsadm(&["-Ln"]).lines().map(str::to_owned).collect();
+    assert_eq!(plain, ipvsadm_lines, "{ls}");
+    assert!(
+        ls.contains("TCP  10.96.0.10:80 lc persistent 10800  # ns/sticky:http ClusterIP"),
+        "{ls}"
+    );
+    assert!(ls.contains("TCP  192.0.2.10:80 rr  # ns/local:http LoadBalancer"), "{ls}");
+    assert!(ls.contains("  # ns/local:http Local"), "{ls}");
+    let named = ls.lines().filter(|l| l.contains("  # ns/")).count();
+    let servers =
+        ipvsadm_lines.iter().filter(|l| l.starts_with("TCP") || l.starts_with("FWM")).count();
+    assert_eq!(named, servers, "every virtual server named:\n{ls}");
+    // --diff: nothing, then what was changed behind kube-ipvs's back.
+    assert_eq!(sh(vm_tests::daemon::binary().to_str().unwrap(), &["ls", "--diff"]), "");
+    ipvsadm(&["-d", "-t", "10.96.0.11:80", "-r", &format!("{}:8080", pods[0].ip)]);
+    let out = std::process::Command::new(vm_tests::daemon::binary())
+        .args(["ls", "--diff"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim(),
+        format!("+ TCP 10.96.0.11:80 -> {}:8080 weight 1  # ns/np:http", pods[0].ip)
+    );
+}
+
+/// Now as an RFC 3339 timestamp, as the EndpointSlice controller writes it.
+fn jiff_now() -> String {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    sh("date", &["-u", "-d", &format!("@{}", now.as_secs()), "+%Y-%m-%dT%H:%M:%SZ"])
+        .trim()
+        .to_owned()
 }
