@@ -166,3 +166,16 @@ async fn an_api_server_that_goes_away_is_reported_and_waited_for() {
     let seen = until(&mut inputs, "Service apply ns/meanwhile", 2 * WAIT).await;
     assert!(!seen.iter().any(|s| s == "Service init"), "resumed, not relisted: {seen:?}");
 }
+
+#[tokio::test]
+async fn a_failing_list_is_reported_and_retried() {
+    let server = FakeApiServer::start().await.unwrap();
+    server.apply(service("web", json!({})));
+    server.apply(slice("web-1", "web"));
+    server.fail(Resource::EndpointSlices, true);
+    let mut inputs = watch(api::inputs(client(&server).await, "node-a", None));
+    let seen = until(&mut inputs, "EndpointSlice failed", WAIT).await;
+    assert!(!seen.contains(&"EndpointSlice done".to_owned()), "{seen:?}");
+    server.fail(Resource::EndpointSlices, false);
+    until(&mut inputs, "EndpointSlice done", WAIT).await;
+}

@@ -13,7 +13,7 @@
 //!   `metadata.namespace` field selectors;
 //! - and failures on demand: every open watch dropped, the history compacted so resumed
 //!   watches get `410 Gone` and must list again, or the whole server stopped (connections
-//!   refused) and started again on the same address.
+//!   refused) and started again on the same address, or one resource refused with 403.
 
 use std::{
     collections::BTreeMap,
@@ -109,6 +109,8 @@ struct Store {
     compacted: u64,
     requests: Vec<String>,
     uid: u64,
+    /// Resources whose requests are refused with 403 Forbidden.
+    failing: std::collections::BTreeSet<Resource>,
 }
 
 /// Server-side settings.
@@ -354,6 +356,13 @@ async fn serve_resource(
     State((shared, resource)): State<(Arc<Shared>, Resource)>,
     Query(params): Query<Params>,
 ) -> Response {
+    if lock(&shared.store).failing.contains(&resource) {
+        let message = format!(
+            "{} is forbidden: User \"system:serviceaccount:kube-system:kube-ipvs\" cannot list resource",
+            resource.plural()
+        );
+        return json_response(StatusCode::FORBIDDEN, &status(403, "Forbidden", message));
+    }
     if params.watching() { shared.watch(resource, params) } else { shared.list(resource, &params) }
 }
 
@@ -512,6 +521,18 @@ impl FakeApiServer {
     /// `WATCH services from 12`.
     pub fn requests(&self) -> Vec<String> {
         lock(&self.shared.store).requests.clone()
+    }
+
+    /// Refuses every list and watch of `resource` with 403 Forbidden, as an API server does
+    /// when RBAC lacks a rule (`true`), or serves them again. (A 503 would be retried inside
+    /// the client.)
+    pub fn fail(&self, resource: Resource, failing: bool) {
+        let mut store = lock(&self.shared.store);
+        if failing {
+            store.failing.insert(resource);
+        } else {
+            store.failing.remove(&resource);
+        }
     }
 
     /// The current resource version.

@@ -383,6 +383,15 @@ async fn every_service_type_health_metrics_and_ls() {
         text.trim(),
         format!("+ TCP 10.96.0.11:80 -> {}:8080 weight 1  # ns/np:http", pods[0].ip)
     );
+
+    // The node being deleted: /healthz fails (load balancers stop sending), /livez does not.
+    api.apply(json!({"kind": "Node", "metadata": {"name": "node-a"},
+                     "spec": {"taints": [{"key": "ToBeDeletedByClusterAutoscaler", "effect": "NoSchedule"}]}}));
+    eventually(MINUTE, || match http_get(HEALTHZ.parse().unwrap(), "/healthz") {
+        Ok((503, body)) if body.contains("\"nodeEligible\":false") => Ok(()),
+        other => Err(format!("{other:?}")),
+    });
+    assert_eq!(http_get(HEALTHZ.parse().unwrap(), "/livez").unwrap().0, 200);
 }
 
 /// Now as an RFC 3339 timestamp, as the EndpointSlice controller writes it.
@@ -391,4 +400,85 @@ fn jiff_now() -> String {
     sh("date", &["-u", "-d", &format!("@{}", now.as_secs()), "+%Y-%m-%dT%H:%M:%SZ"])
         .trim()
         .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_removed_before_services_and_slices_are_both_listed() {
+    let topology = node(2);
+    let pods: Vec<_> = topology.pods.iter().collect();
+    let api = FakeApiServer::start().await.unwrap();
+    let mut first = Daemon::with_api("startup-1", &api.kubeconfig(), &[]);
+    api.apply(service("web", WEB, 80, json!({})));
+    api.apply(slice("web", &pods));
+    api.apply(service("old", LATE, 80, json!({})));
+    api.apply(slice("old", &pods));
+    eventually(MINUTE, || answered_by(SocketAddr::from((WEB, 80)), 6, &topology.pod_names()));
+    first.wait_synced();
+    assert!(first.stop().success());
+    let table = ipvsadm(&["-Sn"]);
+
+    // While kube-ipvs is down, a Service goes; when it starts, EndpointSlices cannot be listed.
+    api.delete(Resource::Services, "ns", "old");
+    api.delete(Resource::EndpointSlices, "ns", "old-1");
+    api.fail(Resource::EndpointSlices, true);
+    let client = Client::start(SocketAddr::from((WEB, 80)));
+    let mut second = Daemon::with_api("startup-2", &api.kubeconfig(), &[]);
+    eventually(MINUTE, || {
+        let failed = second.metric("kube_ipvs_watch_errors_total{kind=\"EndpointSlice\"}");
+        (failed >= 1.0)
+            .then_some(())
+            .ok_or_else(|| format!("no failed list yet:\n{}\n{}", second.log(), second.metrics()))
+    });
+    thread::sleep(Duration::from_secs(5));
+    assert_eq!(ipvsadm(&["-Sn"]), table, "nothing removed with only Services listed");
+    assert_eq!(second.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds"), 0.0);
+
+    api.fail(Resource::EndpointSlices, false);
+    second.wait_synced();
+    eventually(MINUTE, || {
+        (!ipvsadm(&["-Sn"]).contains(&LATE.to_string())).then_some(()).ok_or("old is still there")
+    });
+    let (ok, failed, errors) = client.finish();
+    assert_eq!(failed, 0, "{errors:?}");
+    assert!(ok > 10);
+}
+
+#[test]
+fn a_manifests_directory_is_followed() {
+    let topology = node(3);
+    let pods: Vec<_> = topology.pods.iter().collect();
+    let dir = std::env::temp_dir().join(format!("manifests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let write = |file: &str, objects: &[serde_json::Value]| {
+        // JSON is YAML: one document per object.
+        let text: Vec<String> = objects.iter().map(|o| o.to_string()).collect();
+        std::fs::write(dir.join(file), text.join("\n---\n")).unwrap();
+    };
+    write("web.yaml", &[service("web", WEB, 80, json!({})), slice("web", &pods[..2])]);
+    let dir_arg = dir.to_str().unwrap().to_owned();
+    let mut daemon = Daemon::start("manifests", &["--manifests", &dir_arg]);
+    let vip = SocketAddr::from((WEB, 80));
+    eventually(MINUTE, || answered_by(vip, 6, &names(&topology, &[0, 1])));
+    daemon.wait_synced();
+
+    write("web.yaml", &[service("web", WEB, 80, json!({})), slice("web", &pods)]);
+    eventually(MINUTE, || answered_by(vip, 9, &topology.pod_names()));
+    // A broken file is reported and skipped; the rest stays.
+    std::fs::write(
+        dir.join("broken.yaml"),
+        "kind: Service\nmetadata: {name: x}\nspec: {ports: 7}\n",
+    )
+    .unwrap();
+    eventually(MINUTE, || {
+        daemon.log().contains("manifest skipped").then_some(()).ok_or("not reported")
+    });
+    assert_eq!(answering(vip, 9).unwrap(), topology.pod_names());
+    println!("{}", sh(vm_tests::daemon::binary().to_str().unwrap(), &["ls"]));
+
+    std::fs::remove_file(dir.join("web.yaml")).unwrap();
+    eventually(MINUTE, || {
+        (!ipvsadm(&["-Sn"]).contains(&WEB.to_string())).then_some(()).ok_or("still there")
+    });
+    assert!(daemon.running(), "{}", daemon.log());
+    std::fs::remove_dir_all(&dir).unwrap();
 }
