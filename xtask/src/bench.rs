@@ -4,7 +4,7 @@ use anyhow::{Result, bail};
 
 use crate::{
     vm::{self, GuestTask, VmOptions},
-    vmtest::build_release_binary,
+    vmtest::build_binary,
 };
 
 /// The benchmarks.
@@ -23,7 +23,7 @@ pub(crate) fn run(
     options: &VmOptions,
 ) -> Result<()> {
     let binary = match which {
-        Which::Ipvs => build_release_binary("ipvs-bench")?,
+        Which::Ipvs => build_binary("ipvs-bench", true)?,
         Which::Controller => {
             return crate::util::run(crate::util::cargo([
                 "bench",

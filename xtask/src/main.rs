@@ -6,6 +6,7 @@
 //! same binary runs as the guest-side runner (`xtask guest`).
 
 mod bench;
+mod demo;
 mod guest;
 mod setup;
 mod util;
@@ -26,6 +27,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
+    /// The demo: boots the VM, runs `kube-ipvs run --manifests` on `deploy/demo` with three
+    /// pods in network namespaces, shows `ipvsadm -Ln` and `kube-ipvs ls`, sends requests
+    /// through the Services, then changes a manifest and shows the kernel following.
+    Demo {
+        #[command(flatten)]
+        vm: vm::VmOptions,
+    },
     /// Run every test: rustfmt, clippy, unit tests, then the VM tests against a real kernel.
     /// Installs what it needs (Debian packages, the kernel, virtme-ng) when it is missing.
     Test {
@@ -85,6 +93,7 @@ fn main() -> Result<()> {
             util::run(util::cargo(["test"]))?;
             vmtest::run(None, &vm)
         }
+        Task::Demo { vm } => demo::run(&vm),
         Task::Vmtest { filter, vm } => vmtest::run(filter.as_deref(), &vm),
         Task::Bench { which, services, destinations, vm } => {
             bench::run(which, services, destinations, &vm)

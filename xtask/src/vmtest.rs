@@ -44,7 +44,7 @@ fn build_test_binaries() -> Result<Vec<PathBuf>> {
 
 /// Builds the `kube-ipvs` executable next to the test binaries, where the end-to-end tests
 /// find it (`vm_tests::daemon::binary`).
-fn build_daemon() -> Result<()> {
+pub(crate) fn build_daemon() -> Result<()> {
     let mut command = cargo(["build", "--package", "kube-ipvs", "--bin", "kube-ipvs"]);
     eprintln!("+ {}", describe(&command));
     if !command.status()?.success() {
@@ -73,17 +73,13 @@ pub(crate) fn run(filter: Option<&str>, options: &VmOptions) -> Result<()> {
     Ok(())
 }
 
-/// Builds one binary of `PACKAGE` in release mode and returns its path.
-pub(crate) fn build_release_binary(name: &str) -> Result<PathBuf> {
-    let mut command = cargo([
-        "build",
-        "--release",
-        "--package",
-        PACKAGE,
-        "--bin",
-        name,
-        "--message-format=json-render-diagnostics",
-    ]);
+/// Builds one binary of `PACKAGE` (in release mode if `release`) and returns its path.
+pub(crate) fn build_binary(name: &str, release: bool) -> Result<PathBuf> {
+    let mut command = cargo(["build", "--package", PACKAGE, "--bin", name]);
+    command.arg("--message-format=json-render-diagnostics");
+    if release {
+        command.arg("--release");
+    }
     command.stdout(Stdio::piped()).stderr(Stdio::inherit());
     eprintln!("+ {}", describe(&command));
     let out = command.output()?;

@@ -15,20 +15,19 @@ use serde_json::{Value, json};
 use crate::{Pod, sh, tcp_ask};
 
 /// The `kube-ipvs` executable: `KUBE_IPVS_BIN`, else the one cargo built next to the tests
-/// (`cargo xtask vmtest` builds it).
+/// or programs (`cargo xtask vmtest` and `cargo xtask demo` build it).
 pub fn binary() -> PathBuf {
     if let Some(path) = std::env::var_os("KUBE_IPVS_BIN") {
         return path.into();
     }
-    let exe = std::env::current_exe().expect("the test's path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps");
-    let path = dir.join("kube-ipvs");
-    assert!(
-        path.exists(),
-        "{} is missing: build it with `cargo build -p kube-ipvs`",
-        path.display()
-    );
-    path
+    // Tests are in target/<profile>/deps, programs in target/<profile>.
+    let exe = std::env::current_exe().expect("the executable's path");
+    let candidates: Vec<PathBuf> =
+        exe.ancestors().skip(1).take(2).map(|dir| dir.join("kube-ipvs")).collect();
+    let found = candidates.iter().find(|path| path.exists()).cloned();
+    found.unwrap_or_else(|| {
+        panic!("no kube-ipvs in {candidates:?}: build it with `cargo build -p kube-ipvs`")
+    })
 }
 
 /// A running `kube-ipvs run`, its output in a log file.

@@ -1,0 +1,22 @@
+//! `cargo xtask demo`: the demo program (`tests/vm/src/bin/demo.rs`) in the VM, with the
+//! `kube-ipvs` it drives.
+
+use anyhow::{Result, bail};
+
+use crate::{
+    vm::{self, GuestTask, VmOptions},
+    vmtest::{build_binary, build_daemon},
+};
+
+/// Builds kube-ipvs and the demo, and runs the demo in the VM in a network namespace of its
+/// own.
+pub(crate) fn run(options: &VmOptions) -> Result<()> {
+    build_daemon()?;
+    let demo = build_binary("demo", false)?;
+    let argv = vec![demo.to_string_lossy().into_owned()];
+    let results = vm::boot(GuestTask::Command { argv, fresh_netns: true }, options)?;
+    if !results.failed.is_empty() {
+        bail!("the demo failed in the VM");
+    }
+    Ok(())
+}
