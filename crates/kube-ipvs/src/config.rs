@@ -73,7 +73,7 @@ pub struct Config {
     pub healthz_bind_address: SocketAddr,
     /// `/metrics` (`--metrics-bind-address`).
     pub metrics_bind_address: SocketAddr,
-    /// Serve only Services labelled with this proxy name (`--service-proxy-name`).
+    /// Also serve Services labelled with this proxy name (`--service-proxy-name`).
     pub service_proxy_name: Option<String>,
     /// The longest a removed TCP or SCTP endpoint drains before it is deleted.
     pub drain_bound: Duration,
@@ -165,7 +165,8 @@ pub struct Flags {
     /// Address of `/metrics` (127.0.0.1:10249).
     #[arg(long, value_name = "ADDRESS")]
     pub metrics_bind_address: Option<String>,
-    /// Serve only Services labelled `service.kubernetes.io/service-proxy-name` with this name.
+    /// Also serve Services labelled `service.kubernetes.io/service-proxy-name` with this
+    /// name (those labelled with another name belong to another proxy).
     #[arg(long, value_name = "NAME")]
     pub service_proxy_name: Option<String>,
     /// The longest a removed TCP or SCTP endpoint drains before it is deleted (15m).

@@ -21,9 +21,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy: watch Services, EndpointSlices and this node's Node, and keep the
-    /// kernel's IPVS table, kube-ipvs0 and the nftables table in step with them. Stops on
-    /// SIGTERM or SIGINT and leaves the kernel state in place.
+    /// Run the proxy on this node.
+    ///
+    /// Watches Services, EndpointSlices and this node's Node (or reads them from
+    /// `--manifests`), and keeps the kernel's IPVS table, kube-ipvs0 and the nftables table in
+    /// step with them. Stops on SIGTERM or SIGINT and leaves the kernel state in place.
     Run {
         #[command(flatten)]
         flags: Box<config::Flags>,
@@ -43,8 +45,10 @@ enum Command {
         #[arg(long)]
         traffic_metrics: bool,
     },
-    /// Print the kernel's IPVS table as `ipvsadm -Ln` does, line for line, each virtual
-    /// server followed by the Service it implements (asked of the running daemon).
+    /// Print the IPVS table as `ipvsadm -Ln` does, with the Service of each virtual server.
+    ///
+    /// The listing is `ipvsadm -Ln`'s line for line; each virtual server's line is followed by
+    /// `# namespace/name:port Type`, asked of the running daemon.
     Ls {
         /// Columns, as ipvsadm's listing options.
         #[arg(long, value_enum, default_value = "default")]
@@ -65,9 +69,10 @@ enum Command {
         #[arg(long, conflicts_with = "diff")]
         no_names: bool,
     },
-    /// Remove everything kube-ipvs owns from this node: its virtual servers (on kube-ipvs0's
-    /// addresses, on NodePorts, and its firewall-mark ones), kube-ipvs0, and its nftables table.
-    /// Nothing else is touched.
+    /// Remove everything kube-ipvs owns from this node, and nothing else.
+    ///
+    /// That is its virtual servers (on kube-ipvs0's addresses, on NodePorts, and its
+    /// firewall-mark ones), kube-ipvs0, and its nftables table.
     Cleanup {
         #[command(flatten)]
         flags: Box<config::Flags>,

@@ -269,7 +269,7 @@ async fn every_service_type_health_metrics_and_ls() {
     let topology = node(3);
     let pods: Vec<_> = topology.pods.iter().collect();
     let api = FakeApiServer::start().await.unwrap();
-    let mut daemon = Daemon::with_api("types", &api.kubeconfig(), &[]);
+    let mut daemon = Daemon::with_api("types", &api.kubeconfig(), &["--traffic-metrics"]);
     let lb = Ipv4Addr::new(192, 0, 2, 10);
     // ClusterIP with session affinity and its own scheduler.
     let mut sticky = service("sticky", WEB, 80, json!({"sessionAffinity": "ClientIP"}));
@@ -353,6 +353,13 @@ async fn every_service_type_health_metrics_and_ls() {
     ] {
         assert!(metrics.contains(name), "{name} missing:\n{metrics}");
     }
+    // The kernel's counters per virtual server, named by Service (the kernel folds its
+    // per-CPU counters in every 2 s).
+    let np = "kube_ipvs_virtual_server_connections_total{service=\"ns/np:http\",virtual_server=\"TCP 10.96.0.11:80\"}";
+    eventually(MINUTE, || {
+        let counted = daemon.metric(np);
+        (counted >= 9.0).then_some(()).ok_or(format!("{np} {counted}"))
+    });
 
     // `kube-ipvs ls`: ipvsadm's listing line for line, plus the Services.
     let ls = sh(vm_tests::daemon::binary().to_str().unwrap(), &["ls"]);
