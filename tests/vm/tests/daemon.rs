@@ -489,3 +489,62 @@ fn a_manifests_directory_is_followed() {
     assert!(daemon.running(), "{}", daemon.log());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_external_ips_source_ranges_and_internal_policy() {
+    use std::net::IpAddr;
+    use vm_tests::{CLIENT_IP, OTHER_CLIENT_IP, tcp_ask_from, udp_ask};
+    let topology = node(3);
+    let pods: Vec<_> = topology.pods.iter().collect();
+    let api = FakeApiServer::start().await.unwrap();
+    let mut daemon = Daemon::with_api("kinds", &api.kubeconfig(), &[]);
+    // UDP.
+    let dns = Ipv4Addr::new(10, 96, 0, 53);
+    api.apply(service(
+        "dns",
+        dns,
+        53,
+        json!({"ports": [{"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353}]}),
+    ));
+    let mut dns_slice = slice("dns", &pods);
+    dns_slice["ports"] = json!([{"name": "dns", "port": 5353, "protocol": "UDP"}]);
+    api.apply(dns_slice);
+    // An external IP, and a load balancer open to one client address only.
+    let external = Ipv4Addr::new(192, 0, 2, 20);
+    let lb = Ipv4Addr::new(192, 0, 2, 21);
+    api.apply(service("ext", WEB, 80, json!({"externalIPs": [external.to_string()]})));
+    api.apply(slice("ext", &pods));
+    let mut ranged = service(
+        "ranged",
+        LATE,
+        80,
+        json!({
+        "type": "LoadBalancer", "loadBalancerSourceRanges": [format!("{CLIENT_IP}/32")],
+        "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30090}]}),
+    );
+    ranged["status"] = json!({"loadBalancer": {"ingress": [{"ip": lb.to_string()}]}});
+    api.apply(ranged);
+    api.apply(slice("ranged", &pods));
+    // internalTrafficPolicy Local: pod1 here, the others elsewhere.
+    let internal = Ipv4Addr::new(10, 96, 0, 13);
+    api.apply(service("internal", internal, 80, json!({"internalTrafficPolicy": "Local"})));
+    api.apply(placed("internal", &[(pods[0], "node-a"), (pods[1], "node-b"), (pods[2], "node-b")]));
+
+    let all = topology.pod_names();
+    eventually(MINUTE, || answered_by(SocketAddr::from((WEB, 80)), 9, &all));
+    daemon.wait_synced();
+    let udp: std::collections::BTreeSet<String> =
+        (0..9).map(|_| udp_ask(SocketAddr::from((dns, 53))).unwrap().from).collect();
+    assert_eq!(udp, all, "UDP spread over every pod");
+    let outside = topology.client.run(|| answering(SocketAddr::from((external, 80)), 9)).unwrap();
+    assert_eq!(outside, all, "the external IP from outside");
+    let allowed = topology
+        .client
+        .run(|| tcp_ask_from(Some(IpAddr::from(CLIENT_IP)), SocketAddr::from((lb, 80))));
+    assert!(allowed.is_ok(), "the allowed source gets in: {allowed:?}");
+    let refused = topology
+        .client
+        .run(|| tcp_ask_from(Some(IpAddr::from(OTHER_CLIENT_IP)), SocketAddr::from((lb, 80))));
+    assert!(refused.is_err(), "a source outside loadBalancerSourceRanges: {refused:?}");
+    assert_eq!(answering(SocketAddr::from((internal, 80)), 6).unwrap(), names(&topology, &[0]));
+}
