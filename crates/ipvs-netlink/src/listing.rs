@@ -369,16 +369,9 @@ mod tests {
     }
 
     fn destination(address: &str, weight: u32, forward: ForwardMethod) -> DestinationEntry {
-        DestinationEntry {
-            destination: Destination::new(address.parse().unwrap())
-                .with_weight(weight)
-                .with_forward(forward),
-            active_connections: 0,
-            inactive_connections: 0,
-            persistent_connections: 0,
-            stats: None,
-            stats64: None,
-        }
+        DestinationEntry::new(
+            Destination::new(address.parse().unwrap()).with_weight(weight).with_forward(forward),
+        )
     }
 
     fn sample() -> Vec<TableEntry> {

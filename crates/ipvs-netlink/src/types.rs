@@ -683,6 +683,18 @@ pub struct DestinationEntry {
 }
 
 impl DestinationEntry {
+    /// A destination with no connections and no counters, as a freshly added one lists.
+    pub fn new(destination: Destination) -> Self {
+        Self {
+            destination,
+            active_connections: 0,
+            inactive_connections: 0,
+            persistent_connections: 0,
+            stats: None,
+            stats64: None,
+        }
+    }
+
     /// The most precise counters the kernel reported.
     pub fn counters(&self) -> Stats {
         self.stats64.or(self.stats).unwrap_or_default()
@@ -699,14 +711,7 @@ impl DestinationEntry {
         let mut port = None;
         let mut forward = None;
         let mut weight = None;
-        let mut entry = Self {
-            destination: Destination::new(SocketAddr::from(([0, 0, 0, 0], 0))),
-            active_connections: 0,
-            inactive_connections: 0,
-            persistent_connections: 0,
-            stats: None,
-            stats64: None,
-        };
+        let mut entry = Self::new(Destination::new(SocketAddr::from(([0, 0, 0, 0], 0))));
         let d = &mut entry.destination;
         for attr in attrs {
             match attr {

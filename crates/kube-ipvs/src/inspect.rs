@@ -161,16 +161,9 @@ mod tests {
         let destinations = destinations
             .iter()
             .map(|(address, weight)| {
-                let mut destination = Destination::new(address.parse().unwrap());
-                destination.weight = *weight;
-                DestinationEntry {
-                    destination,
-                    active_connections: 0,
-                    inactive_connections: 0,
-                    persistent_connections: 0,
-                    stats: None,
-                    stats64: None,
-                }
+                DestinationEntry::new(
+                    Destination::new(address.parse().unwrap()).with_weight(*weight),
+                )
             })
             .collect();
         (ServiceEntry { service, stats: None, stats64: None }, destinations)

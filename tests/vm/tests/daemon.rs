@@ -37,6 +37,25 @@ fn names(topology: &Topology, indexes: &[usize]) -> std::collections::BTreeSet<S
     indexes.iter().map(|i| topology.pods[*i].name.clone()).collect()
 }
 
+/// A fake API server, and kube-ipvs (started with `args`) watching it.
+async fn watched(name: &str, args: &[&str]) -> (FakeApiServer, Daemon) {
+    let api = FakeApiServer::start().await.unwrap();
+    let daemon = Daemon::with_api(name, &api.kubeconfig(), args);
+    (api, daemon)
+}
+
+/// Publishes the Service `web` (ClusterIP `WEB`, port 80) over `pods`, and waits until
+/// kube-ipvs has synced and exactly those pods answer; returns its address.
+fn publish_web(api: &FakeApiServer, daemon: &mut Daemon, pods: &[&vm_tests::Pod]) -> SocketAddr {
+    api.apply(service("web", WEB, 80, json!({})));
+    api.apply(slice("web", pods));
+    let vip = SocketAddr::from((WEB, 80));
+    let expected = pods.iter().map(|p| p.name.clone()).collect();
+    eventually(MINUTE, || answered_by(vip, 3 * pods.len() + 3, &expected));
+    daemon.wait_synced();
+    vip
+}
+
 /// A client opening connections to `address` one after another until stopped; counts
 /// successes and failures.
 struct Client {
@@ -80,13 +99,8 @@ impl Client {
 async fn a_service_is_followed_from_creation_to_deletion() {
     let topology = node(4);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut daemon = Daemon::with_api("follow", &api.kubeconfig(), &[]);
-    api.apply(service("web", WEB, 80, json!({})));
-    api.apply(slice("web", &pods[..3]));
-    let vip = SocketAddr::from((WEB, 80));
-    eventually(MINUTE, || answered_by(vip, 12, &names(&topology, &[0, 1, 2])));
-    daemon.wait_synced();
+    let (api, mut daemon) = watched("follow", &[]).await;
+    let vip = publish_web(&api, &mut daemon, &pods[..3]);
 
     // Scaled up: the new pod gets connections.
     api.apply(slice("web", &pods));
@@ -115,8 +129,7 @@ async fn a_service_is_followed_from_creation_to_deletion() {
 async fn a_restart_drops_no_connection_and_writes_nothing() {
     let topology = node(3);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut first = Daemon::with_api("restart-1", &api.kubeconfig(), &[]);
+    let (api, mut first) = watched("restart-1", &[]).await;
     api.apply(service("web", WEB, 80, json!({"type": "NodePort", "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30080}]})));
     api.apply(slice("web", &pods));
     let vip = SocketAddr::from((WEB, 80));
@@ -149,13 +162,8 @@ async fn a_restart_drops_no_connection_and_writes_nothing() {
 async fn an_api_server_outage_keeps_traffic_and_changes_land_after_it() {
     let topology = node(4);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut daemon = Daemon::with_api("outage", &api.kubeconfig(), &["--ipvs-sync-period", "5s"]);
-    api.apply(service("web", WEB, 80, json!({})));
-    api.apply(slice("web", &pods[..3]));
-    let vip = SocketAddr::from((WEB, 80));
-    eventually(MINUTE, || answered_by(vip, 12, &names(&topology, &[0, 1, 2])));
-    daemon.wait_synced();
+    let (api, mut daemon) = watched("outage", &["--ipvs-sync-period", "5s"]).await;
+    let vip = publish_web(&api, &mut daemon, &pods[..3]);
     let table = ipvsadm(&["-Sn"]);
 
     let client = Client::start(vip);
@@ -188,13 +196,8 @@ async fn an_api_server_outage_keeps_traffic_and_changes_land_after_it() {
 async fn a_cleared_ipvs_table_is_healed_within_the_sync_period() {
     let topology = node(2);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut daemon = Daemon::with_api("heal", &api.kubeconfig(), &["--ipvs-sync-period", "3s"]);
-    api.apply(service("web", WEB, 80, json!({})));
-    api.apply(slice("web", &pods));
-    let vip = SocketAddr::from((WEB, 80));
-    eventually(MINUTE, || answered_by(vip, 6, &topology.pod_names()));
-    daemon.wait_synced();
+    let (api, mut daemon) = watched("heal", &["--ipvs-sync-period", "3s"]).await;
+    let vip = publish_web(&api, &mut daemon, &pods);
     let table = ipvsadm(&["-Sn"]);
     ipvsadm(&["-C"]);
     assert!(tcp_ask(vip).is_err(), "nothing answers with the table cleared");
@@ -213,8 +216,7 @@ async fn a_cleared_ipvs_table_is_healed_within_the_sync_period() {
 async fn malformed_objects_are_reported_once_and_the_good_ones_programmed() {
     let topology = node(2);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut daemon = Daemon::with_api("malformed", &api.kubeconfig(), &[]);
+    let (api, mut daemon) = watched("malformed", &[]).await;
     for i in 0..100u8 {
         // Every other one has an address that is not one, the others an unknown protocol.
         let bad = if i % 2 == 0 {
@@ -268,8 +270,7 @@ fn placed(name: &str, pods: &[(&vm_tests::Pod, &str)]) -> serde_json::Value {
 async fn every_service_type_health_metrics_and_ls() {
     let topology = node(3);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut daemon = Daemon::with_api("types", &api.kubeconfig(), &["--traffic-metrics"]);
+    let (api, mut daemon) = watched("types", &["--traffic-metrics"]).await;
     let lb = Ipv4Addr::new(192, 0, 2, 10);
     // ClusterIP with session affinity and its own scheduler.
     let mut sticky = service("sticky", WEB, 80, json!({"sessionAffinity": "ClientIP"}));
@@ -413,14 +414,11 @@ fn jiff_now() -> String {
 async fn nothing_is_removed_before_services_and_slices_are_both_listed() {
     let topology = node(2);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut first = Daemon::with_api("startup-1", &api.kubeconfig(), &[]);
-    api.apply(service("web", WEB, 80, json!({})));
-    api.apply(slice("web", &pods));
+    let (api, mut first) = watched("startup-1", &[]).await;
     api.apply(service("old", LATE, 80, json!({})));
     api.apply(slice("old", &pods));
-    eventually(MINUTE, || answered_by(SocketAddr::from((WEB, 80)), 6, &topology.pod_names()));
-    first.wait_synced();
+    publish_web(&api, &mut first, &pods);
+    eventually(MINUTE, || answered_by(SocketAddr::from((LATE, 80)), 6, &topology.pod_names()));
     assert!(first.stop().success());
     let table = ipvsadm(&["-Sn"]);
 
@@ -496,8 +494,7 @@ async fn udp_external_ips_source_ranges_and_internal_policy() {
     use vm_tests::{CLIENT_IP, OTHER_CLIENT_IP, tcp_ask_from, udp_ask};
     let topology = node(3);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let api = FakeApiServer::start().await.unwrap();
-    let mut daemon = Daemon::with_api("kinds", &api.kubeconfig(), &[]);
+    let (api, mut daemon) = watched("kinds", &[]).await;
     // UDP.
     let dns = Ipv4Addr::new(10, 96, 0, 53);
     api.apply(service(

@@ -291,18 +291,8 @@ fn the_golden_scenario_matches_kube_proxy() {
         .map(|server| {
             let entry =
                 ServiceEntry { service: server.service.clone(), stats: None, stats64: None };
-            let destinations = server
-                .destinations
-                .values()
-                .map(|d| DestinationEntry {
-                    destination: *d,
-                    active_connections: 0,
-                    inactive_connections: 0,
-                    persistent_connections: 0,
-                    stats: None,
-                    stats64: None,
-                })
-                .collect();
+            let destinations =
+                server.destinations.values().map(|d| DestinationEntry::new(*d)).collect();
             (entry, destinations)
         })
         .collect();

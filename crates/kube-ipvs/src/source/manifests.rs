@@ -63,6 +63,20 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
     (namespace.unwrap_or("default").to_owned(), name.unwrap_or_default().to_owned())
 }
 
+/// Parses a namespaced object into `objects`, in `default` when it names no namespace.
+fn insert<K: kube::Resource + serde::de::DeserializeOwned>(
+    document: Value,
+    what: &str,
+    objects: &mut BTreeMap<Key, K>,
+) -> Result<(), String> {
+    let mut object: K = serde_json::from_value(document).map_err(|e| format!("{what}: {e}"))?;
+    let meta = object.meta_mut();
+    let key = key(meta.namespace.as_deref(), meta.name.as_deref());
+    meta.namespace = Some(key.0.clone());
+    objects.insert(key, object);
+    Ok(())
+}
+
 /// Parses one document into `objects`; returns why it cannot be used.
 fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
     let kind = document.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
@@ -83,22 +97,8 @@ fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
             }
             if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
         }
-        "Service" => {
-            let mut service: Service =
-                serde_json::from_value(document).map_err(|e| format!("a Service: {e}"))?;
-            let key = key(service.metadata.namespace.as_deref(), service.metadata.name.as_deref());
-            service.metadata.namespace = Some(key.0.clone());
-            objects.services.insert(key, service);
-            Ok(())
-        }
-        "EndpointSlice" => {
-            let mut slice: EndpointSlice =
-                serde_json::from_value(document).map_err(|e| format!("an EndpointSlice: {e}"))?;
-            let key = key(slice.metadata.namespace.as_deref(), slice.metadata.name.as_deref());
-            slice.metadata.namespace = Some(key.0.clone());
-            objects.slices.insert(key, slice);
-            Ok(())
-        }
+        "Service" => insert(document, "a Service", &mut objects.services),
+        "EndpointSlice" => insert(document, "an EndpointSlice", &mut objects.slices),
         "Node" => {
             let node: Node =
                 serde_json::from_value(document).map_err(|e| format!("a Node: {e}"))?;
