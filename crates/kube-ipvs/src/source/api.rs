@@ -56,6 +56,15 @@ pub fn inputs(
     ])
 }
 
+/// What [`inputs`] asks of the API server, for RBAC: each resource's API group and plural
+/// name, and the verbs. `deploy/rbac.yaml` grants exactly this (checked by a test).
+pub fn access() -> Vec<(String, String, Vec<&'static str>)> {
+    fn resource<K: Resource<DynamicType = ()>>() -> (String, String, Vec<&'static str>) {
+        (K::group(&()).into_owned(), K::plural(&()).into_owned(), vec!["list", "watch"])
+    }
+    vec![resource::<Service>(), resource::<EndpointSlice>(), resource::<Node>()]
+}
+
 /// Sends [`inputs`] to `sink` until the receiver is gone.
 pub async fn forward(inputs: impl Stream<Item = Input>, sink: mpsc::Sender<Input>) {
     let mut inputs = std::pin::pin!(inputs);
