@@ -7,6 +7,7 @@
 
 mod bench;
 mod demo;
+mod e2e;
 mod guest;
 mod setup;
 mod util;
@@ -39,6 +40,15 @@ enum Task {
     Test {
         #[command(flatten)]
         vm: vm::VmOptions,
+    },
+    /// kube-ipvs in place of kube-proxy on a kind cluster, checked from inside and outside.
+    ///
+    /// Needs docker (with a running daemon), kind and kubectl; without them it stops at once
+    /// and says what is missing. Not part of `cargo xtask test`.
+    E2e {
+        /// Keep the cluster afterwards.
+        #[arg(long)]
+        keep: bool,
     },
     /// Run the privileged tests (`tests/vm`) inside a VM, each in its own network namespace.
     Vmtest {
@@ -94,6 +104,7 @@ fn main() -> Result<()> {
             vmtest::run(None, &vm)
         }
         Task::Demo { vm } => demo::run(&vm),
+        Task::E2e { keep } => e2e::run_e2e(keep),
         Task::Vmtest { filter, vm } => vmtest::run(filter.as_deref(), &vm),
         Task::Bench { which, services, destinations, vm } => {
             bench::run(which, services, destinations, &vm)

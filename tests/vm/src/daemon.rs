@@ -179,11 +179,16 @@ pub fn eventually<T, E: std::fmt::Debug>(
     }
 }
 
-/// The pods that answer `times` connections to `address`; a failed connection is an error.
-pub fn answering(address: SocketAddr, times: usize) -> Result<BTreeSet<String>, String> {
+/// Who answers `times` connections to `address`; a failed connection is an error.
+pub fn answers(address: SocketAddr, times: usize) -> Vec<Result<String, String>> {
     (0..times)
         .map(|_| tcp_ask(address).map(|a| a.from).map_err(|e| format!("{address}: {e}")))
         .collect()
+}
+
+/// The pods that answer `times` connections to `address`; a failed connection is an error.
+pub fn answering(address: SocketAddr, times: usize) -> Result<BTreeSet<String>, String> {
+    answers(address, times).into_iter().collect()
 }
 
 /// Whether exactly the pods `expected` answer `times` connections to `address`.
@@ -192,12 +197,7 @@ pub fn answered_by(
     times: usize,
     expected: &BTreeSet<String>,
 ) -> Result<(), String> {
-    let seen = answering(address, times)?;
-    if &seen == expected {
-        Ok(())
-    } else {
-        Err(format!("{address} answered by {seen:?}, not {expected:?}"))
-    }
+    crate::checks::spread(&address.to_string(), answers(address, times), expected)
 }
 
 /// A Service with one TCP port `port` → `8080`, named `http`; `extra` is merged into its spec.

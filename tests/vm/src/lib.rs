@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+pub mod checks;
 pub mod daemon;
 
 use nix::sched::{CloneFlags, setns};

@@ -16,8 +16,8 @@ use serde_json::json;
 use vm_tests::{
     NODE_IP, Topology,
     daemon::{
-        Daemon, HEALTHZ, METRICS, answered_by, answering, eventually, http_get, ipvs_writes,
-        nft_table, service, slice, vips,
+        Daemon, HEALTHZ, METRICS, answered_by, answering, answers, eventually, http_get,
+        ipvs_writes, nft_table, service, slice, vips,
     },
     ipvsadm, sh, tcp_ask,
 };
@@ -297,8 +297,7 @@ async fn every_service_type_health_metrics_and_ls() {
     eventually(MINUTE, || answered_by(SocketAddr::from((LATE, 80)), 9, &all));
     daemon.wait_synced();
     // Affinity: one client, one pod.
-    let sticky = answering(SocketAddr::from((WEB, 80)), 6).unwrap();
-    assert_eq!(sticky.len(), 1, "{sticky:?}");
+    vm_tests::checks::sticky("sticky", answers(SocketAddr::from((WEB, 80)), 6)).unwrap();
     assert!(
         ipvsadm(&["-Ln"]).contains("TCP  10.96.0.10:80 lc persistent 10800"),
         "{}",
@@ -364,20 +363,13 @@ async fn every_service_type_health_metrics_and_ls() {
 
     // `kube-ipvs ls`: ipvsadm's listing line for line, plus the Services.
     let ls = sh(vm_tests::daemon::binary().to_str().unwrap(), &["ls"]);
-    let plain: Vec<&str> =
-        ls.lines().map(|l| l.split_once("  # ").map_or(l, |(line, _)| line)).collect();
-    let ipvsadm_lines: Vec<String> = ipvsadm(&["-Ln"]).lines().map(str::to_owned).collect();
-    assert_eq!(plain, ipvsadm_lines, "{ls}");
+    vm_tests::checks::ls_matches_ipvsadm(&ls, &ipvsadm(&["-Ln"])).unwrap();
     assert!(
         ls.contains("TCP  10.96.0.10:80 lc persistent 10800  # ns/sticky:http ClusterIP"),
         "{ls}"
     );
     assert!(ls.contains("TCP  192.0.2.10:80 rr  # ns/local:http LoadBalancer"), "{ls}");
     assert!(ls.contains("  # ns/local:http Local"), "{ls}");
-    let named = ls.lines().filter(|l| l.contains("  # ns/")).count();
-    let servers =
-        ipvsadm_lines.iter().filter(|l| l.starts_with("TCP") || l.starts_with("FWM")).count();
-    assert_eq!(named, servers, "every virtual server named:\n{ls}");
     // --diff: nothing, then what was changed behind kube-ipvs's back.
     assert_eq!(sh(vm_tests::daemon::binary().to_str().unwrap(), &["ls", "--diff"]), "");
     ipvsadm(&["-d", "-t", "10.96.0.11:80", "-r", &format!("{}:8080", pods[0].ip)]);
