@@ -14,6 +14,9 @@ pub(crate) enum Which {
     Ipvs,
     /// The desired state and the diff, from scratch and for one change (host).
     Controller,
+    /// The `kube-ipvs` daemon: cold start, one change, idle resync, memory, through the API
+    /// and through `--manifests`, against `ipvsadm -R` (VM).
+    Daemon,
 }
 
 pub(crate) fn run(
@@ -24,6 +27,7 @@ pub(crate) fn run(
 ) -> Result<()> {
     let binary = match which {
         Which::Ipvs => build_binary("ipvs-bench", true)?,
+        Which::Daemon => build_binary("daemon-bench", true)?,
         Which::Controller => {
             return crate::util::run(crate::util::cargo([
                 "bench",
@@ -34,16 +38,32 @@ pub(crate) fn run(
             ]));
         }
     };
-    let argv = vec![
-        binary.to_string_lossy().into_owned(),
-        "--services".into(),
-        services.to_string(),
-        "--destinations".into(),
-        destinations.to_string(),
-    ];
+    let mut argv =
+        vec![binary.to_string_lossy().into_owned(), "--services".into(), services.to_string()];
+    match which {
+        Which::Daemon => {
+            let daemon = build_release_daemon()?;
+            argv.extend(["--endpoints".into(), destinations.to_string()]);
+            argv.extend(["--kube-ipvs".into(), daemon.to_string_lossy().into_owned()]);
+        }
+        _ => argv.extend(["--destinations".into(), destinations.to_string()]),
+    }
     let results = vm::boot(GuestTask::Command { argv, fresh_netns: true }, options)?;
     if !results.failed.is_empty() {
         bail!("the benchmark failed in the VM");
     }
     Ok(())
+}
+
+/// Builds `kube-ipvs` in release mode; returns its path.
+fn build_release_daemon() -> Result<std::path::PathBuf> {
+    crate::util::run(crate::util::cargo([
+        "build",
+        "--release",
+        "--package",
+        "kube-ipvs",
+        "--bin",
+        "kube-ipvs",
+    ]))?;
+    Ok(crate::util::target_dir().join("release/kube-ipvs"))
 }

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use dummy_link::DummyLink;
 use ipvs_netlink::{Change, ServiceKey};
 use netfilter::Netfilter;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use crate::{
     Error,
@@ -62,12 +62,21 @@ impl NodeSync {
         desired: &DesiredState,
         keys: Option<&BTreeSet<ServiceKey>>,
     ) -> Result<Applied, Error> {
+        let started = std::time::Instant::now();
         let netfilter = self.netfilter.update(&desired.elements).await?;
+        let netfilter_done = started.elapsed();
         let addresses = self.link.sync(&desired.elements.vips).await;
         for err in &addresses.failed {
             warn!(%err, "kube-ipvs0 address not synced");
         }
+        let addresses_done = started.elapsed();
         let ipvs = self.reconciler.sync(&desired.virtual_servers, keys).await;
+        debug!(
+            netfilter_us = netfilter_done.as_micros() as u64,
+            addresses_us = (addresses_done - netfilter_done).as_micros() as u64,
+            ipvs_us = (started.elapsed() - addresses_done).as_micros() as u64,
+            "applied"
+        );
         Ok(Applied { netfilter, addresses, ipvs })
     }
 

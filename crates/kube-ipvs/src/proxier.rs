@@ -458,6 +458,7 @@ impl Proxier {
                 self.internal_local.remove(name);
             }
         }
+        let computed = started.elapsed();
         let mut desired = DesiredState::default();
         for state in self.states.values() {
             desired.merge(state.clone());
@@ -486,6 +487,7 @@ impl Proxier {
             keys.extend(touched(&desired.virtual_servers));
             keys
         });
+        let joined = started.elapsed();
         let result = self.node.apply(&desired, keys.as_ref()).await;
         let applied = match result {
             Ok(applied) => applied,
@@ -509,7 +511,18 @@ impl Proxier {
         self.desired = desired;
         self.all_dirty = false;
         self.synced_once = true;
-        self.after_sync(full, started.elapsed()).await;
+        let applied_in = started.elapsed();
+        self.after_sync(full, applied_in).await;
+        debug!(
+            services = names.len(),
+            full,
+            compute_us = computed.as_micros() as u64,
+            join_us = (joined - computed).as_micros() as u64,
+            apply_us = (applied_in - joined).as_micros() as u64,
+            took_us = applied_in.as_micros() as u64,
+            reported_us = started.elapsed().as_micros() as u64,
+            "synced"
+        );
         Ok(true)
     }
 

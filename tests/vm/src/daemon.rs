@@ -46,15 +46,25 @@ impl Daemon {
     /// Starts `kube-ipvs run` with the tests' defaults (this node's pod CIDR, the health and
     /// metrics servers on loopback) and `args`.
     pub fn start(name: &str, args: &[&str]) -> Self {
+        Self::start_binary(&binary(), name, args, "info")
+    }
+
+    /// [`Daemon::start`] with this executable and this `RUST_LOG`.
+    pub fn start_binary(
+        binary: &std::path::Path,
+        name: &str,
+        args: &[&str],
+        log_filter: &str,
+    ) -> Self {
         let log = std::env::temp_dir().join(format!("kube-ipvs-{name}-{}.log", std::process::id()));
         let file =
             std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("log file");
-        let child = Command::new(binary())
+        let child = Command::new(binary)
             .arg("run")
             .args(["--hostname-override", "node-a", "--cluster-cidr", crate::CLUSTER_CIDR])
             .args(["--healthz-bind-address", HEALTHZ, "--metrics-bind-address", METRICS])
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", log_filter)
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
@@ -64,11 +74,15 @@ impl Daemon {
 
     /// Starts it against a fake API server, through a kubeconfig.
     pub fn with_api(name: &str, kubeconfig: &str, args: &[&str]) -> Self {
-        let path = std::env::temp_dir().join(format!("kubeconfig-{name}-{}", std::process::id()));
-        std::fs::write(&path, kubeconfig).expect("kubeconfig written");
+        let path = kubeconfig_file(name, kubeconfig);
         let mut all = vec!["--kubeconfig", path.to_str().expect("a UTF-8 path")];
         all.extend_from_slice(args);
         Self::start(name, &all)
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Its log so far.
@@ -125,6 +139,13 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes a kubeconfig to a file of its own and returns its path.
+pub fn kubeconfig_file(name: &str, kubeconfig: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("kubeconfig-{name}-{}", std::process::id()));
+    std::fs::write(&path, kubeconfig).expect("kubeconfig written");
+    path
 }
 
 /// The sum of the samples in `text` whose line starts with `prefix`.

@@ -1,0 +1,292 @@
+//! `cargo xtask bench daemon`: the `kube-ipvs` daemon at scale, fed through the API (the fake
+//! API server) and through `--manifests`, against `ipvsadm -R` of the same virtual servers
+//! and destinations in the same VM. Runs in a fresh network namespace; prints a Markdown
+//! table.
+//!
+//! For N Services × M endpoints it measures: the cold start (daemon start → every virtual
+//! server, destination and address programmed), one endpoint change (p50/p99 over 100
+//! changes, daemon-side and until the kernel has it), an idle periodic resync (IPVS writes and
+//! CPU time), and the daemon's peak RSS and CPU time.
+
+use std::{
+    io::Write,
+    net::{Ipv4Addr, SocketAddr},
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use fake_apiserver::FakeApiServer;
+use ipvs_netlink::{IpvsHandle, ServiceKey};
+use serde_json::{Value, json};
+use vm_tests::daemon::{Daemon, ipvs_writes, kubeconfig_file};
+
+struct Args {
+    services: usize,
+    endpoints: usize,
+    binary: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args { services: 10_000, endpoints: 10, binary: PathBuf::new() };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().expect("a value after the flag");
+        match flag.as_str() {
+            "--services" => args.services = value.parse().expect("a number"),
+            "--endpoints" => args.endpoints = value.parse().expect("a number"),
+            "--kube-ipvs" => args.binary = value.into(),
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    assert!(args.binary.exists(), "--kube-ipvs PATH is needed");
+    args
+}
+
+fn cluster_ip(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 96, (i / 250) as u8 + 1, (i % 250) as u8 + 1)
+}
+
+fn endpoint(n: usize) -> Ipv4Addr {
+    Ipv4Addr::new(10, 244 + (n / 62_500) as u8, (n / 250 % 250) as u8, (n % 250) as u8 + 1)
+}
+
+fn service(i: usize) -> Value {
+    json!({"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": format!("s{i}"), "namespace": "bench"},
+           "spec": {"clusterIP": cluster_ip(i).to_string(), "clusterIPs": [cluster_ip(i).to_string()],
+                    "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
+}
+
+/// The EndpointSlice of Service `i`, its endpoints numbered from `first`.
+fn slice(i: usize, endpoints: usize, first: usize) -> Value {
+    let endpoints: Vec<Value> = (0..endpoints)
+        .map(|j| json!({"addresses": [endpoint(first + j).to_string()], "nodeName": "node-a", "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": format!("s{i}-1"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("s{i}")}},
+           "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+           "endpoints": endpoints})
+}
+
+fn ipvsadm_rules(args: &Args) -> String {
+    let mut rules = String::new();
+    for i in 0..args.services {
+        let vip = SocketAddr::from((cluster_ip(i), 80));
+        rules.push_str(&format!("-A -t {vip} -s rr\n"));
+        for j in 0..args.endpoints {
+            let n = i * args.endpoints + j;
+            rules.push_str(&format!("-a -t {vip} -r {}:8080 -m -w 1\n", endpoint(n)));
+        }
+    }
+    rules
+}
+
+fn ipvsadm_restore(rules: &str) -> Duration {
+    let started = Instant::now();
+    let mut child = Command::new("ipvsadm").arg("-R").stdin(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
+    assert!(child.wait().unwrap().success(), "ipvsadm -R failed");
+    started.elapsed()
+}
+
+/// Virtual servers and destinations in the kernel.
+async fn kernel_size(ipvs: &IpvsHandle) -> (usize, usize) {
+    let table = ipvs.dump().await.unwrap();
+    (table.len(), table.iter().map(|(_, d)| d.len()).sum())
+}
+
+/// User and system CPU time of a process, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit_once(')').unwrap().1.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
+}
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    if d < Duration::from_millis(10) {
+        format!("{:.2} ms", d.as_secs_f64() * 1e3)
+    } else if d < Duration::from_secs(10) {
+        format!("{:.0} ms", d.as_secs_f64() * 1e3)
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
+/// The daemon-side durations of the partial syncs in the log, in order.
+fn partial_syncs(log: &str) -> Vec<Duration> {
+    log.lines()
+        .filter(|l| l.contains(" synced") && l.contains("full=false"))
+        .filter_map(|l| l.split("reported_us=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .map(Duration::from_micros)
+        .collect()
+}
+
+const LOG: &str = "info,kube_ipvs::proxier=debug,controller::node=debug";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let args = parse_args();
+    let (n, m) = (args.services, args.endpoints);
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    eprintln!("bench: {n} Services x {m} endpoints");
+
+    // Through the API.
+    let api = FakeApiServer::start().await.unwrap();
+    for i in 0..n {
+        api.apply(service(i));
+        api.apply(slice(i, m, i * m));
+    }
+    let kubeconfig = kubeconfig_file("bench", &api.kubeconfig());
+    let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
+    let started = Instant::now();
+    let daemon_args = ["--kubeconfig", &kubeconfig, "--ipvs-sync-period", "5s"];
+    let mut daemon = Daemon::start_binary(&args.binary, "bench-api", &daemon_args, LOG);
+    daemon.wait_synced();
+    let cold_api = started.elapsed();
+    assert_eq!(kernel_size(&ipvs).await, (n, n * m), "every virtual server and destination");
+    eprintln!("bench: cold start through the API: {cold_api:?}");
+
+    // One endpoint change at a time: the last endpoint of Service i gets a new address.
+    let mut end_to_end = Vec::new();
+    for change in 0..100 {
+        let i = (change * 7919) % n;
+        let fresh = n * m + change;
+        let mut changed = slice(i, m - 1, i * m);
+        changed["endpoints"].as_array_mut().unwrap().push(
+            json!({"addresses": [endpoint(fresh).to_string()], "nodeName": "node-a", "conditions": {"ready": true}}),
+        );
+        let key = ServiceKey::tcp(SocketAddr::from((cluster_ip(i), 80)));
+        let wanted = SocketAddr::from((endpoint(fresh), 8080));
+        let applied = Instant::now();
+        api.apply(changed);
+        loop {
+            let destinations = ipvs.list_destinations(&key).await.unwrap();
+            if destinations.iter().any(|d| d.destination.address == wanted) {
+                break;
+            }
+            assert!(applied.elapsed() < Duration::from_secs(60), "change {change} never arrived");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        end_to_end.push(applied.elapsed());
+    }
+    end_to_end.sort();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for line in daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains(" applied") || l.contains(" synced"))
+        .skip(2)
+        .take(6)
+    {
+        eprintln!("bench: {line}");
+    }
+    let mut daemon_side = partial_syncs(&daemon.log());
+    daemon_side.sort();
+    assert!(daemon_side.len() >= 50, "partial syncs logged: {}", daemon_side.len());
+
+    // Idle: full checks every 5 s, nothing to write (once the replaced endpoints drained).
+    vm_tests::daemon::eventually(Duration::from_secs(60), || {
+        let draining = daemon.metric("kube_ipvs_draining_destinations");
+        (draining == 0.0).then_some(()).ok_or(draining)
+    });
+    let (writes, cpu) = (ipvs_writes(&daemon.metrics()), cpu_time(daemon.pid()));
+    tokio::time::sleep(Duration::from_secs(16)).await;
+    let idle_writes = ipvs_writes(&daemon.metrics()) - writes;
+    let idle_cpu = cpu_time(daemon.pid()) - cpu;
+    let rss = peak_rss(daemon.pid());
+    let total_cpu = cpu_time(daemon.pid());
+    assert!(daemon.stop().success());
+
+    // Through --manifests, from a clean node.
+    sh_cleanup(&args.binary);
+    let dir = std::env::temp_dir().join(format!("bench-manifests-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let objects: Vec<Value> = (0..n).flat_map(|i| [service(i), slice(i, m, i * m)]).collect();
+    std::fs::write(
+        dir.join("all.json"),
+        json!({"apiVersion": "v1", "kind": "List", "items": objects}).to_string(),
+    )
+    .unwrap();
+    let dir_arg = dir.to_str().unwrap().to_owned();
+    let started = Instant::now();
+    let mut from_files =
+        Daemon::start_binary(&args.binary, "bench-manifests", &["--manifests", &dir_arg], LOG);
+    from_files.wait_synced();
+    let cold_manifests = started.elapsed();
+    assert_eq!(kernel_size(&ipvs).await, (n, n * m));
+    let rss_manifests = peak_rss(from_files.pid());
+    assert!(from_files.stop().success());
+
+    // The baseline: ipvsadm -R of the same virtual servers and destinations.
+    sh_cleanup(&args.binary);
+    let rules = ipvsadm_rules(&args);
+    let baseline = ipvsadm_restore(&rules);
+    assert_eq!(kernel_size(&ipvs).await, (n, n * m));
+
+    let ratio = |a: Duration, b: Duration| format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64());
+    rows.push((
+        "cold start through the API (to every VS, destination, address, set element)".into(),
+        ms(cold_api),
+        ratio(cold_api, baseline),
+    ));
+    rows.push((
+        "cold start through --manifests".into(),
+        ms(cold_manifests),
+        ratio(cold_manifests, baseline),
+    ));
+    rows.push((
+        "baseline: ipvsadm -R of the same VS and destinations".into(),
+        ms(baseline),
+        "1.00x".into(),
+    ));
+    rows.push((
+        "one endpoint change, daemon-side, p50 / p99 (100 changes)".into(),
+        format!("{} / {}", ms(percentile(&daemon_side, 0.5)), ms(percentile(&daemon_side, 0.99))),
+        String::new(),
+    ));
+    rows.push((
+        "one endpoint change, API write to kernel, p50 / p99".into(),
+        format!("{} / {}", ms(percentile(&end_to_end, 0.5)), ms(percentile(&end_to_end, 0.99))),
+        String::new(),
+    ));
+    rows.push((
+        "idle, 16 s with a 5 s sync period: IPVS writes".into(),
+        format!("{idle_writes}"),
+        String::new(),
+    ));
+    rows.push(("idle, 16 s with a 5 s sync period: CPU time".into(), ms(idle_cpu), String::new()));
+    rows.push(("daemon CPU time, whole API run".into(), ms(total_cpu), String::new()));
+    rows.push((
+        "peak RSS through the API / --manifests".into(),
+        format!("{rss:.0} MiB / {rss_manifests:.0} MiB"),
+        String::new(),
+    ));
+
+    println!("\n### {n} Services x {m} endpoints\n");
+    println!("| measurement | result | vs baseline |");
+    println!("|---|---|---|");
+    for (what, result, ratio) in rows {
+        println!("| {what} | {result} | {ratio} |");
+    }
+}
+
+/// Removes what kube-ipvs programmed, as an operator would.
+fn sh_cleanup(binary: &std::path::Path) {
+    let status = Command::new(binary).arg("cleanup").status().unwrap();
+    assert!(status.success());
+    let _ = Command::new("ipvsadm").arg("-C").status();
+}
