@@ -56,16 +56,26 @@ pub struct NodeSync {
 impl NodeSync {
     /// Moves the node to `desired`, for the virtual servers `keys` (all with `None`). The
     /// masquerade rules go first and the virtual servers last, so no virtual server is ever
-    /// reachable before its replies can be masqueraded (kubernetes#133773).
+    /// reachable before its replies can be masqueraded (kubernetes#133773). kube-ipvs0's
+    /// addresses are synced when the Service addresses changed; [`NodeSync::full_check`]
+    /// repairs them whatever happened.
     pub async fn apply(
         &mut self,
         desired: &DesiredState,
         keys: Option<&BTreeSet<ServiceKey>>,
     ) -> Result<Applied, Error> {
         let started = std::time::Instant::now();
+        // The addresses follow the Service addresses, which most changes (endpoints) leave
+        // alone: then the link is not read at all. The full check reads it every time.
+        let same_addresses =
+            self.netfilter.applied().is_some_and(|applied| applied.vips == desired.elements.vips);
         let netfilter = self.netfilter.update(&desired.elements).await?;
         let netfilter_done = started.elapsed();
-        let addresses = self.link.sync(&desired.elements.vips).await;
+        let addresses = if same_addresses {
+            dummy_link::SyncReport::default()
+        } else {
+            self.link.sync(&desired.elements.vips).await
+        };
         for err in &addresses.failed {
             warn!(%err, "kube-ipvs0 address not synced");
         }

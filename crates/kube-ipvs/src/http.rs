@@ -59,14 +59,13 @@ async fn metrics(State(shared): State<Shared>) -> Response {
     if let Some(ipvs) = &shared.traffic {
         match ipvs.list_services().await {
             Ok(services) => {
-                let programmed =
+                let snapshot =
                     shared.programmed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
                 let mut seen = BTreeSet::new();
                 for entry in services {
-                    let key = entry.service.key.to_string();
-                    let Some(view) = programmed.virtual_servers.get(&key) else { continue };
-                    let labels =
-                        VirtualServerLabels { service: view.service.clone(), virtual_server: key };
+                    let Some(service) = snapshot.service_of(&entry.service.key) else { continue };
+                    let virtual_server = entry.service.key.to_string();
+                    let labels = VirtualServerLabels { service, virtual_server };
                     let c = entry.counters();
                     let values =
                         [c.connections, c.in_packets, c.out_packets, c.in_bytes, c.out_bytes];
@@ -92,8 +91,9 @@ pub fn health_router(shared: Shared) -> Router {
 }
 
 async fn virtual_servers(State(shared): State<Shared>) -> Response {
-    let programmed =
+    let snapshot =
         shared.programmed.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+    let programmed = snapshot.programmed();
     let body = serde_json::to_string(&programmed).expect("the view serializes");
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }

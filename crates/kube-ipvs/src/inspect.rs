@@ -41,8 +41,32 @@ pub struct Programmed {
     pub draining: BTreeSet<String>,
 }
 
+/// What the sync loop last programmed, as it holds it: swapped in after each sync for the
+/// price of a pointer, and turned into a [`Programmed`] view only when asked.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The desired state last applied.
+    pub desired: Arc<DesiredState>,
+    /// The virtual servers kube-ipvs owns in the kernel.
+    pub owned: Vec<ServiceKey>,
+    /// The destinations draining.
+    pub draining: Vec<(ServiceKey, std::net::SocketAddr)>,
+}
+
+impl Snapshot {
+    /// The view `kube-ipvs ls` reads.
+    pub fn programmed(&self) -> Programmed {
+        Programmed::new(&self.desired, &self.owned, &self.draining)
+    }
+
+    /// The Service port a virtual server implements: `namespace/name:port`.
+    pub fn service_of(&self, key: &ServiceKey) -> Option<String> {
+        self.desired.virtual_servers.get(key).map(|server| server.owner.to_string())
+    }
+}
+
 /// Shared between the sync loop, which publishes, and the HTTP server.
-pub type Published = Arc<RwLock<Programmed>>;
+pub type Published = Arc<RwLock<Snapshot>>;
 
 /// The name of an [`Exposure`] in listings.
 pub fn kind_name(exposure: Exposure) -> &'static str {

@@ -38,7 +38,7 @@ use crate::{
     Error,
     config::NodePortAddresses,
     health::{ProxyHealth, node_eligible},
-    inspect::{Programmed, Published},
+    inspect::{Published, Snapshot},
     metrics::{Kind, Metrics, TrafficPolicy},
     service_health::{ServiceHealth, Target},
     source::Input,
@@ -98,7 +98,7 @@ pub struct Proxier {
     states: BTreeMap<ServiceName, ServiceState>,
     health_check_ports: BTreeMap<ServiceName, u16>,
     internal_local: BTreeSet<ServiceName>,
-    desired: DesiredState,
+    desired: Arc<DesiredState>,
     reported: BTreeSet<Problem>,
     local_addresses: Vec<IpAddr>,
     synced_once: bool,
@@ -166,7 +166,7 @@ impl Proxier {
             states: BTreeMap::new(),
             health_check_ports: BTreeMap::new(),
             internal_local: BTreeSet::new(),
-            desired: DesiredState::default(),
+            desired: Arc::default(),
             reported: BTreeSet::new(),
             local_addresses,
             synced_once: false,
@@ -508,7 +508,7 @@ impl Proxier {
             debug!("partial failures are left to the periodic full check");
         }
         self.report(&desired.problems);
-        self.desired = desired;
+        self.desired = Arc::new(desired);
         self.all_dirty = false;
         self.synced_once = true;
         let applied_in = started.elapsed();
@@ -590,12 +590,12 @@ impl Proxier {
     }
 
     fn publish(&self) {
-        let programmed = Programmed::new(
-            &self.desired,
-            self.node.reconciler.shadow().keys(),
-            self.node.reconciler.draining(),
-        );
-        *self.published.write().unwrap_or_else(std::sync::PoisonError::into_inner) = programmed;
+        let snapshot = Snapshot {
+            desired: self.desired.clone(),
+            owned: self.node.reconciler.shadow().keys().copied().collect(),
+            draining: self.node.reconciler.draining().copied().collect(),
+        };
+        *self.published.write().unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
     }
 
     /// The periodic full check: compares the kernel with what was programmed, and repairs
