@@ -630,6 +630,7 @@ impl Proxier {
             debug!(destinations = done.len(), "drained destinations deleted");
         }
         self.metrics.draining.set(self.node.reconciler.draining().count() as i64);
+        self.metrics.sent_messages(&self.node.reconciler.ipvs().sent_messages().await);
         Ok(())
     }
 }
