@@ -43,6 +43,19 @@ pub fn ipvsadm(args: &[&str]) -> String {
     sh("ipvsadm", args)
 }
 
+/// Programs `rules` (`ipvsadm -S` format) with `ipvsadm -R`; returns how long it took.
+pub fn ipvsadm_restore(rules: &str) -> Duration {
+    let started = std::time::Instant::now();
+    let mut child = Command::new("ipvsadm")
+        .arg("-R")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("ipvsadm runs");
+    child.stdin.take().expect("piped").write_all(rules.as_bytes()).expect("rules written");
+    assert!(child.wait().expect("ipvsadm ends").success(), "ipvsadm -R failed");
+    started.elapsed()
+}
+
 static NAMESPACES: AtomicUsize = AtomicUsize::new(0);
 
 /// A named network namespace (under `/run/netns`), deleted on drop.

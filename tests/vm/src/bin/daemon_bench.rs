@@ -9,17 +9,19 @@
 //! CPU time), and the daemon's peak RSS and CPU time.
 
 use std::{
-    io::Write,
     net::{Ipv4Addr, SocketAddr},
     path::PathBuf,
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
 use fake_apiserver::FakeApiServer;
 use ipvs_netlink::{IpvsHandle, ServiceKey};
 use serde_json::{Value, json};
-use vm_tests::daemon::{Daemon, ipvs_writes, kubeconfig_file};
+use vm_tests::{
+    daemon::{Daemon, ipvs_writes, kubeconfig_file},
+    ipvsadm_restore,
+};
 
 struct Args {
     services: usize,
@@ -80,14 +82,6 @@ fn ipvsadm_rules(args: &Args) -> String {
         }
     }
     rules
-}
-
-fn ipvsadm_restore(rules: &str) -> Duration {
-    let started = Instant::now();
-    let mut child = Command::new("ipvsadm").arg("-R").stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "ipvsadm -R failed");
-    started.elapsed()
 }
 
 /// Virtual servers and destinations in the kernel.

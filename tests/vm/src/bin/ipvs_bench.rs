@@ -4,13 +4,14 @@
 //! Runs inside the VM in a fresh network namespace. Prints a Markdown table.
 
 use std::{
-    io::{Read, Write},
+    io::Read,
     net::SocketAddr,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use ipvs_netlink::{Change, Destination, IpvsHandle, Service, ServiceKey};
+use vm_tests::ipvsadm_restore;
 
 struct Args {
     services: usize,
@@ -65,14 +66,6 @@ fn ipvsadm_rules(args: &Args) -> String {
         }
     }
     rules
-}
-
-fn ipvsadm_restore(rules: &str) -> Duration {
-    let started = Instant::now();
-    let mut child = Command::new("ipvsadm").arg("-R").stdin(Stdio::piped()).spawn().unwrap();
-    child.stdin.take().unwrap().write_all(rules.as_bytes()).unwrap();
-    assert!(child.wait().unwrap().success(), "ipvsadm -R failed");
-    started.elapsed()
 }
 
 /// Runs `ipvsadm -Ln` and reads its whole output, as an operator's pipe would.
