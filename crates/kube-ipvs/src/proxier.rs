@@ -9,7 +9,7 @@
 //! programmed and repairs it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::Instant,
@@ -322,6 +322,7 @@ impl Proxier {
                 self.metrics.endpoint_changes_pending.set(self.dirty.len() as i64);
             }
             Input::Node(event) => {
+                let before = self.node_info();
                 self.nodes.writer.apply_watcher_event(&event);
                 match &*event {
                     Event::Apply(_) | Event::Delete(_) | Event::InitDone => {
@@ -329,8 +330,11 @@ impl Proxier {
                         let node = self.own_node();
                         let eligible = node.as_deref().is_none_or(node_eligible);
                         self.health.set_node_eligible(eligible);
-                        // Labels (the zone) and addresses affect every Service.
-                        self.relisted();
+                        // The zone label and the addresses affect every Service; the Node's
+                        // status updates mostly change neither.
+                        if self.node_info() != before {
+                            self.relisted();
+                        }
                     }
                     Event::Init | Event::InitApply(_) => {}
                 }
@@ -387,8 +391,7 @@ impl Proxier {
         }
     }
 
-    fn state_of(&self, name: &ServiceName, node: &NodeInfo) -> Option<ServiceState> {
-        let service = self.services.store.get(&ObjectRef::new(&name.1).within(&name.0))?;
+    fn state_of(&self, name: &ServiceName, service: &Service, node: &NodeInfo) -> ServiceState {
         let slices: Vec<Arc<EndpointSlice>> = self
             .service_slices
             .get(name)
@@ -397,7 +400,7 @@ impl Proxier {
             .filter_map(|slice| self.slices.store.get(&ObjectRef::new(slice).within(&name.0)))
             .collect();
         let slices: Vec<&EndpointSlice> = slices.iter().map(AsRef::as_ref).collect();
-        Some(service_state(&service, &slices, node, &self.settings.proxy))
+        service_state(service, &slices, node, &self.settings.proxy)
     }
 
     /// Who owns what, from the objects and the kernel.
@@ -439,8 +442,9 @@ impl Proxier {
         }
         for name in &names {
             let service = self.services.store.get(&ObjectRef::new(&name.1).within(&name.0));
-            match self.state_of(name, &node) {
-                Some(state) => {
+            match &service {
+                Some(service) => {
+                    let state = self.state_of(name, service, &node);
                     self.states.insert(name.clone(), state);
                 }
                 None => {
@@ -473,19 +477,16 @@ impl Proxier {
         desired.problems.sort();
 
         let keys: Option<BTreeSet<_>> = (!full).then(|| {
-            let touched = |servers: &BTreeMap<_, controller::desired::VirtualServer>| {
-                servers
-                    .iter()
-                    .filter(|(_, s)| {
-                        names.contains(&(s.owner.namespace.clone(), s.owner.name.clone()))
-                    })
-                    .map(|(k, _)| *k)
-                    .collect::<Vec<_>>()
-            };
-            let mut keys: BTreeSet<_> =
-                touched(&self.desired.virtual_servers).into_iter().collect();
-            keys.extend(touched(&desired.virtual_servers));
-            keys
+            let names: HashSet<(&str, &str)> =
+                names.iter().map(|(ns, name)| (ns.as_str(), name.as_str())).collect();
+            let before = self.desired.virtual_servers.iter();
+            before
+                .chain(&desired.virtual_servers)
+                .filter(|(_, s)| {
+                    names.contains(&(s.owner.namespace.as_str(), s.owner.name.as_str()))
+                })
+                .map(|(key, _)| *key)
+                .collect()
         });
         let joined = started.elapsed();
         let result = self.node.apply(&desired, keys.as_ref()).await;
@@ -557,32 +558,36 @@ impl Proxier {
         self.metrics.draining.set(self.node.reconciler.draining().count() as i64);
         self.health.updated();
 
-        let mut local: BTreeMap<ServiceName, BTreeSet<IpAddr>> = BTreeMap::new();
-        let mut no_local = BTreeSet::new();
-        let mut internal_served = BTreeSet::new();
-        for server in self.desired.virtual_servers.values() {
-            let owner = &server.owner;
-            if server.exposure == Exposure::ClusterIp && !server.destinations.is_empty() {
-                internal_served.insert((owner.namespace.clone(), owner.name.clone()));
-            }
-            if server.exposure == Exposure::LocalOnly {
-                let ips = local.entry((owner.namespace.clone(), owner.name.clone())).or_default();
-                ips.extend(server.destinations.keys().map(|a| a.ip()));
-            }
-        }
         self.publish();
+        let mut no_local = 0;
         let mut wanted = BTreeMap::new();
         for (name, port) in &self.health_check_ports {
-            let local_endpoints = local.get(name).map_or(0, BTreeSet::len);
+            // This node's endpoints: those of the Service's local-only virtual servers.
+            let local: BTreeSet<IpAddr> = self
+                .states
+                .get(name)
+                .into_iter()
+                .flat_map(|state| &state.local_only)
+                .flat_map(|local| local.destinations.keys().map(|a| a.ip()))
+                .collect();
+            let local_endpoints = local.len();
             if local_endpoints == 0 {
-                no_local.insert(name.clone());
+                no_local += 1;
             }
             let target =
                 Target { namespace: name.0.clone(), name: name.1.clone(), local_endpoints };
             wanted.insert(*port, target);
         }
-        let no_local_internal = self.internal_local.difference(&internal_served).count();
-        for (policy, count) in [("external", no_local.len()), ("internal", no_local_internal)] {
+        let served = |name: &ServiceName| {
+            self.states.get(name).is_some_and(|state| {
+                state
+                    .virtual_servers
+                    .values()
+                    .any(|s| s.exposure == Exposure::ClusterIp && !s.destinations.is_empty())
+            })
+        };
+        let no_local_internal = self.internal_local.iter().filter(|name| !served(name)).count();
+        for (policy, count) in [("external", no_local), ("internal", no_local_internal)] {
             let labels = TrafficPolicy { traffic_policy: policy.into() };
             self.metrics.no_local_endpoints.get_or_create(&labels).set(count as i64);
         }

@@ -66,14 +66,14 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
 /// Parses a namespaced object into `objects`, in `default` when it names no namespace.
 fn insert<K: kube::Resource + serde::de::DeserializeOwned>(
     document: Value,
-    what: &str,
+    object: &str,
     objects: &mut BTreeMap<Key, K>,
 ) -> Result<(), String> {
-    let mut object: K = serde_json::from_value(document).map_err(|e| format!("{what}: {e}"))?;
-    let meta = object.meta_mut();
+    let mut parsed: K = serde_json::from_value(document).map_err(|e| format!("{object}: {e}"))?;
+    let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
-    objects.insert(key, object);
+    objects.insert(key, parsed);
     Ok(())
 }
 
@@ -86,6 +86,14 @@ fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
     if kind != "List" && !named(&document) {
         return Err(format!("a {kind:?} without metadata.name"));
     }
+    // The object as errors name it: `Service default/web`.
+    let text =
+        |field: &str| document.pointer(&format!("/metadata/{field}")).and_then(Value::as_str);
+    let object = match text("namespace") {
+        Some(namespace) => format!("{kind} {namespace}/{}", text("name").unwrap_or_default()),
+        None if kind == "Node" => format!("Node {}", text("name").unwrap_or_default()),
+        None => format!("{kind} default/{}", text("name").unwrap_or_default()),
+    };
     match kind.as_str() {
         "List" => {
             let items = document.get("items").and_then(Value::as_array).cloned();
@@ -97,11 +105,11 @@ fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
             }
             if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
         }
-        "Service" => insert(document, "a Service", &mut objects.services),
-        "EndpointSlice" => insert(document, "an EndpointSlice", &mut objects.slices),
+        "Service" => insert(document, &object, &mut objects.services),
+        "EndpointSlice" => insert(document, &object, &mut objects.slices),
         "Node" => {
             let node: Node =
-                serde_json::from_value(document).map_err(|e| format!("a Node: {e}"))?;
+                serde_json::from_value(document).map_err(|e| format!("{object}: {e}"))?;
             objects.nodes.insert(key(Some(""), node.metadata.name.as_deref()), node);
             Ok(())
         }
@@ -166,6 +174,7 @@ impl Manifests {
     pub fn scan(&mut self) -> Result<Vec<Input>, Error> {
         let io = |source| Error::Manifests { dir: self.dir.clone(), source };
         let mut seen = BTreeMap::new();
+        let mut changed = false;
         for entry in std::fs::read_dir(&self.dir).map_err(io)? {
             let path = entry.map_err(io)?.path();
             let manifest =
@@ -179,16 +188,25 @@ impl Manifests {
             let file = match self.files.remove(&path) {
                 Some(file) if file.modified == modified && file.len == len => file,
                 _ => match std::fs::read_to_string(&path) {
-                    Ok(text) => File { modified, len, objects: parse(&path, &text) },
+                    Ok(text) => {
+                        changed = true;
+                        File { modified, len, objects: parse(&path, &text) }
+                    }
                     Err(err) => {
                         warn!(file = %path.display(), %err, "manifest cannot be read");
+                        changed = true;
                         continue;
                     }
                 },
             };
             seen.insert(path, file);
         }
+        // A file gone is a change too. Nothing changed: no events, and nothing rebuilt.
+        changed |= !self.files.is_empty();
         self.files = seen;
+        if !changed && self.current.is_some() {
+            return Ok(Vec::new());
+        }
         let mut all = Objects::default();
         for file in self.files.values() {
             all.extend(&file.objects);
