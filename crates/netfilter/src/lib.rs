@@ -14,15 +14,17 @@
 //! - **healthCheckNodePorts**: accepted before anything else in the table can refuse them.
 //!
 //! The rules are fixed; what changes with Services are set elements ([`Elements`]).
-//! [`Netfilter::install`] writes the whole table in one atomic transaction;
-//! [`Netfilter::update`] adds and deletes only the elements that changed, in one transaction.
-//! Transactions go through `nft -j -f -`, with the JSON built by the `nftables` crate; see
-//! `docs/netfilter.md` for why, and for what `nft list table inet kube-ipvs` shows.
+//! [`Netfilter::install`] writes the whole table in one atomic transaction, through
+//! `nft -j -f -` with the JSON built by the `nftables` crate; [`Netfilter::update`] adds and
+//! deletes only the elements that changed, in one nf_tables netlink batch (one transaction,
+//! no process started). See `docs/netfilter.md` for why, and for what
+//! `nft list table inet kube-ipvs` shows.
 
+mod elements;
+mod message;
 mod model;
 mod ruleset;
-
-use std::collections::BTreeMap;
+mod socket;
 
 use nftables::helper::{self, NftablesError};
 use tracing::{debug, warn};
@@ -47,6 +49,14 @@ pub enum Error {
         /// What went wrong.
         reason: String,
     },
+    /// A netlink request on the table failed.
+    #[error("nftables: {operation} of table inet {TABLE} over netlink failed: {reason}")]
+    Netlink {
+        /// What was being done: `update` or `check`.
+        operation: &'static str,
+        /// What the socket or the kernel said.
+        reason: String,
+    },
 }
 
 /// A result with this crate's [`Error`].
@@ -55,7 +65,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// How an [`Netfilter::update`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Update {
-    /// Nothing changed; `nft` was not run.
+    /// Nothing changed; nothing was written.
     Unchanged,
     /// Only the changed elements were written.
     Elements,
@@ -88,7 +98,7 @@ impl Netfilter {
         self.applied.as_ref()
     }
 
-    /// How many `nft` transactions this instance ran.
+    /// How many transactions (`nft` runs and netlink batches) this instance made.
     pub fn transactions(&self) -> u64 {
         self.transactions
     }
@@ -120,43 +130,59 @@ impl Netfilter {
             self.install(elements).await?;
             return Ok(Update::Installed);
         };
-        let commands = ruleset::element_changes(&self.config, applied, elements);
-        if commands.is_empty() {
+        let changes = elements::element_changes(&self.config, applied, elements);
+        self.write_changes(changes, elements.clone()).await
+    }
+
+    /// Writes the changes that lead to `target`, falling back to writing the whole table.
+    async fn write_changes(
+        &mut self,
+        changes: Vec<elements::SetChange>,
+        target: Elements,
+    ) -> Result<Update> {
+        if changes.is_empty() {
             return Ok(Update::Unchanged);
         }
-        let transaction = nftables::schema::Nftables { objects: commands.into() };
-        match self.run("update", &transaction).await {
+        let messages: Vec<_> = changes.iter().flat_map(message::change_messages).collect();
+        self.transactions += 1;
+        let written = socket::NfSocket::open().and_then(|mut socket| socket.transaction(messages));
+        match written {
             Ok(()) => {
-                self.applied = Some(elements.clone());
+                self.applied = Some(target);
                 Ok(Update::Elements)
             }
             Err(err) => {
                 // The table is not what we wrote (deleted, flushed, edited): write it whole.
                 warn!(%err, "incremental nftables update failed; writing the whole table");
-                self.install(elements).await?;
+                self.install(&target).await?;
                 Ok(Update::Installed)
             }
         }
     }
 
-    /// Compares the table in the kernel with what was last written (the table exists, and each
-    /// set and map holds as many elements) and writes it whole if it differs: someone deleted
-    /// or flushed it. Returns whether it had drifted. Reads the table; writes only on drift.
+    /// Compares the table in the kernel with what was last written (each set and map exists
+    /// and holds as many elements) and writes it whole if it differs: someone deleted or
+    /// flushed it. Returns whether it had drifted. Reads the sets over netlink; writes only on
+    /// drift.
     pub async fn check(&mut self) -> Result<bool> {
-        let Some(applied) = self.applied.clone() else { return Ok(false) };
-        let wanted = ruleset::element_counts(&self.config, &applied);
-        let found = match helper::get_current_ruleset_with_args_async(
-            helper::DEFAULT_NFT,
-            ["list", "table", "inet", TABLE],
-        )
-        .await
-        {
-            Ok(ruleset) => element_counts_of(&ruleset),
-            Err(_) => BTreeMap::new(),
+        let Some(applied) = &self.applied else { return Ok(false) };
+        let wanted = elements::element_counts(&self.config, applied);
+        let netlink = |err: socket::SocketError| Error::Netlink {
+            operation: "check",
+            reason: err.to_string(),
         };
-        if found == wanted {
+        let mut socket = socket::NfSocket::open().map_err(netlink)?;
+        let mut drifted = false;
+        for (set, count) in &wanted {
+            if socket.count(set).map_err(netlink)? != Some(*count) {
+                drifted = true;
+                break;
+            }
+        }
+        if !drifted {
             return Ok(false);
         }
+        let applied = applied.clone();
         warn!(table = TABLE, "the nftables table differs from what was written; writing it again");
         self.install(&applied).await?;
         Ok(true)
@@ -168,24 +194,6 @@ impl Netfilter {
         self.applied = None;
         Ok(())
     }
-}
-
-/// How many elements each set and map of a listed table holds.
-fn element_counts_of(ruleset: &nftables::schema::Nftables<'_>) -> BTreeMap<String, usize> {
-    use nftables::schema::{NfListObject, NfObject};
-    ruleset
-        .objects
-        .iter()
-        .filter_map(|object| match object {
-            NfObject::ListObject(NfListObject::Set(set)) => {
-                Some((set.name.to_string(), set.elem.as_ref().map_or(0, |e| e.len())))
-            }
-            NfObject::ListObject(NfListObject::Map(map)) => {
-                Some((map.name.to_string(), map.elem.as_ref().map_or(0, |e| e.len())))
-            }
-            _ => None,
-        })
-        .collect()
 }
 
 /// The table as `nft list table inet kube-ipvs` prints it, for people to read.

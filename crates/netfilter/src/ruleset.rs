@@ -1,10 +1,10 @@
-//! The table as nftables JSON: its sets, chains and rules, and the element changes between two
-//! states. Pure functions; [`crate::Netfilter`] hands their output to `nft`.
+//! The whole table as nftables JSON: its sets with their elements, chains and rules. Pure
+//! functions; [`crate::Netfilter`] hands their output to `nft`.
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, BTreeSet, HashSet},
-    net::{IpAddr, SocketAddrV4},
+    collections::{BTreeSet, HashSet},
+    net::SocketAddrV4,
 };
 
 use ipnetwork::IpNetwork;
@@ -21,82 +21,19 @@ use nftables::{
     types::{NfChainPolicy, NfChainType, NfFamily, NfHook},
 };
 
-use crate::model::{Config, Elements, Family, NodePort, ServicePort, TABLE};
+use crate::{
+    elements::{
+        Item, LOCALHOST_ADDRESSES, LOCALHOST_BUCKETS, LOCALHOST_PORTS, SetKind, contents,
+        map_entries, mark_map_name, mark_maps, set_name, sets,
+    },
+    model::{Config, Elements, Family, NodePort, ServicePort, TABLE},
+};
 
 const NAT_DSTNAT: i32 = -100;
-/// The maps from localhost NodePort and bucket to endpoint address, and to endpoint port.
-/// (Two maps with one value each: nft 1.0.6 cannot read a concatenated map value in JSON.)
-const LOCALHOST_ADDRESSES: &str = "localhost-endpoint-addresses";
-const LOCALHOST_PORTS: &str = "localhost-endpoint-ports";
-/// Buckets per localhost NodePort: endpoints are spread over them in turn.
-const LOCALHOST_BUCKETS: u32 = 64;
 const NAT_SRCNAT: i32 = 100;
 const FILTER: i32 = 0;
 
-/// The sets of the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum SetKind {
-    ClusterIps,
-    ExternalIps,
-    LocalExternalIps,
-    Vips,
-    Firewalled,
-    SourceRanges,
-    Hairpin,
-    NodePorts,
-    HealthCheckPorts,
-    LocalhostNodePorts,
-}
-
-/// One element of one set, in a form that orders and compares.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-enum Item {
-    Address(IpAddr),
-    ServicePort(ServicePort),
-    SourceRange(ServicePort, IpNetwork),
-    Hairpin(IpAddr),
-    NodePort(NodePort),
-    Port(u16),
-}
-
-/// Every set's name, and the family its elements belong to (`None`: both).
-fn sets() -> Vec<(SetKind, Option<Family>)> {
-    use SetKind::*;
-    let mut sets = Vec::new();
-    for family in [Family::Ipv4, Family::Ipv6] {
-        for kind in
-            [ClusterIps, ExternalIps, LocalExternalIps, Vips, Firewalled, SourceRanges, Hairpin]
-        {
-            sets.push((kind, Some(family)));
-        }
-    }
-    sets.push((NodePorts, None));
-    sets.push((HealthCheckPorts, None));
-    sets.push((LocalhostNodePorts, None));
-    sets
-}
-
-fn set_name(kind: SetKind, family: Option<Family>) -> String {
-    let base = match kind {
-        SetKind::ClusterIps => "cluster-ips",
-        SetKind::ExternalIps => "external-ips",
-        SetKind::LocalExternalIps => "local-external-ips",
-        SetKind::Vips => "vips",
-        SetKind::Firewalled => "firewalled",
-        SetKind::SourceRanges => "source-ranges",
-        SetKind::Hairpin => "hairpin",
-        SetKind::NodePorts => "node-ports",
-        SetKind::HealthCheckPorts => "health-check-node-ports",
-        SetKind::LocalhostNodePorts => "localhost-node-ports",
-    };
-    match family {
-        Some(Family::Ipv4) => format!("{base}-v4"),
-        Some(Family::Ipv6) => format!("{base}-v6"),
-        None => base.to_owned(),
-    }
-}
-
-fn set_type(kind: SetKind, family: Option<Family>) -> (Vec<SetType>, bool) {
+pub(crate) fn set_type(kind: SetKind, family: Option<Family>) -> (Vec<SetType>, bool) {
     let addr = match family {
         Some(Family::Ipv6) => SetType::Ipv6Addr,
         _ => SetType::Ipv4Addr,
@@ -113,55 +50,6 @@ fn set_type(kind: SetKind, family: Option<Family>) -> (Vec<SetType>, bool) {
         SetKind::NodePorts | SetKind::LocalhostNodePorts => (vec![InetProto, InetService], false),
         SetKind::HealthCheckPorts => (vec![InetService], false),
     }
-}
-
-fn family_of(address: IpAddr) -> Option<Family> {
-    Some(Family::of(address))
-}
-
-/// The elements of every set, by set name.
-fn contents(elements: &Elements) -> BTreeMap<String, BTreeSet<Item>> {
-    let mut sets: BTreeMap<String, BTreeSet<Item>> = sets()
-        .into_iter()
-        .map(|(kind, family)| (set_name(kind, family), BTreeSet::new()))
-        .collect();
-    let mut put = |kind, family, item| {
-        sets.get_mut(&set_name(kind, family)).expect("every set is listed").insert(item);
-    };
-    for (kind, ports) in [
-        (SetKind::ClusterIps, &elements.cluster_ips),
-        (SetKind::ExternalIps, &elements.external_ips),
-        (SetKind::LocalExternalIps, &elements.local_external_ips),
-    ] {
-        for port in ports {
-            put(kind, family_of(port.address), Item::ServicePort(*port));
-        }
-    }
-    for vip in &elements.vips {
-        put(SetKind::Vips, family_of(*vip), Item::Address(*vip));
-    }
-    for (port, range) in &elements.source_ranges {
-        // A range of the other family can never match this service.
-        if range.is_ipv4() == port.address.is_ipv4() {
-            put(SetKind::SourceRanges, family_of(port.address), Item::SourceRange(*port, *range));
-        }
-        put(SetKind::Firewalled, family_of(port.address), Item::ServicePort(*port));
-    }
-    for address in &elements.hairpin {
-        put(SetKind::Hairpin, family_of(*address), Item::Hairpin(*address));
-    }
-    for node_port in &elements.node_ports {
-        put(SetKind::NodePorts, None, Item::NodePort(*node_port));
-    }
-    for node_port in
-        elements.localhost_node_ports.iter().filter(|(_, e)| !e.is_empty()).map(|(p, _)| p)
-    {
-        put(SetKind::LocalhostNodePorts, None, Item::NodePort(*node_port));
-    }
-    for port in &elements.health_check_node_ports {
-        put(SetKind::HealthCheckPorts, None, Item::Port(*port));
-    }
-    sets
 }
 
 fn string(s: impl Into<String>) -> Expression<'static> {
@@ -199,6 +87,11 @@ fn item_expression(item: &Item) -> Expression<'static> {
             Expression::Number(node_port.port.into()),
         ]),
         Item::Port(port) => Expression::Number((*port).into()),
+        Item::Bucket(node_port, mark) => concat(vec![
+            string(node_port.protocol.name().to_lowercase()),
+            Expression::Number(node_port.port.into()),
+            Expression::Number(*mark),
+        ]),
     }
 }
 
@@ -211,31 +104,9 @@ fn element(set: &str, items: &BTreeSet<Item>) -> NfListObject<'static> {
     })
 }
 
-/// The localhost endpoint map: (NodePort, bucket mark) to endpoint.
-fn map_entries(config: &Config, elements: &Elements) -> BTreeSet<(NodePort, u32, SocketAddrV4)> {
-    let mut entries = BTreeSet::new();
-    for (node_port, endpoints) in &elements.localhost_node_ports {
-        let endpoints: Vec<&SocketAddrV4> = endpoints.iter().collect();
-        if endpoints.is_empty() {
-            continue;
-        }
-        for bucket in 0..LOCALHOST_BUCKETS {
-            let endpoint = endpoints[bucket as usize % endpoints.len()];
-            entries.insert((*node_port, config.masquerade_mark() + bucket, *endpoint));
-        }
-    }
-    entries
-}
-
 /// The elements of both localhost maps for these entries.
 fn map_elements(entries: &BTreeSet<(NodePort, u32, SocketAddrV4)>) -> [NfListObject<'static>; 2] {
-    let key = |port: &NodePort, mark: u32| {
-        concat(vec![
-            string(port.protocol.name().to_lowercase()),
-            Expression::Number(port.port.into()),
-            Expression::Number(mark),
-        ])
-    };
+    let key = |port: &NodePort, mark: u32| item_expression(&Item::Bucket(*port, mark));
     let map = |name: &'static str, value: &dyn Fn(&SocketAddrV4) -> Expression<'static>| {
         NfListObject::Element(Element {
             family: NfFamily::INet,
@@ -256,32 +127,6 @@ fn map_elements(entries: &BTreeSet<(NodePort, u32, SocketAddrV4)>) -> [NfListObj
     ]
 }
 
-/// The maps from Service port (or NodePort) to the firewall mark of its local-only virtual
-/// server, by name, for `externalTrafficPolicy: Local`.
-fn mark_maps(elements: &Elements) -> BTreeMap<String, BTreeSet<(Item, u32)>> {
-    let mut maps: BTreeMap<String, BTreeSet<(Item, u32)>> = BTreeMap::new();
-    for family in [Family::Ipv4, Family::Ipv6] {
-        maps.insert(mark_map_name("local-traffic", family), BTreeSet::new());
-        maps.insert(mark_map_name("local-node-ports", family), BTreeSet::new());
-    }
-    for (port, mark) in &elements.local_traffic {
-        let name = mark_map_name("local-traffic", Family::of(port.address));
-        maps.get_mut(&name).expect("listed").insert((Item::ServicePort(*port), *mark));
-    }
-    for ((family, node_port), mark) in &elements.local_node_ports {
-        let name = mark_map_name("local-node-ports", *family);
-        maps.get_mut(&name).expect("listed").insert((Item::NodePort(*node_port), *mark));
-    }
-    maps
-}
-
-fn mark_map_name(base: &str, family: Family) -> String {
-    match family {
-        Family::Ipv4 => format!("{base}-v4"),
-        Family::Ipv6 => format!("{base}-v6"),
-    }
-}
-
 fn mark_map_element(name: &str, entries: &BTreeSet<(Item, u32)>) -> NfListObject<'static> {
     NfListObject::Element(Element {
         family: NfFamily::INet,
@@ -295,65 +140,6 @@ fn mark_map_element(name: &str, entries: &BTreeSet<(Item, u32)>) -> NfListObject
             .collect::<Vec<_>>()
             .into(),
     })
-}
-
-/// The commands that move the sets from `old` to `new`: deletions, then additions. Empty when
-/// nothing changed.
-pub(crate) fn element_changes(
-    config: &Config,
-    old: &Elements,
-    new: &Elements,
-) -> Vec<NfObject<'static>> {
-    let (old_marks, new_marks) = (mark_maps(old), mark_maps(new));
-    let (old_map, new_map) = (map_entries(config, old), map_entries(config, new));
-    let (old, new) = (contents(old), contents(new));
-    let mut deletes = Vec::new();
-    let mut adds = Vec::new();
-    // A bucket that changes endpoint is a deletion and an addition of the same key.
-    let removed: BTreeSet<_> = old_map.difference(&new_map).copied().collect();
-    let added: BTreeSet<_> = new_map.difference(&old_map).copied().collect();
-    if !removed.is_empty() {
-        deletes.extend(map_elements(&removed).map(|e| NfObject::CmdObject(NfCmd::Delete(e))));
-    }
-    if !added.is_empty() {
-        adds.extend(map_elements(&added).map(|e| NfObject::CmdObject(NfCmd::Add(e))));
-    }
-    for (name, new_entries) in &new_marks {
-        let old_entries = &old_marks[name];
-        let removed: BTreeSet<(Item, u32)> = old_entries.difference(new_entries).cloned().collect();
-        let added: BTreeSet<(Item, u32)> = new_entries.difference(old_entries).cloned().collect();
-        if !removed.is_empty() {
-            deletes.push(NfObject::CmdObject(NfCmd::Delete(mark_map_element(name, &removed))));
-        }
-        if !added.is_empty() {
-            adds.push(NfObject::CmdObject(NfCmd::Add(mark_map_element(name, &added))));
-        }
-    }
-    for (set, new_items) in &new {
-        let old_items = &old[set];
-        let removed: BTreeSet<Item> = old_items.difference(new_items).cloned().collect();
-        let added: BTreeSet<Item> = new_items.difference(old_items).cloned().collect();
-        if !removed.is_empty() {
-            deletes.push(NfObject::CmdObject(NfCmd::Delete(element(set, &removed))));
-        }
-        if !added.is_empty() {
-            adds.push(NfObject::CmdObject(NfCmd::Add(element(set, &added))));
-        }
-    }
-    deletes.extend(adds);
-    deletes
-}
-
-/// How many elements each set and map holds for these elements, by name: what a listing of
-/// the table shows when nothing changed it.
-pub(crate) fn element_counts(config: &Config, elements: &Elements) -> BTreeMap<String, usize> {
-    let mut counts: BTreeMap<String, usize> =
-        contents(elements).into_iter().map(|(name, items)| (name, items.len())).collect();
-    counts.extend(mark_maps(elements).into_iter().map(|(name, entries)| (name, entries.len())));
-    let localhost = map_entries(config, elements).len();
-    counts.insert(LOCALHOST_ADDRESSES.to_owned(), localhost);
-    counts.insert(LOCALHOST_PORTS.to_owned(), localhost);
-    counts
 }
 
 /// `add map inet kube-ipvs <name> { type <key> : <value>; }`
@@ -816,44 +602,6 @@ mod tests {
     }
 
     #[test]
-    fn an_unchanged_state_needs_no_command() {
-        let mut elements = Elements::default();
-        elements.cluster_ips.insert(port("10.96.0.10", Protocol::Tcp, 80));
-        elements.vips.insert("10.96.0.10".parse().unwrap());
-        assert!(element_changes(&Config::default(), &elements, &elements.clone()).is_empty());
-    }
-
-    #[test]
-    fn one_service_added_is_one_element_per_set_it_touches() {
-        let old = Elements::default();
-        let mut new = old.clone();
-        new.cluster_ips.insert(port("10.96.0.10", Protocol::Tcp, 80));
-        new.vips.insert("10.96.0.10".parse().unwrap());
-        let json = serde_json::to_value(element_changes(&Config::default(), &old, &new)).unwrap();
-        assert_eq!(
-            json,
-            serde_json::json!([
-                {"add": {"element": {"family": "inet", "table": "kube-ipvs", "name": "cluster-ips-v4",
-                    "elem": [{"concat": ["10.96.0.10", "tcp", 80]}]}}},
-                {"add": {"element": {"family": "inet", "table": "kube-ipvs", "name": "vips-v4",
-                    "elem": ["10.96.0.10"]}}},
-            ])
-        );
-    }
-
-    #[test]
-    fn removals_come_before_additions_and_families_stay_apart() {
-        let mut old = Elements::default();
-        old.cluster_ips.insert(port("10.96.0.10", Protocol::Tcp, 80));
-        let mut new = Elements::default();
-        new.cluster_ips.insert(port("fd00::10", Protocol::Udp, 53));
-        let json = serde_json::to_value(element_changes(&Config::default(), &old, &new)).unwrap();
-        assert_eq!(json[0]["delete"]["element"]["name"], "cluster-ips-v4");
-        assert_eq!(json[1]["add"]["element"]["name"], "cluster-ips-v6");
-        assert_eq!(json[1]["add"]["element"]["elem"][0]["concat"][1], "udp");
-    }
-
-    #[test]
     fn source_ranges_name_the_service_as_firewalled() {
         let lb = port("192.0.2.10", Protocol::Tcp, 80);
         let mut new = Elements::default();
@@ -870,34 +618,6 @@ mod tests {
             json,
             serde_json::json!({"concat": ["192.0.2.10", "tcp", 80, {"prefix": {"addr": "203.0.113.0", "len": 24}}]})
         );
-    }
-
-    #[test]
-    fn localhost_endpoints_fill_the_buckets_in_turn_and_change_bucket_by_bucket() {
-        let config = Config { localhost_node_ports: true, ..Config::default() };
-        let node_port = NodePort { protocol: Protocol::Tcp, port: 30080 };
-        let a: SocketAddrV4 = "10.244.0.2:8080".parse().unwrap();
-        let b: SocketAddrV4 = "10.244.0.3:8080".parse().unwrap();
-        let mut old = Elements::default();
-        old.localhost_node_ports.insert(node_port, [a].into());
-        let entries = map_entries(&config, &old);
-        assert_eq!(entries.len(), 64);
-        assert!(entries.iter().all(|(_, mark, e)| *e == a && mark & 0x4000 != 0));
-        let mut new = old.clone();
-        new.localhost_node_ports.insert(node_port, [a, b].into());
-        let spread = map_entries(&config, &new);
-        assert_eq!(spread.iter().filter(|(_, _, e)| *e == b).count(), 32, "half the buckets move");
-        // 32 buckets change endpoint: each is deleted and added again, in both maps.
-        let json = serde_json::to_value(element_changes(&config, &old, &new)).unwrap();
-        let commands = json.as_array().unwrap();
-        let count = |verb: &str| {
-            commands
-                .iter()
-                .filter_map(|c| c[verb]["element"]["elem"].as_array())
-                .map(Vec::len)
-                .sum::<usize>()
-        };
-        assert_eq!((count("delete"), count("add")), (64, 64), "{json}");
     }
 
     #[test]

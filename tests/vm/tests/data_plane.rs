@@ -293,3 +293,92 @@ async fn the_table_is_updated_element_by_element_and_healed_when_changed_behind_
     assert!(netfilter::listing().await.is_err(), "the table is gone");
     node.netfilter.remove().await.expect("removing a missing table is fine");
 }
+
+/// One element of every set and map, in both families.
+fn every_kind_of_element() -> Elements {
+    let mut e = Elements::default();
+    let v4 = |a: &str, protocol, port| ServicePort::new(a.parse().unwrap(), protocol, port);
+    for (cluster, external, local, lb) in [
+        ("10.96.0.10", "192.0.2.20", "192.0.2.21", "192.0.2.10"),
+        ("fd00::10", "2001:db8::20", "2001:db8::21", "2001:db8::10"),
+    ] {
+        e.cluster_ips.insert(v4(cluster, Protocol::Tcp, 80));
+        e.cluster_ips.insert(v4(cluster, Protocol::Udp, 53));
+        e.cluster_ips.insert(v4(cluster, Protocol::Sctp, 9999));
+        e.external_ips.insert(v4(external, Protocol::Tcp, 443));
+        e.local_external_ips.insert(v4(local, Protocol::Tcp, 8443));
+        e.local_traffic.insert(v4(local, Protocol::Tcp, 8443), 0x0010_0abc);
+        for address in [cluster, external, local, lb] {
+            e.vips.insert(address.parse().unwrap());
+        }
+        let range = if lb.contains(':') { "2001:db8:77::/48" } else { "203.0.113.0/24" };
+        e.source_ranges.insert((v4(lb, Protocol::Tcp, 80), range.parse().unwrap()));
+        let host = if lb.contains(':') { "2001:db8:78::5/128" } else { "198.51.100.5/32" };
+        e.source_ranges.insert((v4(lb, Protocol::Tcp, 80), host.parse().unwrap()));
+        e.hairpin
+            .insert(if lb.contains(':') { "fd00:244::2" } else { "10.244.0.2" }.parse().unwrap());
+    }
+    let node_port = |protocol, port| NodePort { protocol, port };
+    e.node_ports.insert(node_port(Protocol::Tcp, 30080));
+    e.node_ports.insert(node_port(Protocol::Udp, 30053));
+    e.health_check_node_ports.insert(32100);
+    e.local_node_ports
+        .insert((netfilter::Family::Ipv4, node_port(Protocol::Tcp, 30443)), 0x0010_0001);
+    e.local_node_ports
+        .insert((netfilter::Family::Ipv6, node_port(Protocol::Tcp, 30443)), 0x0010_0002);
+    e.localhost_node_ports.insert(
+        node_port(Protocol::Tcp, 30080),
+        ["10.244.0.2:8080".parse().unwrap(), "10.244.0.3:8081".parse().unwrap()].into(),
+    );
+    e
+}
+
+/// The elements of every set and map as `nft -j` lists them, by set name.
+fn listed_elements() -> std::collections::BTreeMap<String, serde_json::Value> {
+    let out = sh("nft", &["-j", "list", "table", "inet", "kube-ipvs"]);
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap();
+    json["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("set").or_else(|| o.get("map")))
+        .map(|s| {
+            (s["name"].as_str().unwrap().to_owned(), s.get("elem").cloned().unwrap_or_default())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn elements_written_over_netlink_are_the_ones_nft_writes() {
+    let config = Config { localhost_node_ports: true, ..Config::default() };
+    let elements = every_kind_of_element();
+
+    // Written by nft, as part of the whole table.
+    let mut by_nft = netfilter::Netfilter::new(config.clone());
+    by_nft.install(&elements).await.unwrap();
+    let expected = listed_elements();
+    assert!(expected.values().filter(|e| !e.is_null()).count() >= 20, "{expected:?}");
+    assert!(!by_nft.check().await.unwrap(), "the counts read back over netlink agree");
+
+    // Written over netlink, into an empty table.
+    let mut by_netlink = netfilter::Netfilter::new(config);
+    by_netlink.install(&Elements::default()).await.unwrap();
+    assert_eq!(by_netlink.update(&elements).await.unwrap(), Update::Elements);
+    assert_eq!(listed_elements(), expected, "the kernel holds the same bytes");
+    assert!(!by_netlink.check().await.unwrap());
+
+    // Deleted over netlink: every key matches exactly, or the kernel would refuse (ENOENT) and
+    // the table would be installed again instead.
+    assert_eq!(by_netlink.update(&Elements::default()).await.unwrap(), Update::Elements);
+    assert!(listed_elements().values().all(serde_json::Value::is_null), "{:?}", listed_elements());
+
+    // A flushed set is found by the check, and the table written again.
+    assert_eq!(by_netlink.update(&elements).await.unwrap(), Update::Elements);
+    sh("nft", &["flush", "set", "inet", "kube-ipvs", "hairpin-v6"]);
+    assert!(by_netlink.check().await.unwrap(), "drift found");
+    assert_eq!(listed_elements(), expected);
+    sh("nft", &["delete", "table", "inet", "kube-ipvs"]);
+    assert!(by_netlink.check().await.unwrap(), "a deleted table is found too");
+    assert_eq!(listed_elements(), expected);
+    by_netlink.remove().await.unwrap();
+}
