@@ -3,13 +3,13 @@
 use std::collections::BTreeSet;
 
 use dummy_link::DummyLink;
-use ipvs_netlink::{Change, ServiceKey};
+use ipvs_netlink::Change;
 use netfilter::Netfilter;
 use tracing::{debug, warn};
 
 use crate::{
     Error,
-    desired::DesiredState,
+    desired::{Delta, DesiredState},
     reconcile::{Owned, Ownership, Reconciler, SyncReport},
 };
 
@@ -54,33 +54,46 @@ pub struct NodeSync {
 }
 
 impl NodeSync {
-    /// Moves the node to `desired`, for the virtual servers `keys` (all with `None`). The
-    /// masquerade rules go first and the virtual servers last, so no virtual server is ever
-    /// reachable before its replies can be masqueraded (kubernetes#133773). kube-ipvs0's
-    /// addresses are synced when the Service addresses changed; [`NodeSync::full_check`]
-    /// repairs them whatever happened.
+    /// Moves the node to `desired`: by `delta` (the virtual servers and elements that changed)
+    /// or, with `None`, by comparing everything. The masquerade rules go first and the virtual
+    /// servers last, so no virtual server is ever reachable before its replies can be
+    /// masqueraded (kubernetes#133773). kube-ipvs0's addresses are synced when the Service
+    /// addresses changed; [`NodeSync::full_check`] repairs them whatever happened.
     pub async fn apply(
         &mut self,
         desired: &DesiredState,
-        keys: Option<&BTreeSet<ServiceKey>>,
+        delta: Option<&Delta>,
     ) -> Result<Applied, Error> {
         let started = std::time::Instant::now();
         // The addresses follow the Service addresses, which most changes (endpoints) leave
         // alone: then the link is not read at all. The full check reads it every time.
-        let same_addresses =
-            self.netfilter.applied().is_some_and(|applied| applied.vips == desired.elements.vips);
-        let netfilter = self.netfilter.update(&desired.elements).await?;
+        let (netfilter, addresses_changed) = match delta {
+            Some(delta) => {
+                let update = self
+                    .netfilter
+                    .apply_delta(&delta.removed, &delta.added, &desired.elements)
+                    .await?;
+                (update, delta.addresses_changed())
+            }
+            None => {
+                let changed = self
+                    .netfilter
+                    .applied()
+                    .is_none_or(|applied| applied.vips != desired.elements.vips);
+                (self.netfilter.update(&desired.elements).await?, changed)
+            }
+        };
         let netfilter_done = started.elapsed();
-        let addresses = if same_addresses {
-            dummy_link::SyncReport::default()
-        } else {
+        let addresses = if addresses_changed {
             self.link.sync(&desired.elements.vips).await
+        } else {
+            dummy_link::SyncReport::default()
         };
         for err in &addresses.failed {
             warn!(%err, "kube-ipvs0 address not synced");
         }
         let addresses_done = started.elapsed();
-        let ipvs = self.reconciler.sync(&desired.virtual_servers, keys).await;
+        let ipvs = self.reconciler.sync(&desired.virtual_servers, delta.map(|d| &d.keys)).await;
         debug!(
             netfilter_us = netfilter_done.as_micros() as u64,
             addresses_us = (addresses_done - netfilter_done).as_micros() as u64,

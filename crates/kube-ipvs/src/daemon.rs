@@ -131,12 +131,12 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
 
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(ProxyHealth::new(config.sync_period));
-    let published = Published::default();
+    let (published, mut snapshot_requests) = Published::new();
     let shared = Shared {
         health: health.clone(),
         metrics: metrics.clone(),
         traffic: options.traffic_metrics.then(|| ipvs.clone()),
-        programmed: published.clone(),
+        programmed: published,
     };
     let bound =
         http::serve("/healthz", config.healthz_bind_address, http::health_router(shared.clone()))
@@ -157,7 +157,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
         node_port_addresses: config.node_port_addresses.clone(),
         node_port_range: options.node_port_range.clone(),
     };
-    let mut proxier = Proxier::new(settings, node, local, metrics, health, published);
+    let mut proxier = Proxier::new(settings, node, local, metrics, health);
 
     let (sink, mut inputs) = mpsc::channel(4096);
     match &options.manifests {
@@ -204,6 +204,10 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                     warn!(%err, "full check failed; retrying at the next one");
                 }
                 next_check = Instant::now() + config.sync_period;
+            }
+            Some(request) = snapshot_requests.recv() => {
+                // The asker may have given up; then there is no one to answer.
+                let _ = request.send(proxier.snapshot());
             }
             _ = drain.tick(), if proxier.draining() => {
                 if let Err(err) = proxier.drain().await {

@@ -47,6 +47,9 @@ fn health_response(shared: &Shared, liveness: bool) -> Response {
     response
 }
 
+/// How long a request waits for the sync loop, which answers between syncs.
+const SNAPSHOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn healthz(State(shared): State<Shared>) -> Response {
     health_response(&shared, false)
 }
@@ -60,7 +63,7 @@ async fn metrics(State(shared): State<Shared>) -> Response {
         match ipvs.list_services().await {
             Ok(services) => {
                 let snapshot =
-                    shared.programmed.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    shared.programmed.snapshot(SNAPSHOT_TIMEOUT).await.unwrap_or_default();
                 let mut seen = BTreeSet::new();
                 for entry in services {
                     let Some(service) = snapshot.service_of(&entry.service.key) else { continue };
@@ -91,10 +94,11 @@ pub fn health_router(shared: Shared) -> Router {
 }
 
 async fn virtual_servers(State(shared): State<Shared>) -> Response {
-    let snapshot =
-        shared.programmed.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
-    let programmed = snapshot.programmed();
-    let body = serde_json::to_string(&programmed).expect("the view serializes");
+    let Some(snapshot) = shared.programmed.snapshot(SNAPSHOT_TIMEOUT).await else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "the sync loop did not answer in time\n")
+            .into_response();
+    };
+    let body = serde_json::to_string(&snapshot.programmed()).expect("the view serializes");
     ([(header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

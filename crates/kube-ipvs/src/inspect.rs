@@ -2,14 +2,12 @@
 //! `kube-ipvs ls` makes of it: the kernel's table annotated with each virtual server's
 //! Service, and the difference between what is desired and what the kernel holds.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::{Arc, RwLock},
-};
+use std::collections::{BTreeMap, BTreeSet};
 
 use controller::desired::{DesiredState, Exposure};
 use ipvs_netlink::{ServiceKey, listing::TableEntry};
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 /// One virtual server kube-ipvs programs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,12 +39,11 @@ pub struct Programmed {
     pub draining: BTreeSet<String>,
 }
 
-/// What the sync loop last programmed, as it holds it: swapped in after each sync for the
-/// price of a pointer, and turned into a [`Programmed`] view only when asked.
+/// What the sync loop last programmed, copied when asked.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
     /// The desired state last applied.
-    pub desired: Arc<DesiredState>,
+    pub desired: DesiredState,
     /// The virtual servers kube-ipvs owns in the kernel.
     pub owned: Vec<ServiceKey>,
     /// The destinations draining.
@@ -65,8 +62,31 @@ impl Snapshot {
     }
 }
 
-/// Shared between the sync loop, which publishes, and the HTTP server.
-pub type Published = Arc<RwLock<Snapshot>>;
+/// A request for a [`Snapshot`], answered by the sync loop between syncs.
+pub type SnapshotRequest = oneshot::Sender<Snapshot>;
+
+/// The HTTP server's side: asks the sync loop for a [`Snapshot`]. The sync loop copies its
+/// state only when asked, so a sync costs what changed, never the size of the whole table.
+#[derive(Debug, Clone)]
+pub struct Published {
+    requests: mpsc::Sender<SnapshotRequest>,
+}
+
+impl Published {
+    /// A handle, and the requests the sync loop answers.
+    pub fn new() -> (Self, mpsc::Receiver<SnapshotRequest>) {
+        let (requests, receiver) = mpsc::channel(16);
+        (Self { requests }, receiver)
+    }
+
+    /// What the sync loop programmed; `None` if it does not answer within `timeout` (it is
+    /// in a long sync) or has stopped.
+    pub async fn snapshot(&self, timeout: std::time::Duration) -> Option<Snapshot> {
+        let (reply, answer) = oneshot::channel();
+        self.requests.send(reply).await.ok()?;
+        tokio::time::timeout(timeout, answer).await.ok()?.ok()
+    }
+}
 
 /// The name of an [`Exposure`] in listings.
 pub fn kind_name(exposure: Exposure) -> &'static str {

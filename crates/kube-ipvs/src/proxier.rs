@@ -2,14 +2,15 @@
 //!
 //! [`Proxier::handle`] feeds each [`Input`] to kube-rs reflector stores and marks the Services
 //! it touches dirty. [`Proxier::sync`] recomputes the desired state of the dirty Services only
-//! (`controller::desired::service_state`), joins it with the others' and applies the
-//! difference for their virtual servers (`controller::node::NodeSync`). Until Services and
+//! (`controller::desired::service_state`), updates the join of all Services with them
+//! (`controller::desired::Join`) and applies the difference that yields
+//! (`controller::node::NodeSync`): a sync costs what changed, not the number of Services. Until Services and
 //! EndpointSlices have both been listed once, nothing is synced: a restart never empties a
 //! Service for a moment. [`Proxier::full_check`] compares the whole kernel state with what was
 //! programmed and repairs it.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
     time::Instant,
@@ -17,8 +18,8 @@ use std::{
 
 use controller::{
     desired::{
-        DesiredState, Exposure, NodeInfo, Problem, ProxyConfig, SERVICE_NAME_LABEL, ServiceState,
-        node_port_addresses, service_state,
+        DesiredState, Exposure, Join, NodeInfo, Problem, ProxyConfig, SERVICE_NAME_LABEL,
+        ServiceState, node_port_addresses, service_state,
     },
     node::NodeSync,
     reconcile::Owned,
@@ -38,7 +39,7 @@ use crate::{
     Error,
     config::NodePortAddresses,
     health::{ProxyHealth, node_eligible},
-    inspect::{Published, Snapshot},
+    inspect::Snapshot,
     metrics::{Kind, Metrics, TrafficPolicy},
     service_health::{ServiceHealth, Target},
     source::Input,
@@ -47,8 +48,7 @@ use crate::{
 /// The annotation with the time of the change an EndpointSlice reflects.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// A Service, by namespace and name.
-pub type ServiceName = (String, String);
+pub use controller::desired::ServiceName;
 
 /// What the proxier needs to know besides the objects.
 #[derive(Debug, Clone)]
@@ -95,10 +95,9 @@ pub struct Proxier {
     /// When this proxier started: earlier trigger times are not measured (as kube-proxy).
     started: Timestamp,
     all_dirty: bool,
-    states: BTreeMap<ServiceName, ServiceState>,
+    join: Join,
     health_check_ports: BTreeMap<ServiceName, u16>,
     internal_local: BTreeSet<ServiceName>,
-    desired: Arc<DesiredState>,
     reported: BTreeSet<Problem>,
     local_addresses: Vec<IpAddr>,
     synced_once: bool,
@@ -106,13 +105,12 @@ pub struct Proxier {
     metrics: Arc<Metrics>,
     health: Arc<ProxyHealth>,
     service_health: ServiceHealth,
-    published: Published,
 }
 
 impl std::fmt::Debug for Proxier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Proxier")
-            .field("services", &self.states.len())
+            .field("services", &self.join.states().len())
             .field("dirty", &self.dirty.len())
             .field("all_dirty", &self.all_dirty)
             .finish_non_exhaustive()
@@ -141,15 +139,14 @@ fn health_check_port(service: &Service) -> Option<u16> {
 }
 
 impl Proxier {
-    /// A proxier that programs the node through `node`, and reports to `metrics`, `health`
-    /// and `published`. `local_addresses` are the node's addresses outside kube-ipvs0.
+    /// A proxier that programs the node through `node`, and reports to `metrics` and
+    /// `health`. `local_addresses` are the node's addresses outside kube-ipvs0.
     pub fn new(
         settings: Settings,
         node: NodeSync,
         local_addresses: Vec<IpAddr>,
         metrics: Arc<Metrics>,
         health: Arc<ProxyHealth>,
-        published: Published,
     ) -> Self {
         Self {
             settings,
@@ -163,10 +160,9 @@ impl Proxier {
             triggers: Vec::new(),
             started: Timestamp::now(),
             all_dirty: true,
-            states: BTreeMap::new(),
+            join: Join::new(),
             health_check_ports: BTreeMap::new(),
             internal_local: BTreeSet::new(),
-            desired: Arc::default(),
             reported: BTreeSet::new(),
             local_addresses,
             synced_once: false,
@@ -174,7 +170,6 @@ impl Proxier {
             service_health: ServiceHealth::new(health.clone()),
             metrics,
             health,
-            published,
         }
     }
 
@@ -196,7 +191,7 @@ impl Proxier {
 
     /// The virtual servers last programmed.
     pub fn desired(&self) -> &DesiredState {
-        &self.desired
+        self.join.desired()
     }
 
     fn mark(&mut self, service: ServiceName) {
@@ -407,7 +402,7 @@ impl Proxier {
     async fn ownership(&self, node: &NodeInfo) -> Result<Owned, Error> {
         let mut service_addresses =
             self.node.link.addresses().await.map_err(controller::Error::from)?;
-        service_addresses.extend(self.desired.elements.vips.iter().copied());
+        service_addresses.extend(self.join.desired().elements.vips.iter().copied());
         let mut node_port_addresses: BTreeSet<IpAddr> =
             self.local_addresses.iter().copied().collect();
         node_port_addresses.extend(node.node_port_addresses.iter().copied());
@@ -431,26 +426,20 @@ impl Proxier {
         let full = self.all_dirty || !self.synced_once;
         let dirty = std::mem::take(&mut self.dirty);
         let names: BTreeSet<ServiceName> = if full {
-            self.services.store.state().iter().map(|s| name_of(s.as_ref())).collect()
+            // Every Service known, and every one joined (those gone since).
+            let mut names: BTreeSet<ServiceName> =
+                self.services.store.state().iter().map(|s| name_of(s.as_ref())).collect();
+            names.extend(self.join.states().keys().cloned());
+            names.extend(self.health_check_ports.keys().cloned());
+            names.extend(self.internal_local.iter().cloned());
+            names
         } else {
             dirty
         };
-        if full {
-            self.states.clear();
-            self.health_check_ports.clear();
-            self.internal_local.clear();
-        }
         for name in &names {
             let service = self.services.store.get(&ObjectRef::new(&name.1).within(&name.0));
-            match &service {
-                Some(service) => {
-                    let state = self.state_of(name, service, &node);
-                    self.states.insert(name.clone(), state);
-                }
-                None => {
-                    self.states.remove(name);
-                }
-            }
+            let state = service.as_ref().map(|service| self.state_of(name, service, &node));
+            self.join.set(name, state);
             match service.as_deref().and_then(health_check_port) {
                 Some(port) => self.health_check_ports.insert(name.clone(), port),
                 None => self.health_check_ports.remove(name),
@@ -462,34 +451,20 @@ impl Proxier {
                 self.internal_local.remove(name);
             }
         }
+        let delta = self.join.take_delta();
         let computed = started.elapsed();
-        let mut desired = DesiredState::default();
-        for state in self.states.values() {
-            desired.merge(state.clone());
-        }
-        desired.finish();
+        let desired = self.join.desired();
+        let mut problems = desired.problems.clone();
         for (namespace, name) in &self.unlabelled {
-            desired.problems.push(Problem {
+            problems.push(Problem {
                 object: format!("EndpointSlice {namespace}/{name}"),
                 reason: format!("has no {SERVICE_NAME_LABEL} label; skipped"),
             });
         }
-        desired.problems.sort();
+        problems.sort();
 
-        let keys: Option<BTreeSet<_>> = (!full).then(|| {
-            let names: HashSet<(&str, &str)> =
-                names.iter().map(|(ns, name)| (ns.as_str(), name.as_str())).collect();
-            let before = self.desired.virtual_servers.iter();
-            before
-                .chain(&desired.virtual_servers)
-                .filter(|(_, s)| {
-                    names.contains(&(s.owner.namespace.as_str(), s.owner.name.as_str()))
-                })
-                .map(|(key, _)| *key)
-                .collect()
-        });
-        let joined = started.elapsed();
-        let result = self.node.apply(&desired, keys.as_ref()).await;
+        // A full sync compares everything, so that it also repairs what a failed one left.
+        let result = self.node.apply(desired, (!full).then_some(&delta)).await;
         let applied = match result {
             Ok(applied) => applied,
             Err(err) => {
@@ -508,8 +483,7 @@ impl Proxier {
             // The shadow knows what failed; the next full check repairs it.
             debug!("partial failures are left to the periodic full check");
         }
-        self.report(&desired.problems);
-        self.desired = Arc::new(desired);
+        self.report(&problems);
         self.all_dirty = false;
         self.synced_once = true;
         let applied_in = started.elapsed();
@@ -518,8 +492,7 @@ impl Proxier {
             services = names.len(),
             full,
             compute_us = computed.as_micros() as u64,
-            join_us = (joined - computed).as_micros() as u64,
-            apply_us = (applied_in - joined).as_micros() as u64,
+            apply_us = (applied_in - computed).as_micros() as u64,
             took_us = applied_in.as_micros() as u64,
             reported_us = started.elapsed().as_micros() as u64,
             "synced"
@@ -558,14 +531,13 @@ impl Proxier {
         self.metrics.draining.set(self.node.reconciler.draining().count() as i64);
         self.health.updated();
 
-        self.publish();
         let mut no_local = 0;
         let mut wanted = BTreeMap::new();
         for (name, port) in &self.health_check_ports {
             // This node's endpoints: those of the Service's local-only virtual servers.
             let local: BTreeSet<IpAddr> = self
-                .states
-                .get(name)
+                .join
+                .state(name)
                 .into_iter()
                 .flat_map(|state| &state.local_only)
                 .flat_map(|local| local.destinations.keys().map(|a| a.ip()))
@@ -579,7 +551,7 @@ impl Proxier {
             wanted.insert(*port, target);
         }
         let served = |name: &ServiceName| {
-            self.states.get(name).is_some_and(|state| {
+            self.join.state(name).is_some_and(|state| {
                 state
                     .virtual_servers
                     .values()
@@ -594,13 +566,13 @@ impl Proxier {
         self.service_health.sync(wanted).await;
     }
 
-    fn publish(&self) {
-        let snapshot = Snapshot {
-            desired: self.desired.clone(),
+    /// What was last programmed, for the HTTP server: copied only when asked.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            desired: self.join.desired().clone(),
             owned: self.node.reconciler.shadow().keys().copied().collect(),
             draining: self.node.reconciler.draining().copied().collect(),
-        };
-        *self.published.write().unwrap_or_else(std::sync::PoisonError::into_inner) = snapshot;
+        }
     }
 
     /// The periodic full check: compares the kernel with what was programmed, and repairs
@@ -611,7 +583,7 @@ impl Proxier {
         }
         let node = self.node_info();
         let owned = self.ownership(&node).await?;
-        let healed = self.node.full_check(&self.desired, &owned).await?;
+        let healed = self.node.full_check(self.join.desired(), &owned).await?;
         let repairs = [
             ("ipvs", healed.virtual_servers),
             ("address", healed.addresses),
@@ -624,7 +596,6 @@ impl Proxier {
             }
         }
         self.metrics.sent_messages(&self.node.reconciler.ipvs().sent_messages().await);
-        self.publish();
         Ok(())
     }
 

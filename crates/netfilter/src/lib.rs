@@ -131,14 +131,35 @@ impl Netfilter {
             return Ok(Update::Installed);
         };
         let changes = elements::element_changes(&self.config, applied, elements);
-        self.write_changes(changes, elements.clone()).await
+        self.write_changes(changes, elements, |applied| *applied = elements.clone()).await
     }
 
-    /// Writes the changes that lead to `target`, falling back to writing the whole table.
+    /// Moves the table by a known difference: `removed` elements go, `added` ones come (for
+    /// a localhost NodePort or a marked port, `removed` holds the old value and `added` the
+    /// new). `target` is where that leads, written whole if the change cannot be applied.
+    /// Costs what changed, not what the table holds.
+    pub async fn apply_delta(
+        &mut self,
+        removed: &Elements,
+        added: &Elements,
+        target: &Elements,
+    ) -> Result<Update> {
+        if self.applied.is_none() {
+            self.install(target).await?;
+            return Ok(Update::Installed);
+        }
+        let changes = elements::element_changes(&self.config, removed, added);
+        self.write_changes(changes, target, |applied| elements::apply(applied, removed, added))
+            .await
+    }
+
+    /// Writes the changes that lead to `target`, falling back to writing the whole table;
+    /// `record` brings what was applied up to date after a successful write.
     async fn write_changes(
         &mut self,
         changes: Vec<elements::SetChange>,
-        target: Elements,
+        target: &Elements,
+        record: impl FnOnce(&mut Elements),
     ) -> Result<Update> {
         if changes.is_empty() {
             return Ok(Update::Unchanged);
@@ -148,13 +169,13 @@ impl Netfilter {
         let written = socket::NfSocket::open().and_then(|mut socket| socket.transaction(messages));
         match written {
             Ok(()) => {
-                self.applied = Some(target);
+                record(self.applied.get_or_insert_with(Elements::default));
                 Ok(Update::Elements)
             }
             Err(err) => {
                 // The table is not what we wrote (deleted, flushed, edited): write it whole.
                 warn!(%err, "incremental nftables update failed; writing the whole table");
-                self.install(&target).await?;
+                self.install(target).await?;
                 Ok(Update::Installed)
             }
         }

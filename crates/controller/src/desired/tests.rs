@@ -245,13 +245,17 @@ fn bad_input_is_skipped_reported_and_does_not_stop_the_others() {
 }
 
 #[test]
-fn two_services_claiming_one_virtual_server_keep_the_first_and_report_the_second() {
+fn two_services_claiming_one_virtual_server_keep_the_first_by_name_and_report_the_other() {
     let mut twin = web(json!({}));
     twin.metadata.name = Some("twin".into());
-    let state = compute(&[web(json!({})), twin], &[]);
-    assert_eq!(state.virtual_servers.values().next().unwrap().owner.name, "web");
-    assert_eq!(state.problems.len(), 1);
-    assert!(state.problems[0].reason.contains("already the virtual server of ns/web:http"));
+    // Whatever order they come in: the owner does not change with the order of events.
+    for services in [[web(json!({})), twin.clone()], [twin.clone(), web(json!({}))]] {
+        let state = compute(&services, &[]);
+        assert_eq!(state.virtual_servers.values().next().unwrap().owner.name, "twin");
+        assert_eq!(state.problems.len(), 1);
+        assert_eq!(state.problems[0].object, "Service ns/web");
+        assert!(state.problems[0].reason.contains("already the virtual server of ns/twin:http"));
+    }
 }
 
 #[test]
