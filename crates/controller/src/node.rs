@@ -110,10 +110,23 @@ impl NodeSync {
         desired: &DesiredState,
         ownership: &dyn Ownership,
     ) -> Result<Healed, Error> {
+        let started = std::time::Instant::now();
+        // Elements left in place to keep syncs fast are deleted now.
+        self.netfilter.flush().await?;
         let netfilter = self.netfilter.check().await?;
+        let netfilter_done = started.elapsed();
         let addresses = self.link.sync(&desired.elements.vips).await;
+        let addresses_done = started.elapsed();
         let drift = self.reconciler.full_check(ownership).await?;
+        let read_done = started.elapsed();
         self.reconciler.sync(&desired.virtual_servers, None).await;
+        debug!(
+            netfilter_us = netfilter_done.as_micros() as u64,
+            addresses_us = (addresses_done - netfilter_done).as_micros() as u64,
+            ipvs_read_us = (read_done - addresses_done).as_micros() as u64,
+            ipvs_sync_us = (started.elapsed() - read_done).as_micros() as u64,
+            "checked"
+        );
         let healed = Healed {
             netfilter,
             addresses: addresses.added.len() + addresses.removed.len(),

@@ -78,14 +78,18 @@ pub enum Update {
 #[derive(Debug)]
 pub struct Netfilter {
     config: Config,
+    /// What the kernel holds, as far as this process knows.
     applied: Option<Elements>,
+    /// Hairpin elements no longer wanted but still in the kernel, deleted by
+    /// [`Netfilter::flush`].
+    stale_hairpin: std::collections::BTreeSet<std::net::IpAddr>,
     transactions: u64,
 }
 
 impl Netfilter {
     /// Manages the table with this configuration; writes nothing yet.
     pub fn new(config: Config) -> Self {
-        Self { config, applied: None, transactions: 0 }
+        Self { config, applied: None, stale_hairpin: Default::default(), transactions: 0 }
     }
 
     /// The configuration.
@@ -118,6 +122,7 @@ impl Netfilter {
     /// name is replaced.
     pub async fn install(&mut self, elements: &Elements) -> Result<()> {
         self.applied = None;
+        self.stale_hairpin.clear();
         self.run("install", &ruleset::install(&self.config, elements)).await?;
         self.applied = Some(elements.clone());
         debug!(table = TABLE, "installed the nftables table");
@@ -131,13 +136,21 @@ impl Netfilter {
             return Ok(Update::Installed);
         };
         let changes = elements::element_changes(&self.config, applied, elements);
-        self.write_changes(changes, elements, |applied| *applied = elements.clone()).await
+        let update =
+            self.write_changes(changes, elements, |applied| *applied = elements.clone()).await?;
+        self.stale_hairpin.clear();
+        Ok(update)
     }
 
     /// Moves the table by a known difference: `removed` elements go, `added` ones come (for
     /// a localhost NodePort or a marked port, `removed` holds the old value and `added` the
     /// new). `target` is where that leads, written whole if the change cannot be applied.
     /// Costs what changed, not what the table holds.
+    ///
+    /// Hairpin elements that go are left in the kernel until [`Netfilter::flush`]: deleting
+    /// an element costs the kernel far more than adding one, every replaced pod retires one,
+    /// and a stale `pod . pod` element matches nothing (a pod is only sent to itself through
+    /// a Service it is an endpoint of, and then its element is wanted anyway).
     pub async fn apply_delta(
         &mut self,
         removed: &Elements,
@@ -148,9 +161,38 @@ impl Netfilter {
             self.install(target).await?;
             return Ok(Update::Installed);
         }
-        let changes = elements::element_changes(&self.config, removed, added);
-        self.write_changes(changes, target, |applied| elements::apply(applied, removed, added))
+        let mut removed = std::borrow::Cow::Borrowed(removed);
+        let mut added = std::borrow::Cow::Borrowed(added);
+        if !removed.hairpin.is_empty() {
+            let removed = removed.to_mut();
+            self.stale_hairpin.append(&mut removed.hairpin);
+        }
+        if added.hairpin.iter().any(|a| self.stale_hairpin.contains(a)) {
+            // Still in the kernel: wanted again, so no longer stale, and nothing to write.
+            let stale = &mut self.stale_hairpin;
+            added.to_mut().hairpin.retain(|a| !stale.remove(a));
+        }
+        let changes = elements::element_changes(&self.config, &removed, &added);
+        self.write_changes(changes, target, |applied| elements::apply(applied, &removed, &added))
             .await
+    }
+
+    /// Deletes the elements [`Netfilter::apply_delta`] left in the kernel. For quiet moments:
+    /// the periodic full check calls it.
+    pub async fn flush(&mut self) -> Result<Update> {
+        let Some(applied) = &self.applied else { return Ok(Update::Unchanged) };
+        if self.stale_hairpin.is_empty() {
+            return Ok(Update::Unchanged);
+        }
+        let removed =
+            Elements { hairpin: std::mem::take(&mut self.stale_hairpin), ..Default::default() };
+        let mut target = applied.clone();
+        elements::apply(&mut target, &removed, &Elements::default());
+        let changes = elements::element_changes(&self.config, &removed, &Elements::default());
+        self.write_changes(changes, &target, |applied| {
+            elements::apply(applied, &removed, &Elements::default())
+        })
+        .await
     }
 
     /// Writes the changes that lead to `target`, falling back to writing the whole table;

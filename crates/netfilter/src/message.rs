@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use netlink_packet_core::DefaultNla;
+use netlink_packet_core::{DecodeError, DefaultNla, NLA_TYPE_MASK, NlasIterator};
 use netlink_packet_netfilter::nftables::{
     DataAttribute, ListAttribute, NfTablesMessage, SetElementAttribute, SetElementList,
     SetElementMessage,
@@ -18,8 +18,11 @@ use netlink_packet_netfilter::nftables::{
 use crate::{
     elements::{Item, SetChange, Value},
     model::{NodePort, ServicePort, TABLE},
+    socket::SocketError,
 };
 
+/// `NFTA_SET_ELEM_LIST_ELEMENTS`: a message's list of elements.
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
 /// `NFTA_DATA_VALUE`, inside `NFTA_SET_ELEM_KEY_END`.
 const NFTA_DATA_VALUE: u16 = 1;
 /// Elements per message: the element list is one attribute, whose length must fit in 16 bits
@@ -150,17 +153,23 @@ pub(crate) fn list_elements(set: &str) -> NfTablesMessage {
     })
 }
 
-/// How many elements a dump reply carries.
-pub(crate) fn element_count(reply: &NfTablesMessage) -> usize {
-    let NfTablesMessage::NewSetElement(message) = reply else { return 0 };
-    message
-        .attributes
-        .iter()
-        .map(|attribute| match attribute {
-            SetElementList::Elements(elements) => elements.len(),
-            _ => 0,
-        })
-        .sum()
+/// How many elements a dump answer carries: the entries of its element list, counted without
+/// decoding them. `payload` is the message after its netlink header.
+pub(crate) fn element_count(payload: &[u8]) -> Result<usize, SocketError> {
+    let invalid = |e: DecodeError| SocketError::Decode(format!("set element dump: {e}"));
+    // The netfilter header (family, version, resource id) comes first.
+    let attributes = payload.get(4..).unwrap_or_default();
+    let mut count = 0;
+    for attribute in NlasIterator::new(attributes) {
+        let attribute = attribute.map_err(invalid)?;
+        if attribute.kind() & NLA_TYPE_MASK == NFTA_SET_ELEM_LIST_ELEMENTS {
+            for element in NlasIterator::new(attribute.value()) {
+                element.map_err(invalid)?;
+                count += 1;
+            }
+        }
+    }
+    Ok(count)
 }
 
 #[cfg(test)]
@@ -222,11 +231,12 @@ mod tests {
         assert_eq!(messages.len(), 3);
         let counts: Vec<usize> = messages
             .iter()
-            .map(|m| match m {
-                NfTablesMessage::NewSetElement(m) => {
-                    element_count(&NfTablesMessage::NewSetElement(m.clone()))
-                }
-                other => panic!("{other:?}"),
+            .map(|m| {
+                let NfTablesMessage::NewSetElement(m) = m else { panic!("{m:?}") };
+                m.attributes
+                    .iter()
+                    .map(|a| if let SetElementList::Elements(e) = a { e.len() } else { 0 })
+                    .sum()
             })
             .collect();
         assert_eq!(counts, [512, 512, 176]);

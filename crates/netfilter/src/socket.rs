@@ -5,8 +5,8 @@
 use std::io;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    ErrorBuffer, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
+    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
@@ -17,6 +17,8 @@ use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
 /// `NFNL_SUBSYS_NFTABLES`: a batch's `res_id` names the subsystem it is for.
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const ENOENT: i32 = 2;
+/// `NFT_MSG_NEWSETELEM` of the nf_tables subsystem: what a dump of elements answers with.
+const NEWSETELEM: u16 = (NFNL_SUBSYS_NFTABLES << 8) | 12;
 
 /// What went wrong on the socket or in the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -109,14 +111,14 @@ impl NfSocket {
         let expected = last.wrapping_sub(first).wrapping_add(1) as usize;
         let mut answered = 0;
         let mut failure = None;
-        self.receive(nix_dontwait(), |sequence, payload| {
-            if sequence.wrapping_sub(first) > last.wrapping_sub(first) {
+        self.receive(nix_dontwait(), |frame| {
+            if frame.sequence.wrapping_sub(first) > last.wrapping_sub(first) {
                 return Ok(false);
             }
-            if let NetlinkPayload::Error(err) = payload {
+            if let Frame { error: Some(code), .. } = frame {
                 answered += 1;
-                if let Some(code) = err.code {
-                    failure.get_or_insert(io::Error::from_raw_os_error(-code.get()));
+                if code != 0 {
+                    failure.get_or_insert(io::Error::from_raw_os_error(-code));
                 }
             }
             Ok(answered < expected)
@@ -146,30 +148,26 @@ impl NfSocket {
         let mut count = 0;
         let mut missing = false;
         let mut failure = None;
-        self.receive(0, |seq, payload| {
-            if seq != sequence {
+        self.receive(0, |frame| {
+            if frame.sequence != sequence {
                 return Ok(true);
             }
-            match payload {
-                NetlinkPayload::InnerMessage(NetfilterMessage {
-                    inner: NetfilterMessageInner::NfTables(reply),
-                    ..
-                }) => {
-                    count += crate::message::element_count(&reply);
-                    Ok(true)
-                }
-                NetlinkPayload::Error(err) => {
-                    match err.code {
-                        Some(code) if -code.get() == ENOENT => missing = true,
-                        Some(code) => {
-                            failure = Some(io::Error::from_raw_os_error(-code.get()));
-                        }
-                        None => {}
-                    }
+            match frame.error {
+                Some(0) => Ok(false),
+                Some(code) if -code == ENOENT => {
+                    missing = true;
                     Ok(false)
                 }
-                NetlinkPayload::Done(_) => Ok(false),
-                _ => Ok(true),
+                Some(code) => {
+                    failure = Some(io::Error::from_raw_os_error(-code));
+                    Ok(false)
+                }
+                None if frame.message_type == NLMSG_DONE => Ok(false),
+                None if frame.message_type == NEWSETELEM => {
+                    count += crate::message::element_count(frame.payload)?;
+                    Ok(true)
+                }
+                None => Ok(true),
             }
         })?;
         match failure {
@@ -193,12 +191,12 @@ impl NfSocket {
             .map_err(|errno| SocketError::Io(errno.into()))
     }
 
-    /// Reads answers, handing each message to `each` with its sequence number, while `each`
-    /// returns true. With `MSG_DONTWAIT`, stops too when nothing more is queued.
+    /// Reads answers, handing each message to `each`, while `each` returns true. With
+    /// `MSG_DONTWAIT`, stops too when nothing more is queued.
     fn receive(
         &mut self,
         flags: i32,
-        mut each: impl FnMut(u32, NetlinkPayload<NetfilterMessage>) -> Result<bool, SocketError>,
+        mut each: impl FnMut(Frame<'_>) -> Result<bool, SocketError>,
     ) -> Result<(), SocketError> {
         let mut buffer = vec![0u8; 1 << 16];
         loop {
@@ -212,17 +210,36 @@ impl NfSocket {
                 let frame = NetlinkBuffer::new_checked(&buffer[offset..length])
                     .map_err(|e| SocketError::Decode(e.to_string()))?;
                 let size = frame.length() as usize;
-                let sequence = frame.sequence_number();
-                let message =
-                    NetlinkMessage::<NetfilterMessage>::deserialize(&buffer[offset..offset + size])
+                let message_type = frame.message_type();
+                let error = if message_type == NLMSG_ERROR {
+                    let answer = ErrorBuffer::new_checked(frame.payload())
                         .map_err(|e| SocketError::Decode(e.to_string()))?;
+                    Some(answer.code().map_or(0, |code| code.get()))
+                } else {
+                    None
+                };
+                let frame = Frame {
+                    message_type,
+                    sequence: frame.sequence_number(),
+                    error,
+                    payload: frame.payload(),
+                };
                 offset += (size + 3) & !3;
-                if !each(sequence, message.payload)? {
+                if !each(frame)? {
                     return Ok(());
                 }
             }
         }
     }
+}
+
+/// One message as received: its type and sequence number, its error code if it is an
+/// answer (`Some(0)`: an acknowledgement), and its payload.
+struct Frame<'a> {
+    message_type: u16,
+    sequence: u32,
+    error: Option<i32>,
+    payload: &'a [u8],
 }
 
 fn nix_dontwait() -> i32 {

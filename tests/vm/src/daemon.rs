@@ -103,10 +103,15 @@ impl Daemon {
             if let Some(status) = self.child.try_wait().expect("waitable") {
                 return status;
             }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "kube-ipvs did not stop on SIGTERM"
-            );
+            if started.elapsed() > Duration::from_secs(30) {
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "kube-ipvs did not stop on SIGTERM; the end of its log:\n{}",
+                    tail.join("\n")
+                );
+            }
             std::thread::sleep(Duration::from_millis(100));
         }
     }

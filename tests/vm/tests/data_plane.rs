@@ -372,6 +372,27 @@ async fn elements_written_over_netlink_are_the_ones_nft_writes() {
     assert_eq!(by_netlink.update(&Elements::default()).await.unwrap(), Update::Elements);
     assert!(listed_elements().values().all(serde_json::Value::is_null), "{:?}", listed_elements());
 
+    // By difference: a retired hairpin element stays until the flush; one wanted again
+    // meanwhile is not written twice.
+    assert_eq!(by_netlink.update(&elements).await.unwrap(), Update::Elements);
+    let hairpin: IpAddr = "10.244.0.2".parse().unwrap();
+    let mut fewer = elements.clone();
+    fewer.hairpin.remove(&hairpin);
+    let removed = Elements { hairpin: [hairpin].into(), ..Elements::default() };
+    let none = Elements::default();
+    assert_eq!(by_netlink.apply_delta(&removed, &none, &fewer).await.unwrap(), Update::Unchanged);
+    assert_eq!(listed_elements(), expected, "still in the kernel");
+    assert!(!by_netlink.check().await.unwrap(), "and counted as such");
+    assert_eq!(
+        by_netlink.apply_delta(&none, &removed, &elements).await.unwrap(),
+        Update::Unchanged
+    );
+    assert_eq!(by_netlink.flush().await.unwrap(), Update::Unchanged, "nothing stale any more");
+    assert_eq!(by_netlink.apply_delta(&removed, &none, &fewer).await.unwrap(), Update::Unchanged);
+    assert_eq!(by_netlink.flush().await.unwrap(), Update::Elements);
+    assert_eq!(listed_elements()["hairpin-v4"], serde_json::Value::Null, "deleted by the flush");
+    assert!(!by_netlink.check().await.unwrap());
+
     // A flushed set is found by the check, and the table written again.
     assert_eq!(by_netlink.update(&elements).await.unwrap(), Update::Elements);
     sh("nft", &["flush", "set", "inet", "kube-ipvs", "hairpin-v6"]);

@@ -202,6 +202,9 @@ async fn main() {
     let idle_writes = ipvs_writes(&daemon.metrics()) - writes;
     let idle_cpu = cpu_time(daemon.pid()) - cpu;
     let rss = peak_rss(daemon.pid());
+    for line in daemon.log().lines().rev().take(40) {
+        eprintln!("TMPLOG {line}");
+    }
     let total_cpu = cpu_time(daemon.pid());
     assert!(daemon.stop().success());
 
