@@ -9,6 +9,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -27,12 +28,13 @@ use crate::Error;
 
 type Key = (String, String);
 
-/// The objects of one or more files.
+/// The objects of one or more files. Each object is parsed once and shared (by `Arc`) between
+/// its file, the directory's merged view and the last scan: one copy, however many views.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Objects {
-    services: BTreeMap<Key, Service>,
-    slices: BTreeMap<Key, EndpointSlice>,
-    nodes: BTreeMap<Key, Node>,
+    services: BTreeMap<Key, Arc<Service>>,
+    slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    nodes: BTreeMap<Key, Arc<Node>>,
 }
 
 impl Objects {
@@ -67,18 +69,18 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
 fn insert<K: kube::Resource + serde::de::DeserializeOwned>(
     document: Value,
     object: &str,
-    objects: &mut BTreeMap<Key, K>,
+    objects: &mut BTreeMap<Key, Arc<K>>,
 ) -> Result<(), String> {
     let mut parsed: K = serde_json::from_value(document).map_err(|e| format!("{object}: {e}"))?;
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
-    objects.insert(key, parsed);
+    objects.insert(key, Arc::new(parsed));
     Ok(())
 }
 
 /// Parses one document into `objects`; returns why it cannot be used.
-fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
+fn add_document(mut document: Value, objects: &mut Objects) -> Result<(), String> {
     let kind = document.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
     let named = |document: &Value| {
         document.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| !n.is_empty())
@@ -96,9 +98,13 @@ fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
     };
     match kind.as_str() {
         "List" => {
-            let items = document.get("items").and_then(Value::as_array).cloned();
+            // Taken, not copied: each item is parsed and dropped in turn.
+            let items = match document.get_mut("items").map(Value::take) {
+                Some(Value::Array(items)) => items,
+                _ => Vec::new(),
+            };
             let mut problems = Vec::new();
-            for item in items.unwrap_or_default() {
+            for item in items {
                 if let Err(problem) = add_document(item, objects) {
                     problems.push(problem);
                 }
@@ -110,56 +116,70 @@ fn add_document(document: Value, objects: &mut Objects) -> Result<(), String> {
         "Node" => {
             let node: Node =
                 serde_json::from_value(document).map_err(|e| format!("{object}: {e}"))?;
-            objects.nodes.insert(key(Some(""), node.metadata.name.as_deref()), node);
+            objects.nodes.insert(key(Some(""), node.metadata.name.as_deref()), Arc::new(node));
             Ok(())
         }
         other => Err(format!("kind {other:?} is not a Service, EndpointSlice, Node or List")),
     }
 }
 
-/// The objects of one file's text. Problems are logged with the file's name.
+/// The objects of one file's text. Problems are logged with the file's name. A `.json` file
+/// is read as JSON (one or more documents), which is much faster than reading it as YAML.
 fn parse(path: &Path, text: &str) -> Objects {
     let mut objects = Objects::default();
-    for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
-        let result =
-            Value::deserialize(document).map_err(|e| format!("not YAML: {e}")).and_then(|value| {
-                match value {
-                    Value::Null => Ok(()),
-                    value => add_document(value, &mut objects),
-                }
-            });
+    let mut add = |index: usize, document: Result<Value, String>| {
+        let result = document.and_then(|value| match value {
+            Value::Null => Ok(()),
+            value => add_document(value, &mut objects),
+        });
         if let Err(reason) = result {
             warn!(file = %path.display(), document = index + 1, %reason, "manifest skipped");
+        }
+    };
+    if path.extension().is_some_and(|e| e == "json") {
+        let documents = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        for (index, document) in documents.enumerate() {
+            let failed = document.is_err();
+            add(index, document.map_err(|e| format!("not JSON: {e}")));
+            if failed {
+                // The rest of the stream cannot be found again after a syntax error.
+                break;
+            }
+        }
+    } else {
+        for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
+            add(index, Value::deserialize(document).map_err(|e| format!("not YAML: {e}")));
         }
     }
     objects
 }
 
 fn changes<K: Clone + PartialEq>(
-    old: &BTreeMap<Key, K>,
-    new: &BTreeMap<Key, K>,
+    old: &BTreeMap<Key, Arc<K>>,
+    new: &BTreeMap<Key, Arc<K>>,
     wrap: fn(Event<K>) -> Input,
     out: &mut Vec<Input>,
 ) {
     for (key, object) in new {
-        if old.get(key) != Some(object) {
-            out.push(wrap(Event::Apply(object.clone())));
+        // A file read again parses into new objects: compare contents, not pointers.
+        if old.get(key).is_none_or(|o| !Arc::ptr_eq(o, object) && o != object) {
+            out.push(wrap(Event::Apply(K::clone(object))));
         }
     }
     for (key, object) in old {
         if !new.contains_key(key) {
-            out.push(wrap(Event::Delete(object.clone())));
+            out.push(wrap(Event::Delete(K::clone(object))));
         }
     }
 }
 
 fn listing<K: Clone>(
-    objects: &BTreeMap<Key, K>,
+    objects: &BTreeMap<Key, Arc<K>>,
     wrap: fn(Event<K>) -> Input,
     out: &mut Vec<Input>,
 ) {
     out.push(wrap(Event::Init));
-    out.extend(objects.values().map(|o| wrap(Event::InitApply(o.clone()))));
+    out.extend(objects.values().map(|o| wrap(Event::InitApply(K::clone(o)))));
     out.push(wrap(Event::InitDone));
 }
 
@@ -315,6 +335,24 @@ items:
         assert_eq!(removed.len(), 3, "{:?}", names(&removed));
         assert_eq!(names(&removed)[0], "Service delete default/web");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn json_files_are_read_as_json_streams_of_documents_and_lists() {
+        let path = Path::new("all.json");
+        let service = |name: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "ns"}, "spec": {"clusterIP": "10.96.0.11"}})
+        };
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List",
+            "items": [service("a"), service("b")]});
+        let text = format!("{list}\n{}", service("c"));
+        let objects = parse(path, &text);
+        let names: Vec<&str> = objects.services.keys().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+        // A syntax error keeps what came before it.
+        let objects = parse(path, &format!("{}\n{{\"kind\": ", service("d")));
+        assert_eq!(objects.services.len(), 1);
     }
 
     #[test]
