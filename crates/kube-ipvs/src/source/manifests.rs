@@ -19,7 +19,7 @@ use k8s_openapi::api::{
 };
 use kube::runtime::watcher::Event;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Value, value::RawValue};
 use tokio::sync::mpsc;
 use tracing::warn;
 
@@ -67,11 +67,12 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
 
 /// Parses a namespaced object into `objects`, in `default` when it names no namespace.
 fn insert<K: kube::Resource + serde::de::DeserializeOwned>(
-    document: Value,
+    document: &RawValue,
     object: &str,
     objects: &mut BTreeMap<Key, Arc<K>>,
 ) -> Result<(), String> {
-    let mut parsed: K = serde_json::from_value(document).map_err(|e| format!("{object}: {e}"))?;
+    let mut parsed: K =
+        serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
@@ -79,32 +80,48 @@ fn insert<K: kube::Resource + serde::de::DeserializeOwned>(
     Ok(())
 }
 
-/// Parses one document into `objects`; returns why it cannot be used.
-fn add_document(mut document: Value, objects: &mut Objects) -> Result<(), String> {
-    let kind = document.get("kind").and_then(Value::as_str).unwrap_or_default().to_owned();
-    let named = |document: &Value| {
-        document.pointer("/metadata/name").and_then(Value::as_str).is_some_and(|n| !n.is_empty())
-    };
-    if kind != "List" && !named(&document) {
+/// What a document is, read without building it: its kind, its name, and (for a `List`) its
+/// items, as slices of the text.
+#[derive(Deserialize)]
+struct Head<'a> {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    metadata: HeadMetadata,
+    #[serde(default, borrow)]
+    items: Vec<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct HeadMetadata {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// Parses one JSON document into `objects`; returns why it cannot be used. Each object is
+/// deserialized straight from its text into its type: no intermediate tree.
+fn add_document(document: &RawValue, objects: &mut Objects) -> Result<(), String> {
+    if document.get().trim() == "null" {
+        return Ok(());
+    }
+    let head: Head = serde_json::from_str(document.get()).map_err(|e| e.to_string())?;
+    let kind = head.kind.as_str();
+    let name = head.metadata.name.as_deref().unwrap_or_default();
+    if kind != "List" && name.is_empty() {
         return Err(format!("a {kind:?} without metadata.name"));
     }
     // The object as errors name it: `Service default/web`.
-    let text =
-        |field: &str| document.pointer(&format!("/metadata/{field}")).and_then(Value::as_str);
-    let object = match text("namespace") {
-        Some(namespace) => format!("{kind} {namespace}/{}", text("name").unwrap_or_default()),
-        None if kind == "Node" => format!("Node {}", text("name").unwrap_or_default()),
-        None => format!("{kind} default/{}", text("name").unwrap_or_default()),
+    let object = match head.metadata.namespace.as_deref() {
+        Some(namespace) => format!("{kind} {namespace}/{name}"),
+        None if kind == "Node" => format!("Node {name}"),
+        None => format!("{kind} default/{name}"),
     };
-    match kind.as_str() {
+    match kind {
         "List" => {
-            // Taken, not copied: each item is parsed and dropped in turn.
-            let items = match document.get_mut("items").map(Value::take) {
-                Some(Value::Array(items)) => items,
-                _ => Vec::new(),
-            };
             let mut problems = Vec::new();
-            for item in items {
+            for item in head.items {
                 if let Err(problem) = add_document(item, objects) {
                     problems.push(problem);
                 }
@@ -115,7 +132,7 @@ fn add_document(mut document: Value, objects: &mut Objects) -> Result<(), String
         "EndpointSlice" => insert(document, &object, &mut objects.slices),
         "Node" => {
             let node: Node =
-                serde_json::from_value(document).map_err(|e| format!("{object}: {e}"))?;
+                serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
             objects.nodes.insert(key(Some(""), node.metadata.name.as_deref()), Arc::new(node));
             Ok(())
         }
@@ -124,31 +141,36 @@ fn add_document(mut document: Value, objects: &mut Objects) -> Result<(), String
 }
 
 /// The objects of one file's text. Problems are logged with the file's name. A `.json` file
-/// is read as JSON (one or more documents), which is much faster than reading it as YAML.
+/// is read as a stream of JSON documents; other files as YAML documents, each turned into
+/// JSON text first, so that both are read by one path.
 fn parse(path: &Path, text: &str) -> Objects {
     let mut objects = Objects::default();
-    let mut add = |index: usize, document: Result<Value, String>| {
-        let result = document.and_then(|value| match value {
-            Value::Null => Ok(()),
-            value => add_document(value, &mut objects),
-        });
+    let add = |index: usize, result: Result<(), String>| {
         if let Err(reason) = result {
             warn!(file = %path.display(), document = index + 1, %reason, "manifest skipped");
         }
     };
     if path.extension().is_some_and(|e| e == "json") {
-        let documents = serde_json::Deserializer::from_str(text).into_iter::<Value>();
+        let documents = serde_json::Deserializer::from_str(text).into_iter::<&RawValue>();
         for (index, document) in documents.enumerate() {
-            let failed = document.is_err();
-            add(index, document.map_err(|e| format!("not JSON: {e}")));
-            if failed {
-                // The rest of the stream cannot be found again after a syntax error.
-                break;
+            match document {
+                Ok(document) => add(index, add_document(document, &mut objects)),
+                Err(e) => {
+                    // The rest of the stream cannot be found again after a syntax error.
+                    add(index, Err(format!("not JSON: {e}")));
+                    break;
+                }
             }
         }
     } else {
         for (index, document) in serde_norway::Deserializer::from_str(text).enumerate() {
-            add(index, Value::deserialize(document).map_err(|e| format!("not YAML: {e}")));
+            let result = Value::deserialize(document)
+                .map_err(|e| format!("not YAML: {e}"))
+                .and_then(|value| {
+                    serde_json::value::to_raw_value(&value).map_err(|e| e.to_string())
+                })
+                .and_then(|raw| add_document(&raw, &mut objects));
+            add(index, result);
         }
     }
     objects

@@ -1,7 +1,7 @@
 //! `cargo xtask bench daemon`: the `kube-ipvs` daemon at scale, fed through the API (the fake
 //! API server) and through `--manifests`, against `ipvsadm -R` of the same virtual servers
-//! and destinations in the same VM. Runs in a fresh network namespace; prints a Markdown
-//! table.
+//! and destinations in the same VM. Each of the three runs in a fresh network namespace of its
+//! own; the table is printed in Markdown.
 //!
 //! For N Services × M endpoints it measures: the cold start (daemon start → every virtual
 //! server, destination and address programmed), one endpoint change (p50/p99 over 100
@@ -24,13 +24,15 @@ use vm_tests::{
 };
 
 struct Args {
+    /// Run one phase and print what it measured as JSON (in a fresh network namespace).
+    phase: Option<String>,
     services: usize,
     endpoints: usize,
     binary: PathBuf,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { services: 10_000, endpoints: 10, binary: PathBuf::new() };
+    let mut args = Args { phase: None, services: 10_000, endpoints: 10, binary: PathBuf::new() };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().expect("a value after the flag");
@@ -38,6 +40,7 @@ fn parse_args() -> Args {
             "--services" => args.services = value.parse().expect("a number"),
             "--endpoints" => args.endpoints = value.parse().expect("a number"),
             "--kube-ipvs" => args.binary = value.into(),
+            "--phase" => args.phase = Some(value),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -133,14 +136,79 @@ const WARM_UP: usize = 5;
 
 const LOG: &str = "info,kube_ipvs::proxier=debug,controller::node=debug";
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// What one phase measured, passed from its process to the one that prints the table.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Measured {
+    /// Seconds, by name.
+    seconds: std::collections::BTreeMap<String, f64>,
+    /// Sorted samples in seconds, by name.
+    samples: std::collections::BTreeMap<String, Vec<f64>>,
+    /// Other figures, by name.
+    figures: std::collections::BTreeMap<String, f64>,
+}
+
+impl Measured {
+    fn time(&mut self, name: &str, d: Duration) {
+        self.seconds.insert(name.into(), d.as_secs_f64());
+    }
+
+    fn get(&self, name: &str) -> Duration {
+        Duration::from_secs_f64(self.seconds[name])
+    }
+
+    fn sorted(&self, name: &str) -> Vec<Duration> {
+        self.samples[name].iter().copied().map(Duration::from_secs_f64).collect()
+    }
+}
+
+/// Runs each phase in a fresh network namespace (IPVS keeps deleted destinations in a trash
+/// list for minutes, which slows every later addition to the same namespace), then prints
+/// the table.
+fn main() {
     let args = parse_args();
+    if let Some(phase) = &args.phase {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let measured = match phase.as_str() {
+            "api" => runtime.block_on(api_phase(&args)),
+            "manifests" => runtime.block_on(manifests_phase(&args)),
+            "baseline" => runtime.block_on(baseline_phase(&args)),
+            other => panic!("unknown phase {other}"),
+        };
+        println!("{}", serde_json::to_string(&measured).unwrap());
+        return;
+    }
+    let (n, m) = (args.services, args.endpoints);
+    eprintln!("bench: {n} Services x {m} endpoints");
+    let me = std::env::current_exe().unwrap();
+    let phase = |name: &str| -> Measured {
+        let command = format!(
+            "ip link set lo up && exec {} --phase {name} --services {n} --endpoints {m} --kube-ipvs {}",
+            me.display(),
+            args.binary.display()
+        );
+        let out = Command::new("unshare")
+            .args(["-n", "sh", "-c", &command])
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "phase {name} failed");
+        let text = String::from_utf8(out.stdout).unwrap();
+        serde_json::from_str(text.lines().last().unwrap()).unwrap()
+    };
+    let api = phase("api");
+    let manifests = phase("manifests");
+    let baseline = phase("baseline").get("baseline");
+    print_table(n, m, &api, &manifests, baseline);
+}
+
+async fn api_phase(args: &Args) -> Measured {
     let (n, m) = (args.services, args.endpoints);
     let ipvs = IpvsHandle::new().unwrap();
-    let mut rows: Vec<(String, String, String)> = Vec::new();
-    eprintln!("bench: {n} Services x {m} endpoints");
-
+    let mut measured = Measured::default();
     // Through the API.
     let api = FakeApiServer::start().await.unwrap();
     for i in 0..n {
@@ -210,12 +278,26 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(16)).await;
     let idle_writes = ipvs_writes(&daemon.metrics()) - writes;
     let idle_cpu = cpu_time(daemon.pid()) - cpu;
-    let rss = peak_rss(daemon.pid());
-    let total_cpu = cpu_time(daemon.pid());
+    measured.figures.insert("rss".into(), peak_rss(daemon.pid()));
+    measured.time("total_cpu", cpu_time(daemon.pid()));
     assert!(daemon.stop().success());
+    measured.time("cold", cold_api);
+    measured.time("first_sync", first_sync);
+    measured.time("first_change", first_change);
+    measured.time("idle_cpu", idle_cpu);
+    measured.figures.insert("idle_writes".into(), idle_writes as f64);
+    let secs = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).collect();
+    measured.samples.insert("daemon_side".into(), secs(&daemon_side));
+    measured.samples.insert("end_to_end".into(), secs(&end_to_end));
+    measured
+}
 
-    // Through --manifests, from a clean node.
-    sh_cleanup(&args.binary);
+async fn manifests_phase(args: &Args) -> Measured {
+    let (n, m) = (args.services, args.endpoints);
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut measured = Measured::default();
+
+    // Through --manifests.
     let dir = std::env::temp_dir().join(format!("bench-manifests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let objects: Vec<Value> = (0..n).flat_map(|i| [service(i), slice(i, m, i * m)]).collect();
@@ -231,14 +313,33 @@ async fn main() {
     from_files.wait_synced();
     let cold_manifests = started.elapsed();
     assert_eq!(kernel_size(&ipvs).await, (n, n * m));
-    let rss_manifests = peak_rss(from_files.pid());
+    measured.figures.insert("rss".into(), peak_rss(from_files.pid()));
     assert!(from_files.stop().success());
+    measured.time("cold", cold_manifests);
+    measured
+}
+
+async fn baseline_phase(args: &Args) -> Measured {
+    let (n, m) = (args.services, args.endpoints);
+    let mut measured = Measured::default();
 
     // The baseline: ipvsadm -R of the same virtual servers and destinations.
-    sh_cleanup(&args.binary);
-    let rules = ipvsadm_rules(&args);
+    let rules = ipvsadm_rules(args);
     let baseline = ipvsadm_restore(&rules);
+    let ipvs = IpvsHandle::new().unwrap();
     assert_eq!(kernel_size(&ipvs).await, (n, n * m));
+    measured.time("baseline", baseline);
+    measured
+}
+
+fn print_table(n: usize, m: usize, api: &Measured, manifests: &Measured, baseline: Duration) {
+    let mut rows: Vec<(String, String, String)> = Vec::new();
+    let (cold_api, cold_manifests) = (api.get("cold"), manifests.get("cold"));
+    let (daemon_side, end_to_end) = (api.sorted("daemon_side"), api.sorted("end_to_end"));
+    let (first_sync, first_change) = (api.get("first_sync"), api.get("first_change"));
+    let idle_writes = api.figures["idle_writes"];
+    let (idle_cpu, total_cpu) = (api.get("idle_cpu"), api.get("total_cpu"));
+    let (rss, rss_manifests) = (api.figures["rss"], manifests.figures["rss"]);
 
     let ratio = |a: Duration, b: Duration| format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64());
     rows.push((
@@ -290,11 +391,4 @@ async fn main() {
     for (what, result, ratio) in rows {
         println!("| {what} | {result} | {ratio} |");
     }
-}
-
-/// Removes what kube-ipvs programmed, as an operator would.
-fn sh_cleanup(binary: &std::path::Path) {
-    let status = Command::new(binary).arg("cleanup").status().unwrap();
-    assert!(status.success());
-    let _ = Command::new("ipvsadm").arg("-C").status();
 }
