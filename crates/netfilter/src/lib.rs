@@ -83,13 +83,38 @@ pub struct Netfilter {
     /// Hairpin elements no longer wanted but still in the kernel, deleted by
     /// [`Netfilter::flush`].
     stale_hairpin: std::collections::BTreeSet<std::net::IpAddr>,
+    /// The netlink socket, kept open between syncs; opened again after a failure.
+    socket: Option<socket::NfSocket>,
     transactions: u64,
 }
 
 impl Netfilter {
     /// Manages the table with this configuration; writes nothing yet.
     pub fn new(config: Config) -> Self {
-        Self { config, applied: None, stale_hairpin: Default::default(), transactions: 0 }
+        Self {
+            config,
+            applied: None,
+            stale_hairpin: Default::default(),
+            socket: None,
+            transactions: 0,
+        }
+    }
+
+    /// Runs `request` on the netlink socket, opening it if needed; a socket that failed is
+    /// closed, so the next request starts on a fresh one.
+    fn netlink<T>(
+        &mut self,
+        request: impl FnOnce(&mut socket::NfSocket) -> Result<T, socket::SocketError>,
+    ) -> Result<T, socket::SocketError> {
+        let socket = match &mut self.socket {
+            Some(socket) => socket,
+            None => self.socket.insert(socket::NfSocket::open()?),
+        };
+        let result = request(socket);
+        if result.is_err() {
+            self.socket = None;
+        }
+        result
     }
 
     /// The configuration.
@@ -118,11 +143,34 @@ impl Netfilter {
             .map_err(|source| Error::Nft { operation, source })
     }
 
-    /// Writes the whole table, with `elements`, in one atomic transaction; a table of the same
-    /// name is replaced.
+    /// Writes the whole table, with `elements`; a table of the same name is replaced in one
+    /// atomic transaction. When there is no such table yet (nothing can depend on it), the
+    /// rules are written by `nft` and the elements by one netlink batch right after, which is
+    /// much faster for large tables than `nft` reading them as JSON.
     pub async fn install(&mut self, elements: &Elements) -> Result<()> {
         self.applied = None;
         self.stale_hairpin.clear();
+        let probe = elements::set_name(elements::SetKind::Vips, Some(Family::Ipv4));
+        let exists = self.netlink(|socket| socket.count(&probe)).map_or(true, |c| c.is_some());
+        if !exists {
+            self.run("install", &ruleset::install(&self.config, &Elements::default())).await?;
+            self.applied = Some(Elements::default());
+            let changes = elements::element_changes(&self.config, &Elements::default(), elements);
+            let messages: Vec<_> = changes.iter().flat_map(message::change_messages).collect();
+            if messages.is_empty() {
+                return Ok(());
+            }
+            self.transactions += 1;
+            let written = self.netlink(|socket| socket.transaction(messages));
+            match written {
+                Ok(()) => {
+                    self.applied = Some(elements.clone());
+                    debug!(table = TABLE, "installed the nftables table, then its elements");
+                    return Ok(());
+                }
+                Err(err) => warn!(%err, "writing the elements failed; writing the whole table"),
+            }
+        }
         self.run("install", &ruleset::install(&self.config, elements)).await?;
         self.applied = Some(elements.clone());
         debug!(table = TABLE, "installed the nftables table");
@@ -208,7 +256,7 @@ impl Netfilter {
         }
         let messages: Vec<_> = changes.iter().flat_map(message::change_messages).collect();
         self.transactions += 1;
-        let written = socket::NfSocket::open().and_then(|mut socket| socket.transaction(messages));
+        let written = self.netlink(|socket| socket.transaction(messages));
         match written {
             Ok(()) => {
                 record(self.applied.get_or_insert_with(Elements::default));
@@ -234,18 +282,20 @@ impl Netfilter {
             operation: "check",
             reason: err.to_string(),
         };
-        let mut socket = socket::NfSocket::open().map_err(netlink)?;
-        let mut drifted = false;
-        for (set, count) in &wanted {
-            if socket.count(set).map_err(netlink)? != Some(*count) {
-                drifted = true;
-                break;
-            }
-        }
+        let drifted = self
+            .netlink(|socket| {
+                for (set, count) in &wanted {
+                    if socket.count(set)? != Some(*count) {
+                        return Ok(true);
+                    }
+                }
+                Ok(false)
+            })
+            .map_err(netlink)?;
         if !drifted {
             return Ok(false);
         }
-        let applied = applied.clone();
+        let applied = self.applied.clone().unwrap_or_default();
         warn!(table = TABLE, "the nftables table differs from what was written; writing it again");
         self.install(&applied).await?;
         Ok(true)

@@ -35,6 +35,7 @@ pub(crate) enum SocketError {
 }
 
 /// A netfilter netlink socket.
+#[derive(Debug)]
 pub(crate) struct NfSocket {
     socket: Socket,
     sequence: u32,
@@ -113,7 +114,8 @@ impl NfSocket {
         let mut failure = None;
         self.receive(nix_dontwait(), |frame| {
             if frame.sequence.wrapping_sub(first) > last.wrapping_sub(first) {
-                return Ok(false);
+                // Left over from an earlier request on this socket.
+                return Ok(true);
             }
             if let Frame { error: Some(code), .. } = frame {
                 answered += 1;
@@ -139,7 +141,8 @@ impl NfSocket {
             NetfilterMessageInner::NfTables(crate::message::list_elements(set)),
             NetfilterProtoFamily::Inet,
             0,
-            NLM_F_REQUEST | NLM_F_DUMP | NLM_F_ACK,
+            // No ACK asked: a dump ends with NLMSG_DONE, and an error is answered anyway.
+            NLM_F_REQUEST | NLM_F_DUMP,
         );
         let mut bytes = vec![0; frame.buffer_len()];
         frame.serialize(&mut bytes);

@@ -353,8 +353,10 @@ async fn elements_written_over_netlink_are_the_ones_nft_writes() {
     let config = Config { localhost_node_ports: true, ..Config::default() };
     let elements = every_kind_of_element();
 
-    // Written by nft, as part of the whole table.
+    // Written by nft, as part of the whole table (replacing a table that exists: into a new
+    // one, the elements would be written over netlink).
     let mut by_nft = netfilter::Netfilter::new(config.clone());
+    by_nft.install(&Elements::default()).await.unwrap();
     by_nft.install(&elements).await.unwrap();
     let expected = listed_elements();
     assert!(expected.values().filter(|e| !e.is_null()).count() >= 20, "{expected:?}");
@@ -365,6 +367,10 @@ async fn elements_written_over_netlink_are_the_ones_nft_writes() {
     by_netlink.install(&Elements::default()).await.unwrap();
     assert_eq!(by_netlink.update(&elements).await.unwrap(), Update::Elements);
     assert_eq!(listed_elements(), expected, "the kernel holds the same bytes");
+    // And into a new table: its rules by nft, then its elements over netlink.
+    by_netlink.remove().await.unwrap();
+    by_netlink.install(&elements).await.unwrap();
+    assert_eq!(listed_elements(), expected);
     assert!(!by_netlink.check().await.unwrap());
 
     // Deleted over netlink: every key matches exactly, or the kernel would refuse (ENOENT) and
