@@ -256,37 +256,6 @@ pub(crate) fn element_changes(config: &Config, old: &Elements, new: &Elements) -
     deletes
 }
 
-/// Moves `elements` by a difference: `removed` goes, then `added` comes.
-pub(crate) fn apply(elements: &mut Elements, removed: &Elements, added: &Elements) {
-    macro_rules! sets {
-        ($($field:ident),*) => {$(
-            for item in &removed.$field {
-                elements.$field.remove(item);
-            }
-            elements.$field.extend(added.$field.iter().cloned());
-        )*};
-    }
-    sets!(
-        cluster_ips,
-        external_ips,
-        local_external_ips,
-        node_ports,
-        vips,
-        source_ranges,
-        health_check_node_ports,
-        hairpin
-    );
-    macro_rules! maps {
-        ($($field:ident),*) => {$(
-            for key in removed.$field.keys() {
-                elements.$field.remove(key);
-            }
-            elements.$field.extend(added.$field.iter().map(|(k, v)| (k.clone(), v.clone())));
-        )*};
-    }
-    maps!(local_traffic, local_node_ports, localhost_node_ports);
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

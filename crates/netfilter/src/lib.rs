@@ -221,8 +221,7 @@ impl Netfilter {
             added.to_mut().hairpin.retain(|a| !stale.remove(a));
         }
         let changes = elements::element_changes(&self.config, &removed, &added);
-        self.write_changes(changes, target, |applied| elements::apply(applied, &removed, &added))
-            .await
+        self.write_changes(changes, target, |applied| applied.apply(&removed, &added)).await
     }
 
     /// Deletes the elements [`Netfilter::apply_delta`] left in the kernel. For quiet moments:
@@ -235,10 +234,10 @@ impl Netfilter {
         let removed =
             Elements { hairpin: std::mem::take(&mut self.stale_hairpin), ..Default::default() };
         let mut target = applied.clone();
-        elements::apply(&mut target, &removed, &Elements::default());
+        target.apply(&removed, &Elements::default());
         let changes = elements::element_changes(&self.config, &removed, &Elements::default());
         self.write_changes(changes, &target, |applied| {
-            elements::apply(applied, &removed, &Elements::default())
+            applied.apply(&removed, &Elements::default())
         })
         .await
     }

@@ -133,3 +133,37 @@ pub struct Elements {
     /// its IPv4 endpoints.
     pub localhost_node_ports: BTreeMap<NodePort, BTreeSet<SocketAddrV4>>,
 }
+
+impl Elements {
+    /// Moves these elements by a difference: `removed` goes, then `added` comes (for a map,
+    /// `removed` names the keys that go, `added` the entries that come).
+    pub fn apply(&mut self, removed: &Elements, added: &Elements) {
+        macro_rules! sets {
+            ($($field:ident),*) => {$(
+                for item in &removed.$field {
+                    self.$field.remove(item);
+                }
+                self.$field.extend(added.$field.iter().cloned());
+            )*};
+        }
+        sets!(
+            cluster_ips,
+            external_ips,
+            local_external_ips,
+            node_ports,
+            vips,
+            source_ranges,
+            health_check_node_ports,
+            hairpin
+        );
+        macro_rules! maps {
+            ($($field:ident),*) => {$(
+                for key in removed.$field.keys() {
+                    self.$field.remove(key);
+                }
+                self.$field.extend(added.$field.iter().map(|(k, v)| (k.clone(), v.clone())));
+            )*};
+        }
+        maps!(local_traffic, local_node_ports, localhost_node_ports);
+    }
+}
