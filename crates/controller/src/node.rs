@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 use crate::{
     Error,
     desired::{Delta, DesiredState},
-    reconcile::{Owned, Ownership, Reconciler, SyncReport},
+    reconcile::{IpvsTable, Owned, Ownership, Reconciler, SyncReport},
 };
 
 /// What [`NodeSync::apply`] did.
@@ -110,6 +110,18 @@ impl NodeSync {
         desired: &DesiredState,
         ownership: &dyn Ownership,
     ) -> Result<Healed, Error> {
+        let table = self.reconciler.begin_check().dump().await.map_err(Error::Ipvs)?;
+        self.finish_check(desired, ownership, table).await
+    }
+
+    /// The periodic check, with the IPVS table dumped elsewhere since
+    /// [`Reconciler::begin_check`] (reading a large table takes long; syncs go on meanwhile).
+    pub async fn finish_check(
+        &mut self,
+        desired: &DesiredState,
+        ownership: &dyn Ownership,
+        table: IpvsTable,
+    ) -> Result<Healed, Error> {
         let started = std::time::Instant::now();
         // Elements left in place to keep syncs fast are deleted now.
         self.netfilter.flush().await?;
@@ -117,13 +129,13 @@ impl NodeSync {
         let netfilter_done = started.elapsed();
         let addresses = self.link.sync(&desired.elements.vips).await;
         let addresses_done = started.elapsed();
-        let drift = self.reconciler.full_check(ownership).await?;
+        let drift = self.reconciler.finish_check(table, ownership);
         let read_done = started.elapsed();
         self.reconciler.sync(&desired.virtual_servers, None).await;
         debug!(
             netfilter_us = netfilter_done.as_micros() as u64,
             addresses_us = (addresses_done - netfilter_done).as_micros() as u64,
-            ipvs_read_us = (read_done - addresses_done).as_micros() as u64,
+            ipvs_compare_us = (read_done - addresses_done).as_micros() as u64,
             ipvs_sync_us = (started.elapsed() - read_done).as_micros() as u64,
             "checked"
         );

@@ -13,7 +13,7 @@ use std::{
 use controller::{
     desired::ProxyConfig,
     node::NodeSync,
-    reconcile::{Owned, Reconciler},
+    reconcile::{IpvsTable, Owned, Reconciler},
 };
 use dummy_link::{DummyLink, KUBE_IPVS0};
 use ipvs_netlink::IpvsHandle;
@@ -21,6 +21,7 @@ use netfilter::Netfilter;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
+    task::JoinHandle,
     time::{Instant, sleep_until},
 };
 use tracing::{info, warn};
@@ -98,6 +99,11 @@ async fn set_up_kernel(config: &Config, ipvs: &IpvsHandle) -> Result<(), Error> 
 async fn local_addresses() -> Result<Vec<IpAddr>, Error> {
     let handle = dummy_link::connect().map_err(controller::Error::from)?;
     Ok(dummy_link::local_addresses(handle, KUBE_IPVS0).await.map_err(controller::Error::from)?)
+}
+
+/// The dump of a full check, once its task is done.
+async fn dumped<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    task.as_mut().expect("polled only while a check runs").await
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -180,6 +186,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let mut next_sync = Instant::now();
     let mut next_check = Instant::now() + config.sync_period;
     let mut drain = tokio::time::interval(Duration::from_secs(1));
+    let mut check: Option<JoinHandle<Result<IpvsTable, ipvs_netlink::Error>>> = None;
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: stopping; the kernel state stays in place"); break }
@@ -195,12 +202,25 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                 };
                 next_sync = Instant::now() + config.min_sync_period.max(retry);
             }
-            _ = sleep_until(next_check) => {
+            _ = sleep_until(next_check), if check.is_none() => {
                 match local_addresses().await {
                     Ok(addresses) => proxier.set_local_addresses(addresses),
                     Err(err) => warn!(%err, "cannot read the node's addresses"),
                 }
-                if let Err(err) = proxier.full_check().await {
+                match proxier.begin_check() {
+                    // The IPVS table is read in its own task; syncs go on meanwhile.
+                    Some(ipvs) => check = Some(tokio::spawn(async move { ipvs.dump().await })),
+                    None => next_check = Instant::now() + config.sync_period,
+                }
+            }
+            dumped = dumped(&mut check), if check.is_some() => {
+                check = None;
+                let result = match dumped {
+                    Ok(Ok(table)) => proxier.finish_check(table).await,
+                    Ok(Err(err)) => Err(controller::Error::Ipvs(err).into()),
+                    Err(err) => Err(Error::Client(format!("the IPVS dump task failed: {err}"))),
+                };
+                if let Err(err) = result {
                     warn!(%err, "full check failed; retrying at the next one");
                 }
                 next_check = Instant::now() + config.sync_period;

@@ -6,7 +6,7 @@
 //! (`controller::desired::Join`) and applies the difference that yields
 //! (`controller::node::NodeSync`): a sync costs what changed, not the number of Services. Until Services and
 //! EndpointSlices have both been listed once, nothing is synced: a restart never empties a
-//! Service for a moment. [`Proxier::full_check`] compares the whole kernel state with what was
+//! Service for a moment. [`Proxier::finish_check`] compares the whole kernel state with what was
 //! programmed and repairs it.
 
 use std::{
@@ -22,7 +22,7 @@ use controller::{
         ServiceState, node_port_addresses, service_state,
     },
     node::NodeSync,
-    reconcile::Owned,
+    reconcile::{IpvsTable, Owned},
 };
 use jiff::Timestamp;
 use k8s_openapi::api::{
@@ -575,15 +575,20 @@ impl Proxier {
         }
     }
 
-    /// The periodic full check: compares the kernel with what was programmed, and repairs
-    /// every difference (a cleared IPVS table, removed addresses, a deleted netfilter table).
-    pub async fn full_check(&mut self) -> Result<(), Error> {
-        if !self.synced_once {
-            return Ok(());
-        }
+    /// Starts the periodic full check: returns the handle to dump the IPVS table with (away
+    /// from the sync loop: at 10,000 Services that takes seconds), or `None` before the first
+    /// sync, when there is nothing to check.
+    pub fn begin_check(&mut self) -> Option<ipvs_netlink::IpvsHandle> {
+        self.synced_once.then(|| self.node.reconciler.begin_check())
+    }
+
+    /// Ends the periodic full check with the dumped IPVS table: compares the kernel with what
+    /// was programmed, and repairs every difference (a cleared IPVS table, removed addresses,
+    /// a deleted netfilter table).
+    pub async fn finish_check(&mut self, table: IpvsTable) -> Result<(), Error> {
         let node = self.node_info();
         let owned = self.ownership(&node).await?;
-        let healed = self.node.full_check(self.join.desired(), &owned).await?;
+        let healed = self.node.finish_check(self.join.desired(), &owned, table).await?;
         let repairs = [
             ("ipvs", healed.virtual_servers),
             ("address", healed.addresses),

@@ -98,12 +98,15 @@ pub struct Reconciler {
     shadow: KernelState,
     draining: BTreeMap<(ServiceKey, SocketAddr), Instant>,
     drain_bound: Duration,
+    /// While a check's dump is being read: the virtual servers written since it began, whose
+    /// dumped state may be older than the shadow's.
+    touched: Option<BTreeSet<ServiceKey>>,
 }
 
-fn owned_state(
-    table: Vec<(ipvs_netlink::ServiceEntry, Vec<ipvs_netlink::DestinationEntry>)>,
-    ownership: &dyn Ownership,
-) -> KernelState {
+/// A dump of the IPVS table: every virtual server with its destinations.
+pub type IpvsTable = Vec<(ipvs_netlink::ServiceEntry, Vec<ipvs_netlink::DestinationEntry>)>;
+
+fn owned_state(table: IpvsTable, ownership: &dyn Ownership) -> KernelState {
     table
         .into_iter()
         .filter(|(service, _)| ownership.owns(&service.service.key))
@@ -141,7 +144,7 @@ impl Reconciler {
             })
             .collect();
         info!(virtual_servers = shadow.len(), "adopted the IPVS table");
-        Ok(Self { ipvs, shadow, draining, drain_bound })
+        Ok(Self { ipvs, shadow, draining, drain_bound, touched: None })
     }
 
     /// The IPVS handle it writes through (for its message counts).
@@ -248,6 +251,9 @@ impl Reconciler {
 
     /// Updates the shadow after the kernel accepted `change`.
     fn record(&mut self, change: &Change) {
+        if let (Some(touched), Some(key)) = (&mut self.touched, change.target().service) {
+            touched.insert(key);
+        }
         match change {
             Change::AddService(service) | Change::UpdateService(service) => {
                 let server = self.shadow.entry(service.key).or_insert_with(|| KernelServer {
@@ -280,6 +286,9 @@ impl Reconciler {
 
     /// Reads one virtual server from the kernel into the shadow.
     async fn reread(&mut self, key: ServiceKey) {
+        if let Some(touched) = &mut self.touched {
+            touched.insert(key);
+        }
         match self.ipvs.get_service(&key).await {
             Ok(entry) => match self.ipvs.list_destinations(&key).await {
                 Ok(destinations) => {
@@ -308,9 +317,29 @@ impl Reconciler {
     /// Reads the kernel and compares it with the shadow; the kernel's state becomes the shadow,
     /// so the next [`Reconciler::sync`] with `keys: None` heals every difference.
     pub async fn full_check(&mut self, ownership: &dyn Ownership) -> Result<Drift, Error> {
-        let kernel = owned_state(self.ipvs.dump().await.map_err(Error::Ipvs)?, ownership);
+        let ipvs = self.begin_check();
+        let table = ipvs.dump().await.map_err(Error::Ipvs)?;
+        Ok(self.finish_check(table, ownership))
+    }
+
+    /// Starts a check whose dump is read elsewhere (so that syncs go on meanwhile): returns
+    /// the handle to dump with, and from now on notes which virtual servers are written.
+    pub fn begin_check(&mut self) -> IpvsHandle {
+        self.touched = Some(BTreeSet::new());
+        self.ipvs.clone()
+    }
+
+    /// Compares a dump taken since [`Reconciler::begin_check`] with the shadow; the kernel's
+    /// state becomes the shadow, except for the virtual servers written while the dump was
+    /// read, whose shadow is newer than the dump.
+    pub fn finish_check(&mut self, table: IpvsTable, ownership: &dyn Ownership) -> Drift {
+        let mut kernel = owned_state(table, ownership);
+        let touched = self.touched.take().unwrap_or_default();
         let mut drift = Drift::default();
         for key in kernel.keys().chain(self.shadow.keys()).collect::<BTreeSet<_>>() {
+            if touched.contains(key) {
+                continue;
+            }
             let same = match (kernel.get(key), self.shadow.get(key)) {
                 (Some(k), Some(s)) => {
                     k.service.same_config(&s.service)
@@ -325,6 +354,12 @@ impl Reconciler {
                 drift.servers.push(*key);
             }
         }
+        for key in &touched {
+            match self.shadow.get(key) {
+                Some(server) => kernel.insert(*key, server.clone()),
+                None => kernel.remove(key),
+            };
+        }
         if !drift.servers.is_empty() {
             warn!(
                 virtual_servers = drift.servers.len(),
@@ -332,7 +367,7 @@ impl Reconciler {
             );
         }
         self.shadow = kernel;
-        Ok(drift)
+        drift
     }
 
     /// Deletes draining destinations that have no connections left, or whose time bound
