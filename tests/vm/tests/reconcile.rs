@@ -142,6 +142,36 @@ async fn drift_is_found_and_healed() {
 }
 
 #[tokio::test]
+async fn a_check_whose_dump_is_older_than_a_sync_leaves_what_the_sync_wrote_alone() {
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler =
+        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
+    let mut table = desired((1..=3).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
+    reconciler.sync(&table, None).await;
+
+    // The check's dump is taken; then a sync changes one virtual server and adds another
+    // before the check ends, and someone clears a third by hand.
+    let dump = reconciler.begin_check().dump().await.unwrap();
+    let (changed, _) = server(1, &[]);
+    table.insert(changed, server(1, &[addr("10.244.0.3:8080")]).1);
+    let (added, added_server) = server(4, &[addr("10.244.0.2:8080")]);
+    table.insert(added, added_server);
+    reconciler.sync(&table, Some(&BTreeSet::from([changed, added]))).await;
+    ipvsadm(&["-D", "-t", "10.96.0.10:3"]);
+
+    // The dump is older than the sync for those two: they are not drift, and their shadow
+    // stays as the sync left it. The cleared one was not written since: drift, healed.
+    let drift = reconciler.finish_check(dump, &owned);
+    assert!(drift.servers.is_empty(), "the third went after the dump: {:?}", drift.servers);
+    let report = reconciler.sync(&table, None).await;
+    assert_eq!(report.applied, 0, "nothing written again for the two the sync wrote");
+    let drift = reconciler.full_check(&owned).await.unwrap();
+    assert_eq!(drift.servers, [ServiceKey::tcp(addr("10.96.0.10:3"))]);
+    reconciler.sync(&table, None).await;
+    assert!(reconciler.full_check(&owned).await.unwrap().servers.is_empty(), "all healed");
+}
+
+#[tokio::test]
 async fn a_removed_endpoint_drains_while_a_connection_is_open_and_goes_when_it_closes() {
     let pods = [Pod::new(1), Pod::new(2)];
     for pod in &pods {
