@@ -39,6 +39,16 @@ fn desired(servers: Vec<(ServiceKey, VirtualServer)>) -> BTreeMap<ServiceKey, Vi
     servers.into_iter().collect()
 }
 
+/// A reconciler that programmed `count` virtual servers with one destination each.
+async fn programmed(count: u16) -> (IpvsHandle, Reconciler, BTreeMap<ServiceKey, VirtualServer>) {
+    let ipvs = IpvsHandle::new().unwrap();
+    let mut reconciler =
+        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
+    let table = desired((1..=count).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
+    reconciler.sync(&table, None).await;
+    (ipvs, reconciler, table)
+}
+
 /// IPVS writes a handle has sent.
 async fn writes(ipvs: &IpvsHandle) -> u64 {
     let sent = ipvs.sent_messages().await;
@@ -98,11 +108,7 @@ async fn a_second_start_over_a_programmed_node_writes_nothing() {
 
 #[tokio::test]
 async fn one_endpoint_added_is_exactly_one_new_destination() {
-    let ipvs = IpvsHandle::new().unwrap();
-    let mut reconciler =
-        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
-    let mut table = desired((1..=50).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
-    reconciler.sync(&table, None).await;
+    let (ipvs, mut reconciler, mut table) = programmed(50).await;
     let before = ipvs.sent_messages().await;
 
     let (key, grown) = server(7, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")]);
@@ -117,11 +123,7 @@ async fn one_endpoint_added_is_exactly_one_new_destination() {
 
 #[tokio::test]
 async fn drift_is_found_and_healed() {
-    let ipvs = IpvsHandle::new().unwrap();
-    let mut reconciler =
-        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
-    let table = desired((1..=5).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
-    reconciler.sync(&table, None).await;
+    let (_, mut reconciler, table) = programmed(5).await;
     let programmed = ipvsadm(&["-Ln"]);
 
     // Someone clears the table, and adds a destination by hand.
@@ -143,11 +145,7 @@ async fn drift_is_found_and_healed() {
 
 #[tokio::test]
 async fn a_check_whose_dump_is_older_than_a_sync_leaves_what_the_sync_wrote_alone() {
-    let ipvs = IpvsHandle::new().unwrap();
-    let mut reconciler =
-        Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
-    let mut table = desired((1..=3).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
-    reconciler.sync(&table, None).await;
+    let (_, mut reconciler, mut table) = programmed(3).await;
 
     // The check's dump is taken; then a sync changes one virtual server and adds another
     // before the check ends, and someone clears a third by hand.
