@@ -8,7 +8,7 @@ use std::{
 };
 
 use controller::{
-    desired::{DesiredState, NodeInfo, ProxyConfig, desired_state, service_state},
+    desired::{DesiredState, NodeInfo, ProxyConfig, Slice, desired_state, service_state},
     reconcile::{KernelState, plan},
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -134,7 +134,7 @@ fn main() {
         let mut incremental = Vec::new();
         for round in 0..200 {
             let i = (round * 7919) % services;
-            let changed = slice(i, endpoints, 1 + round % 3);
+            let changed = Slice::from(slice(i, endpoints, 1 + round % 3));
             let started = Instant::now();
             let state = service_state(&all_services[i], &[&changed], &node, &config);
             let plans: usize = state

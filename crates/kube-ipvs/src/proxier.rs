@@ -19,16 +19,13 @@ use std::{
 use controller::{
     desired::{
         DesiredState, Exposure, Join, NodeInfo, Problem, ProxyConfig, SERVICE_NAME_LABEL,
-        ServiceState, node_port_addresses, service_state,
+        ServiceState, Slice, node_port_addresses, service_state,
     },
     node::NodeSync,
     reconcile::{IpvsTable, Owned},
 };
 use jiff::Timestamp;
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::{
     reflector::{self, ObjectRef, Store, store::Writer},
     watcher::Event,
@@ -44,9 +41,6 @@ use crate::{
     service_health::{ServiceHealth, Target},
     source::Input,
 };
-
-/// The annotation with the time of the change an EndpointSlice reflects.
-pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
 pub use controller::desired::ServiceName;
 
@@ -83,7 +77,7 @@ where
 pub struct Proxier {
     settings: Settings,
     services: Cache<Service>,
-    slices: Cache<EndpointSlice>,
+    slices: Cache<Slice>,
     nodes: Cache<Node>,
     /// The Service each EndpointSlice belongs to, and the reverse.
     slice_service: HashMap<ServiceName, String>,
@@ -122,12 +116,8 @@ fn name_of<K: kube::Resource>(object: &K) -> ServiceName {
     (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
 }
 
-fn service_label(slice: &EndpointSlice) -> Option<String> {
-    slice.metadata.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)).cloned()
-}
-
-fn trigger_time(slice: &EndpointSlice) -> Option<Timestamp> {
-    slice.metadata.annotations.as_ref()?.get(TRIGGER_TIME_ANNOTATION)?.parse().ok()
+fn trigger_time(slice: &Slice) -> Option<Timestamp> {
+    slice.trigger_time.as_deref()?.parse().ok()
 }
 
 /// The healthCheckNodePort of a LoadBalancer Service with `externalTrafficPolicy: Local`.
@@ -200,7 +190,7 @@ impl Proxier {
     }
 
     /// Keeps the slice's trigger time, to measure network programming latency.
-    fn triggered(&mut self, slice: &EndpointSlice) {
+    fn triggered(&mut self, slice: &Slice) {
         // Trigger times have a resolution of one second.
         let since = self.started - jiff::SignedDuration::from_secs(1);
         self.triggers.extend(trigger_time(slice).filter(|t| *t >= since));
@@ -212,9 +202,9 @@ impl Proxier {
         self.metrics.service_changes_pending.set(self.dirty.len() as i64);
     }
 
-    fn index_slice(&mut self, slice: &EndpointSlice) -> Option<ServiceName> {
+    fn index_slice(&mut self, slice: &Slice) -> Option<ServiceName> {
         let key = name_of(slice);
-        let service = service_label(slice);
+        let service = slice.service.clone();
         let old = match &service {
             Some(service) => self.slice_service.insert(key.clone(), service.clone()),
             None => self.slice_service.remove(&key),
@@ -240,7 +230,7 @@ impl Proxier {
         }
     }
 
-    fn unindex_slice(&mut self, slice: &EndpointSlice) -> Option<ServiceName> {
+    fn unindex_slice(&mut self, slice: &Slice) -> Option<ServiceName> {
         let key = name_of(slice);
         self.unlabelled.remove(&key);
         let service = (key.0.clone(), self.slice_service.remove(&key)?);
@@ -387,14 +377,14 @@ impl Proxier {
     }
 
     fn state_of(&self, name: &ServiceName, service: &Service, node: &NodeInfo) -> ServiceState {
-        let slices: Vec<Arc<EndpointSlice>> = self
+        let slices: Vec<Arc<Slice>> = self
             .service_slices
             .get(name)
             .into_iter()
             .flatten()
             .filter_map(|slice| self.slices.store.get(&ObjectRef::new(slice).within(&name.0)))
             .collect();
-        let slices: Vec<&EndpointSlice> = slices.iter().map(AsRef::as_ref).collect();
+        let slices: Vec<&Slice> = slices.iter().map(AsRef::as_ref).collect();
         service_state(service, &slices, node, &self.settings.proxy)
     }
 

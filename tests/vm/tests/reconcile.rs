@@ -4,6 +4,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddr, TcpStream},
+    sync::Arc,
     time::Duration,
 };
 
@@ -20,7 +21,10 @@ fn owned(key: &ServiceKey) -> bool {
     matches!(key, ServiceKey::Inet { address, .. } if address.ip().to_string().starts_with("10.96."))
 }
 
-fn server(port: u16, destinations: &[SocketAddr]) -> (ServiceKey, VirtualServer) {
+/// Virtual servers by key, as the desired state holds them.
+type Table = BTreeMap<ServiceKey, Arc<VirtualServer>>;
+
+fn server(port: u16, destinations: &[SocketAddr]) -> (ServiceKey, Arc<VirtualServer>) {
     let key = ServiceKey::tcp(SocketAddr::from((VIP, port)));
     let server = VirtualServer {
         service: Service::new(key, "rr"),
@@ -32,15 +36,15 @@ fn server(port: u16, destinations: &[SocketAddr]) -> (ServiceKey, VirtualServer)
         },
         exposure: Exposure::ClusterIp,
     };
-    (key, server)
+    (key, Arc::new(server))
 }
 
-fn desired(servers: Vec<(ServiceKey, VirtualServer)>) -> BTreeMap<ServiceKey, VirtualServer> {
+fn desired(servers: Vec<(ServiceKey, Arc<VirtualServer>)>) -> Table {
     servers.into_iter().collect()
 }
 
 /// A reconciler that programmed `count` virtual servers with one destination each.
-async fn programmed(count: u16) -> (IpvsHandle, Reconciler, BTreeMap<ServiceKey, VirtualServer>) {
+async fn programmed(count: u16) -> (IpvsHandle, Reconciler, Table) {
     let ipvs = IpvsHandle::new().unwrap();
     let mut reconciler =
         Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
@@ -268,7 +272,7 @@ async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
     let key = ServiceKey::udp(service);
     let dns = |destinations: &[SocketAddr]| {
         let (_, mut server) = server(53, destinations);
-        server.service = Service::new(key, "rr");
+        Arc::make_mut(&mut server).service = Service::new(key, "rr");
         desired(vec![(key, server)])
     };
     reconciler.sync(&dns(&[pods[0].addr(5353), pods[1].addr(5353)]), None).await;

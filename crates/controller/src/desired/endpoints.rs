@@ -3,9 +3,10 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-
-use super::model::{NodeInfo, Problem};
+use super::{
+    model::{NodeInfo, Problem},
+    slice::Slice,
+};
 
 /// One endpoint of one Service port.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +21,7 @@ pub(crate) struct Endpoint {
     pub(crate) node_hints: Vec<String>,
 }
 
-fn slice_name(slice: &EndpointSlice) -> String {
+fn slice_name(slice: &Slice) -> String {
     format!(
         "EndpointSlice {}/{}",
         slice.metadata.namespace.as_deref().unwrap_or_default(),
@@ -32,7 +33,7 @@ fn slice_name(slice: &EndpointSlice) -> String {
 /// the Service: duplicates across slices merged (an endpoint ready in any slice is ready),
 /// addresses that do not parse reported and skipped.
 pub(crate) fn collect(
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     port_name: &str,
     protocol: &str,
     node: &NodeInfo,
@@ -40,10 +41,7 @@ pub(crate) fn collect(
 ) -> Vec<Endpoint> {
     let mut merged: BTreeMap<(IpAddr, u16), Endpoint> = BTreeMap::new();
     for slice in slices {
-        let port = slice.ports.iter().flatten().find(|p| {
-            p.name.as_deref().unwrap_or_default() == port_name
-                && p.protocol.as_deref().unwrap_or("TCP") == protocol
-        });
+        let port = slice.ports.iter().find(|p| p.name == port_name && p.protocol == protocol);
         let Some(port) = port else { continue };
         let number = match port.port.map(u16::try_from) {
             Some(Ok(number)) if number != 0 => number,
@@ -55,30 +53,23 @@ pub(crate) fn collect(
                 continue;
             }
         };
-        for endpoint in slice.endpoints.iter().flatten() {
-            let conditions = endpoint.conditions.clone().unwrap_or_default();
-            // Per the API, an unknown readiness counts as ready; serving follows ready.
-            let ready = conditions.ready.unwrap_or(true);
-            let serving = conditions.serving.unwrap_or(ready);
-            let terminating = conditions.terminating.unwrap_or(false);
-            let hints = endpoint.hints.clone().unwrap_or_default();
-            for text in &endpoint.addresses {
-                let Ok(address) = text.parse::<IpAddr>() else {
-                    problems.push(Problem {
-                        object: slice_name(slice),
-                        reason: format!("endpoint address {text:?} is not an IP address; skipped"),
-                    });
-                    continue;
-                };
+        for text in &slice.invalid_addresses {
+            problems.push(Problem {
+                object: slice_name(slice),
+                reason: format!("endpoint address {text:?} is not an IP address; skipped"),
+            });
+        }
+        for endpoint in &slice.endpoints {
+            for &address in &endpoint.addresses {
                 let candidate = Endpoint {
                     address,
                     port: number,
-                    ready,
-                    serving,
-                    terminating,
+                    ready: endpoint.ready,
+                    serving: endpoint.serving,
+                    terminating: endpoint.terminating,
                     local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
-                    zone_hints: hints.for_zones.iter().flatten().map(|z| z.name.clone()).collect(),
-                    node_hints: hints.for_nodes.iter().flatten().map(|n| n.name.clone()).collect(),
+                    zone_hints: endpoint.zone_hints.clone(),
+                    node_hints: endpoint.node_hints.clone(),
                 };
                 merged
                     .entry((address, number))

@@ -8,7 +8,10 @@
 //! reported; an element several Services need stays while any of them does; local-only keys
 //! get their firewall marks from a stable hash, probing on collision in key order.
 
-use std::collections::{BTreeMap, BTreeSet, btree_map::Entry};
+use std::{
+    collections::{BTreeMap, BTreeSet, btree_map::Entry},
+    sync::Arc,
+};
 
 use ipvs_netlink::ServiceKey;
 use netfilter::Elements;
@@ -199,7 +202,7 @@ impl Join {
         }
     }
 
-    fn owner_server(&self, key: &ServiceKey) -> Option<VirtualServer> {
+    fn owner_server(&self, key: &ServiceKey) -> Option<Arc<VirtualServer>> {
         let owner = self.claims.get(key)?.first()?;
         self.states.get(owner)?.virtual_servers.get(key).cloned()
     }
@@ -332,19 +335,19 @@ impl Join {
     }
 
     /// The local-only virtual server of `key` with `mark`, from its owner's contribution.
-    fn local_server(&self, key: &LocalKey, mark: u32) -> Option<VirtualServer> {
+    fn local_server(&self, key: &LocalKey, mark: u32) -> Option<Arc<VirtualServer>> {
         let owner = self.local.get(key)?.first()?;
         let local = self.states.get(owner)?.local_only.iter().find(|l| l.key == *key)?;
         let fwmark = ServiceKey::Fwmark { family: key.family(), mark };
         let mut service = local.template.clone();
         service.key = fwmark;
         service.netmask = ipvs_netlink::Netmask::host(key.family());
-        Some(VirtualServer {
+        Some(Arc::new(VirtualServer {
             service,
             destinations: local.destinations.clone(),
             owner: local.owner.clone(),
             exposure: Exposure::LocalOnly,
-        })
+        }))
     }
 
     /// Gives local-only keys their marks (again, if the keys changed) and brings their virtual
@@ -502,7 +505,7 @@ mod tests {
                 owner: owner.clone(),
                 exposure: Exposure::ClusterIp,
             };
-            state.virtual_servers.insert(key, server);
+            state.virtual_servers.insert(key, Arc::new(server));
             state.elements.cluster_ips.insert(port);
             state.elements.vips.insert(port.address);
             if r.below(2) == 0 {
@@ -575,7 +578,7 @@ mod tests {
                 owner: l.owner,
                 exposure: Exposure::LocalOnly,
             };
-            desired.virtual_servers.insert(fwmark, server);
+            desired.virtual_servers.insert(fwmark, Arc::new(server));
             if let LocalKey::Address(port) = key {
                 desired.elements.local_traffic.insert(port, mark);
             }
@@ -652,7 +655,7 @@ mod tests {
         }
         let mut other = state.clone();
         for server in other.virtual_servers.values_mut() {
-            server.owner.name = b.1.clone();
+            Arc::make_mut(server).owner.name = b.1.clone();
         }
         let mut join = Join::new();
         join.set(&b, Some(other.clone()));

@@ -11,10 +11,11 @@ mod endpoints;
 mod join;
 mod model;
 mod service;
+mod slice;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use ipvs_netlink::ServiceKey;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -25,17 +26,18 @@ pub use self::{
     model::{
         DEFAULT_AFFINITY_TIMEOUT, DEFAULT_SCHEDULER, Exposure, HEADLESS_LABEL, NodeInfo, Problem,
         ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS,
-        SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ServicePortName, VirtualServer, ZONE_LABEL,
-        node_port_addresses,
+        SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ServicePortName, TRIGGER_TIME_ANNOTATION,
+        VirtualServer, ZONE_LABEL, node_port_addresses,
     },
     service::{LocalKey, LocalOnly, ServiceState, Skipped, service_state, skipped},
+    slice::{Slice, SliceEndpoint, SlicePort},
 };
 
 /// What the node must hold for every Service.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DesiredState {
-    /// Every virtual server.
-    pub virtual_servers: BTreeMap<ServiceKey, VirtualServer>,
+    /// Every virtual server, shared with the contribution of the Service that owns it.
+    pub virtual_servers: BTreeMap<ServiceKey, Arc<VirtualServer>>,
     /// The netfilter table's elements; `elements.vips` are kube-ipvs0's addresses.
     pub elements: Elements,
     /// Objects, or parts of them, that were skipped, and why.
@@ -55,13 +57,13 @@ fn object_name(kind: &str, namespace: Option<&str>, name: Option<&str>) -> Strin
 /// The EndpointSlices of each Service, by `namespace/name`; slices that name no Service are
 /// reported.
 pub fn slices_by_service<'a>(
-    slices: impl IntoIterator<Item = &'a EndpointSlice>,
+    slices: impl IntoIterator<Item = &'a Slice>,
     problems: &mut Vec<Problem>,
-) -> BTreeMap<(String, String), Vec<&'a EndpointSlice>> {
-    let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
+) -> BTreeMap<(String, String), Vec<&'a Slice>> {
+    let mut by_service: BTreeMap<(String, String), Vec<&Slice>> = BTreeMap::new();
     for slice in slices {
         let meta = &slice.metadata;
-        match meta.labels.as_ref().and_then(|l| l.get(SERVICE_NAME_LABEL)) {
+        match &slice.service {
             Some(service) => by_service
                 .entry((meta.namespace.clone().unwrap_or_default(), service.clone()))
                 .or_default()
@@ -87,7 +89,8 @@ pub fn desired_state<'a>(
     config: &ProxyConfig,
 ) -> DesiredState {
     let mut problems = Vec::new();
-    let mut by_service = slices_by_service(slices, &mut problems);
+    let slices: Vec<Slice> = slices.into_iter().map(Slice::from).collect();
+    let mut by_service = slices_by_service(&slices, &mut problems);
     let mut join = Join::new();
     for service in services {
         let key = (

@@ -19,6 +19,8 @@ pub const SCHEDULER_ANNOTATION: &str = "kube-ipvs.io/scheduler";
 pub const SCHEDULER_FLAGS_ANNOTATION: &str = "kube-ipvs.io/scheduler-flags";
 /// The label that names an EndpointSlice's Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The annotation with the time of the change an EndpointSlice reflects.
+pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Services with this label belong to another proxy (unless it names ours).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label are headless as far as proxies go.

@@ -3,13 +3,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr, SocketAddrV4},
+    sync::Arc,
 };
 
 use ipnetwork::IpNetwork;
 use ipvs_netlink::{
     Destination, Family, Protocol, Service as VirtualService, ServiceFlags, ServiceKey,
 };
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 use netfilter::{Elements, NodePort, ServicePort as NetfilterPort};
 
 use super::{
@@ -19,13 +20,14 @@ use super::{
         SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS, SERVICE_PROXY_NAME_LABEL,
         ServicePortName, VirtualServer,
     },
+    slice::Slice,
 };
 
 /// Everything one Service asks of the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceState {
     /// Its virtual servers.
-    pub virtual_servers: BTreeMap<ServiceKey, VirtualServer>,
+    pub virtual_servers: BTreeMap<ServiceKey, Arc<VirtualServer>>,
     /// Its elements of the netfilter table (kube-ipvs0 addresses are `elements.vips`).
     pub elements: Elements,
     /// What was wrong with it, or with its EndpointSlices.
@@ -172,7 +174,7 @@ fn parse_ip(text: &str, what: &str, context: &mut Context<'_>) -> Option<IpAddr>
 /// What one Service asks of the node, given its EndpointSlices.
 pub fn service_state(
     service: &Service,
-    slices: &[&EndpointSlice],
+    slices: &[&Slice],
     node: &NodeInfo,
     config: &ProxyConfig,
 ) -> ServiceState {
@@ -332,12 +334,12 @@ pub fn service_state(
                 .collect();
             state.virtual_servers.insert(
                 key,
-                VirtualServer {
+                Arc::new(VirtualServer {
                     service: virtual_service,
                     destinations,
                     owner: owner.clone(),
                     exposure,
-                },
+                }),
             );
         };
 

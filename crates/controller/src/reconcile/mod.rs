@@ -13,6 +13,7 @@ mod diff;
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::Arc,
     time::Duration,
 };
 
@@ -166,7 +167,7 @@ impl Reconciler {
     /// `desired` when `None`).
     pub async fn sync(
         &mut self,
-        desired: &BTreeMap<ServiceKey, VirtualServer>,
+        desired: &BTreeMap<ServiceKey, Arc<VirtualServer>>,
         keys: Option<&BTreeSet<ServiceKey>>,
     ) -> SyncReport {
         let all: BTreeSet<ServiceKey>;
@@ -180,7 +181,7 @@ impl Reconciler {
         let mut changes = Vec::new();
         let mut draining = Vec::new();
         for key in keys {
-            let plan = plan(*key, self.shadow.get(key), desired.get(key));
+            let plan = plan(*key, self.shadow.get(key), desired.get(key).map(AsRef::as_ref));
             changes.extend(plan.changes);
             draining.extend(plan.draining);
         }
@@ -222,7 +223,9 @@ impl Reconciler {
             // Once more, from what the kernel really holds; what still fails waits for the next sync.
             let retry: Vec<Change> = reread
                 .iter()
-                .flat_map(|key| plan(*key, self.shadow.get(key), desired.get(key)).changes)
+                .flat_map(|key| {
+                    plan(*key, self.shadow.get(key), desired.get(key).map(AsRef::as_ref)).changes
+                })
                 .collect();
             for (change, result) in retry.iter().zip(self.ipvs.apply(&retry).await) {
                 match result {

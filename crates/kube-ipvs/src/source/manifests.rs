@@ -13,6 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
+use controller::desired::Slice;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -33,7 +34,7 @@ type Key = (String, String);
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Objects {
     services: BTreeMap<Key, Arc<Service>>,
-    slices: BTreeMap<Key, Arc<EndpointSlice>>,
+    slices: BTreeMap<Key, Arc<Slice>>,
     nodes: BTreeMap<Key, Arc<Node>>,
 }
 
@@ -65,14 +66,15 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
     (namespace.unwrap_or("default").to_owned(), name.unwrap_or_default().to_owned())
 }
 
-/// Parses a namespaced object into `objects`, in `default` when it names no namespace.
-fn insert<K: kube::Resource + serde::de::DeserializeOwned>(
+/// Parses a namespaced object as a `P` into `objects`, kept as a `K` (a Service as itself,
+/// an EndpointSlice as a [`Slice`]), in `default` when it names no namespace.
+fn insert<P: serde::de::DeserializeOwned, K: kube::Resource + From<P>>(
     document: &RawValue,
     object: &str,
     objects: &mut BTreeMap<Key, Arc<K>>,
 ) -> Result<(), String> {
-    let mut parsed: K =
-        serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
+    let parsed: P = serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
+    let mut parsed = K::from(parsed);
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
@@ -128,8 +130,8 @@ fn add_document(document: &RawValue, objects: &mut Objects) -> Result<(), String
             }
             if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
         }
-        "Service" => insert(document, &object, &mut objects.services),
-        "EndpointSlice" => insert(document, &object, &mut objects.slices),
+        "Service" => insert::<Service, _>(document, &object, &mut objects.services),
+        "EndpointSlice" => insert::<EndpointSlice, _>(document, &object, &mut objects.slices),
         "Node" => {
             let node: Node =
                 serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
@@ -258,12 +260,12 @@ impl Manifests {
         match &self.current {
             None => {
                 listing(&all.services, Input::service, &mut out);
-                listing(&all.slices, Input::slice, &mut out);
+                listing(&all.slices, |e| Input::Slice(Box::new(e)), &mut out);
                 listing(&all.nodes, Input::node, &mut out);
             }
             Some(old) => {
                 changes(&old.services, &all.services, Input::service, &mut out);
-                changes(&old.slices, &all.slices, Input::slice, &mut out);
+                changes(&old.slices, &all.slices, |e| Input::Slice(Box::new(e)), &mut out);
                 changes(&old.nodes, &all.nodes, Input::node, &mut out);
             }
         }

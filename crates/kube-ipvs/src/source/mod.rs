@@ -5,6 +5,7 @@
 pub mod api;
 pub mod manifests;
 
+use controller::desired::Slice;
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -16,8 +17,8 @@ use kube::runtime::watcher::Event;
 pub enum Input {
     /// A Service was listed, added, changed or deleted.
     Service(Box<Event<Service>>),
-    /// An EndpointSlice was listed, added, changed or deleted.
-    Slice(Box<Event<EndpointSlice>>),
+    /// An EndpointSlice was listed, added, changed or deleted; kept as a [`Slice`].
+    Slice(Box<Event<Slice>>),
     /// The node's own Node object.
     Node(Box<Event<Node>>),
     /// A watch failed (the API server is unreachable, say). The cache keeps what it has and
@@ -36,9 +37,15 @@ impl Input {
         Self::Service(Box::new(event))
     }
 
-    /// An EndpointSlice event.
+    /// An EndpointSlice event, the slice reduced to what the daemon keeps of it.
     pub fn slice(event: Event<EndpointSlice>) -> Self {
-        Self::Slice(Box::new(event))
+        Self::Slice(Box::new(match event {
+            Event::Init => Event::Init,
+            Event::InitApply(slice) => Event::InitApply(slice.into()),
+            Event::InitDone => Event::InitDone,
+            Event::Apply(slice) => Event::Apply(slice.into()),
+            Event::Delete(slice) => Event::Delete(slice.into()),
+        }))
     }
 
     /// A Node event.
