@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 use crate::{
     Error,
     desired::{Delta, DesiredState},
-    reconcile::{IpvsTable, Owned, Ownership, Reconciler, SyncReport},
+    reconcile::{KernelState, Owned, Ownership, Reconciler, SyncReport, read_kernel},
 };
 
 /// What [`NodeSync::apply`] did.
@@ -110,7 +110,7 @@ impl NodeSync {
         desired: &DesiredState,
         ownership: &dyn Ownership,
     ) -> Result<Healed, Error> {
-        let table = self.reconciler.begin_check().dump().await.map_err(Error::Ipvs)?;
+        let table = read_kernel(&self.reconciler.begin_check()).await.map_err(Error::Ipvs)?;
         self.finish_check(desired, ownership, table).await
     }
 
@@ -120,7 +120,7 @@ impl NodeSync {
         &mut self,
         desired: &DesiredState,
         ownership: &dyn Ownership,
-        table: IpvsTable,
+        table: KernelState,
     ) -> Result<Healed, Error> {
         let started = std::time::Instant::now();
         // Elements left in place to keep syncs fast are deleted now.

@@ -189,6 +189,17 @@ impl IpvsHandle {
     /// [`DUMP_SOCKETS`] sockets at once, so on a multi-threaded runtime decoding overlaps the
     /// kernel's work.
     pub async fn dump(&self) -> Result<Vec<(ServiceEntry, Vec<DestinationEntry>)>> {
+        self.dump_with(|service, destinations| (service, destinations)).await
+    }
+
+    /// As [`IpvsHandle::dump`], each virtual service and its destinations turned into a `T` by
+    /// `f` as soon as they are read: a large table is never held whole in its full form
+    /// (statistics and all).
+    pub async fn dump_with<T, F>(&self, f: F) -> Result<Vec<T>>
+    where
+        T: Send + 'static,
+        F: Fn(ServiceEntry, Vec<DestinationEntry>) -> T + Clone + Send + 'static,
+    {
         let services = self.list_services().await?;
         let sockets = (1 + self.dump_connections.len())
             .min(services.len().div_ceil(MIN_SERVICES_PER_SOCKET))
@@ -200,11 +211,12 @@ impl IpvsHandle {
         for connection in connections.take(sockets) {
             let part: Vec<ServiceEntry> = services.by_ref().take(chunk).collect();
             let connection = connection.clone();
+            let f = f.clone();
             tasks.push(tokio::spawn(async move {
                 let mut table = Vec::with_capacity(part.len());
                 for service in part {
                     let destinations = destinations_on(&connection, &service.service.key).await?;
-                    table.push((service, destinations));
+                    table.push(f(service, destinations));
                 }
                 Ok::<_, Error>(table)
             }));

@@ -13,7 +13,7 @@ use std::{
 use controller::{
     desired::ProxyConfig,
     node::NodeSync,
-    reconcile::{IpvsTable, Owned, Reconciler},
+    reconcile::{KernelState, Owned, Reconciler, read_kernel},
 };
 use dummy_link::{DummyLink, KUBE_IPVS0};
 use ipvs_netlink::IpvsHandle;
@@ -186,7 +186,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let mut next_sync = Instant::now();
     let mut next_check = Instant::now() + config.sync_period;
     let mut drain = tokio::time::interval(Duration::from_secs(1));
-    let mut check: Option<JoinHandle<Result<IpvsTable, ipvs_netlink::Error>>> = None;
+    let mut check: Option<JoinHandle<Result<KernelState, ipvs_netlink::Error>>> = None;
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: stopping; the kernel state stays in place"); break }
@@ -209,7 +209,9 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                 }
                 match proxier.begin_check() {
                     // The IPVS table is read in its own task; syncs go on meanwhile.
-                    Some(ipvs) => check = Some(tokio::spawn(async move { ipvs.dump().await })),
+                    Some(ipvs) => {
+                        check = Some(tokio::spawn(async move { read_kernel(&ipvs).await }));
+                    }
                     None => next_check = Instant::now() + config.sync_period,
                 }
             }

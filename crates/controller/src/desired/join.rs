@@ -119,25 +119,60 @@ fn put<K: Ord + Clone, V: PartialEq + Clone>(
     }
 }
 
+/// The Services that claim one thing, by namespace and name: the first owns it. Nearly always
+/// one, so a sorted vector (a `BTreeSet` allocates room for eleven).
+#[derive(Debug, Default)]
+struct Claimants(Vec<ServiceName>);
+
+impl Claimants {
+    fn insert(&mut self, name: &ServiceName) {
+        if let Err(at) = self.0.binary_search(name) {
+            self.0.insert(at, name.clone());
+        }
+    }
+
+    fn remove(&mut self, name: &ServiceName) {
+        if let Ok(at) = self.0.binary_search(name) {
+            self.0.remove(at);
+        }
+    }
+
+    fn first(&self) -> Option<&ServiceName> {
+        self.0.first()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &ServiceName> {
+        self.0.iter()
+    }
+}
+
 /// The Services' contributions, joined.
 #[derive(Debug, Default)]
 pub struct Join {
     states: BTreeMap<ServiceName, ServiceState>,
     /// Who claims each virtual server; the first owns it.
-    claims: BTreeMap<ServiceKey, BTreeSet<ServiceName>>,
+    claims: BTreeMap<ServiceKey, Claimants>,
     /// Virtual servers claimed more than once.
     contested: BTreeSet<ServiceKey>,
     /// Services whose own state has problems.
     troubled: BTreeSet<ServiceName>,
     /// Who claims each local-only key; the first owns it.
-    local: BTreeMap<LocalKey, BTreeSet<ServiceName>>,
+    local: BTreeMap<LocalKey, Claimants>,
     /// The mark of each local-only key.
     marks: BTreeMap<LocalKey, u32>,
     /// The local-only keys changed: the marks are assigned again.
     local_keys_changed: bool,
     /// Local-only keys whose owner's contribution changed.
     local_touched: BTreeSet<LocalKey>,
-    localhost_claims: BTreeMap<netfilter::NodePort, BTreeSet<ServiceName>>,
+    localhost_claims: BTreeMap<netfilter::NodePort, Claimants>,
     counts: Counts,
     desired: DesiredState,
     delta: Delta,
@@ -230,7 +265,7 @@ impl Join {
         }
         for (key, server) in &new.virtual_servers {
             let claimants = self.claims.entry(*key).or_default();
-            claimants.insert(name.clone());
+            claimants.insert(name);
             if claimants.len() > 1 {
                 self.contested.insert(*key);
             }
@@ -280,7 +315,7 @@ impl Join {
         for port in ports {
             let claimants = self.localhost_claims.entry(port).or_default();
             if new.localhost_node_ports.contains_key(&port) {
-                claimants.insert(name.clone());
+                claimants.insert(name);
             } else {
                 claimants.remove(name);
             }
@@ -323,7 +358,7 @@ impl Join {
             if claimants.is_empty() {
                 self.local_keys_changed = true;
             }
-            claimants.insert(name.clone());
+            claimants.insert(name);
             let first_for_key = new.iter().find(|l| l.key == local.key) == Some(local);
             if claimants.first() == Some(name) && first_for_key {
                 let before = old.iter().find(|l| l.key == local.key);

@@ -29,7 +29,7 @@ pub use self::{
         SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ServicePortName, TRIGGER_TIME_ANNOTATION,
         VirtualServer, ZONE_LABEL, node_port_addresses,
     },
-    service::{LocalKey, LocalOnly, ServiceState, Skipped, service_state, skipped},
+    service::{LocalKey, LocalOnly, ServiceState, Skipped, service_state, skipped, trim_service},
     slice::{Slice, SliceEndpoint, SlicePort},
 };
 

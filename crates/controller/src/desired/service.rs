@@ -102,6 +102,23 @@ pub fn skipped(service: &Service, config: &ProxyConfig) -> Option<Skipped> {
     None
 }
 
+/// Drops what the desired state never reads from a Service, before it is kept: managed
+/// fields, owner references, finalizers, and annotations other than kube-ipvs's own (such as
+/// `kubectl.kubernetes.io/last-applied-configuration`, a copy of the whole object).
+pub fn trim_service(service: &mut Service) {
+    let meta = &mut service.metadata;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations
+            .retain(|key, _| key == SCHEDULER_ANNOTATION || key == SCHEDULER_FLAGS_ANNOTATION);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+}
+
 fn protocol(name: &str) -> Option<Protocol> {
     match name {
         "TCP" => Some(Protocol::Tcp),

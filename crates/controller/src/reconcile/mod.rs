@@ -104,14 +104,12 @@ pub struct Reconciler {
     touched: Option<BTreeSet<ServiceKey>>,
 }
 
-/// A dump of the IPVS table: every virtual server with its destinations.
-pub type IpvsTable = Vec<(ipvs_netlink::ServiceEntry, Vec<ipvs_netlink::DestinationEntry>)>;
-
-fn owned_state(table: IpvsTable, ownership: &dyn Ownership) -> KernelState {
-    table
-        .into_iter()
-        .filter(|(service, _)| ownership.owns(&service.service.key))
-        .map(|(service, destinations)| {
+/// Reads the whole IPVS table (every virtual server, whoever owns it), each virtual server
+/// converted as soon as it is read: statistics are dropped on the way, so a large table is
+/// never held in its full form.
+pub async fn read_kernel(ipvs: &IpvsHandle) -> Result<KernelState, ipvs_netlink::Error> {
+    let servers = ipvs
+        .dump_with(|service, destinations| {
             let server = KernelServer {
                 service: service.service,
                 destinations: destinations
@@ -121,7 +119,13 @@ fn owned_state(table: IpvsTable, ownership: &dyn Ownership) -> KernelState {
             };
             (server.service.key, server)
         })
-        .collect()
+        .await?;
+    Ok(servers.into_iter().collect())
+}
+
+fn owned_state(mut table: KernelState, ownership: &dyn Ownership) -> KernelState {
+    table.retain(|key, _| ownership.owns(key));
+    table
 }
 
 impl Reconciler {
@@ -132,7 +136,7 @@ impl Reconciler {
         ownership: &dyn Ownership,
         drain_bound: Duration,
     ) -> Result<Self, Error> {
-        let shadow = owned_state(ipvs.dump().await.map_err(Error::Ipvs)?, ownership);
+        let shadow = owned_state(read_kernel(&ipvs).await.map_err(Error::Ipvs)?, ownership);
         let now = Instant::now();
         let draining = shadow
             .iter()
@@ -321,7 +325,7 @@ impl Reconciler {
     /// so the next [`Reconciler::sync`] with `keys: None` heals every difference.
     pub async fn full_check(&mut self, ownership: &dyn Ownership) -> Result<Drift, Error> {
         let ipvs = self.begin_check();
-        let table = ipvs.dump().await.map_err(Error::Ipvs)?;
+        let table = read_kernel(&ipvs).await.map_err(Error::Ipvs)?;
         Ok(self.finish_check(table, ownership))
     }
 
@@ -335,7 +339,7 @@ impl Reconciler {
     /// Compares a dump taken since [`Reconciler::begin_check`] with the shadow; the kernel's
     /// state becomes the shadow, except for the virtual servers written while the dump was
     /// read, whose shadow is newer than the dump.
-    pub fn finish_check(&mut self, table: IpvsTable, ownership: &dyn Ownership) -> Drift {
+    pub fn finish_check(&mut self, table: KernelState, ownership: &dyn Ownership) -> Drift {
         let mut kernel = owned_state(table, ownership);
         let touched = self.touched.take().unwrap_or_default();
         let mut drift = Drift::default();

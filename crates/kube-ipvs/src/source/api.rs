@@ -1,13 +1,14 @@
 //! The API server: list and watch with kube-rs's watcher, which relists after 410 Gone and
 //! retries with backoff while the API server is unreachable.
 
+use controller::desired::trim_service;
 use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource,
     runtime::{WatchStreamExt, watcher},
 };
 use serde::de::DeserializeOwned;
@@ -20,20 +21,31 @@ fn watch<K>(
     api: Api<K>,
     config: watcher::Config,
     kind: &'static str,
+    trim: fn(&mut K),
     wrap: fn(watcher::Event<K>) -> Input,
 ) -> BoxStream<'static, Input>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
 {
     watcher(api, config)
-        // Managed fields are large and never used.
-        .modify(|object| object.managed_fields_mut().clear())
+        // What is never read is dropped before anything keeps it.
+        .modify(trim)
         .default_backoff()
         .map(move |event| match event {
             Ok(event) => wrap(event),
             Err(error) => Input::WatchFailed { kind, error: error.to_string() },
         })
         .boxed()
+}
+
+/// Drops what is never read from the Node: managed fields, annotations and the list of images
+/// (hundreds of entries on a busy node).
+fn trim_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    node.metadata.annotations = None;
+    if let Some(status) = &mut node.status {
+        status.images = None;
+    }
 }
 
 /// The watch events of every Service and EndpointSlice this node proxies, and of the Node
@@ -45,12 +57,26 @@ pub fn inputs(
 ) -> impl Stream<Item = Input> + Send + 'static {
     let selected = watcher::Config::default().labels(&label_selector(service_proxy_name));
     futures::stream::select_all([
-        watch(Api::<Service>::all(client.clone()), selected.clone(), "Service", Input::service),
-        watch(Api::<EndpointSlice>::all(client.clone()), selected, "EndpointSlice", Input::slice),
+        watch(
+            Api::<Service>::all(client.clone()),
+            selected.clone(),
+            "Service",
+            trim_service,
+            Input::service,
+        ),
+        // Kept as a compact `Slice`: nothing to trim first.
+        watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            selected,
+            "EndpointSlice",
+            |_| {},
+            Input::slice,
+        ),
         watch(
             Api::<Node>::all(client),
             watcher::Config::default().fields(&format!("metadata.name={node}")),
             "Node",
+            trim_node,
             Input::node,
         ),
     ])

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use controller::desired::Slice;
+use controller::desired::{Slice, trim_service};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -66,15 +66,16 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
     (namespace.unwrap_or("default").to_owned(), name.unwrap_or_default().to_owned())
 }
 
-/// Parses a namespaced object as a `P` into `objects`, kept as a `K` (a Service as itself,
-/// an EndpointSlice as a [`Slice`]), in `default` when it names no namespace.
-fn insert<P: serde::de::DeserializeOwned, K: kube::Resource + From<P>>(
+/// Parses a namespaced object as a `P` into `objects`, kept as `keep` makes it (a Service
+/// trimmed, an EndpointSlice as a [`Slice`]), in `default` when it names no namespace.
+fn insert<P: serde::de::DeserializeOwned, K: kube::Resource>(
     document: &RawValue,
     object: &str,
     objects: &mut BTreeMap<Key, Arc<K>>,
+    keep: fn(P) -> K,
 ) -> Result<(), String> {
     let parsed: P = serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
-    let mut parsed = K::from(parsed);
+    let mut parsed = keep(parsed);
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
@@ -130,8 +131,13 @@ fn add_document(document: &RawValue, objects: &mut Objects) -> Result<(), String
             }
             if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
         }
-        "Service" => insert::<Service, _>(document, &object, &mut objects.services),
-        "EndpointSlice" => insert::<EndpointSlice, _>(document, &object, &mut objects.slices),
+        "Service" => insert(document, &object, &mut objects.services, |mut service: Service| {
+            trim_service(&mut service);
+            service
+        }),
+        "EndpointSlice" => {
+            insert(document, &object, &mut objects.slices, |slice: EndpointSlice| slice.into())
+        }
         "Node" => {
             let node: Node =
                 serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
