@@ -118,7 +118,7 @@ impl Programmed {
                     destinations: server
                         .destinations
                         .iter()
-                        .map(|(address, d)| (address.to_string(), d.weight))
+                        .map(|d| (d.address.to_string(), d.weight))
                         .collect(),
                 };
                 (key.to_string(), view)

@@ -228,6 +228,12 @@ async fn cleanup(flags: &config::Flags, node_port_range: RangeInclusive<u16>) ->
     Ok(())
 }
 
+/// mimalloc, rather than the C library's allocator: it gives freed memory back to the system,
+/// where glibc's per-thread arenas keep the peak of every thread (the startup's large
+/// transient tables) for the life of the process.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> Result<()> {
     match Cli::parse().command {

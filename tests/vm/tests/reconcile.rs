@@ -28,7 +28,7 @@ fn server(port: u16, destinations: &[SocketAddr]) -> (ServiceKey, Arc<VirtualSer
     let key = ServiceKey::tcp(SocketAddr::from((VIP, port)));
     let server = VirtualServer {
         service: Service::new(key, "rr"),
-        destinations: destinations.iter().map(|d| (*d, Destination::new(*d))).collect(),
+        destinations: destinations.iter().map(|d| Destination::new(*d)).collect(),
         owner: ServicePortName {
             namespace: "ns".into(),
             name: format!("svc-{port}"),

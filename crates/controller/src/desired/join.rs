@@ -492,7 +492,7 @@ mod tests {
     use netfilter::{NodePort, ServicePort};
 
     use super::*;
-    use crate::desired::model::ServicePortName;
+    use crate::desired::model::{Destinations, ServicePortName};
 
     /// A small deterministic generator (xorshift), so failures replay.
     struct Random(u64);
@@ -529,10 +529,10 @@ mod tests {
                 protocol: Protocol::Tcp,
                 address: SocketAddr::new(port.address, port.port),
             };
-            let mut destinations = BTreeMap::new();
+            let mut destinations = Destinations::new();
             for _ in 0..r.below(3) {
                 let endpoint = SocketAddr::from(([10, 244, 0, r.below(5) as u8], 8080));
-                destinations.insert(endpoint, Destination::new(endpoint));
+                destinations.insert(Destination::new(endpoint));
             }
             let server = VirtualServer {
                 service: VirtualService::new(key, "rr"),
@@ -566,7 +566,7 @@ mod tests {
             state.local_only.push(LocalOnly {
                 key,
                 template,
-                destinations: BTreeMap::new(),
+                destinations: Destinations::new(),
                 owner: owner.clone(),
             });
             state.elements.local_external_ips.insert(port);

@@ -1,7 +1,6 @@
 //! The inputs and outputs of the desired-state computation.
 
 use std::{
-    collections::BTreeMap,
     fmt,
     net::{IpAddr, SocketAddr},
 };
@@ -142,13 +141,102 @@ pub enum Exposure {
     LocalOnly,
 }
 
+/// A virtual server's destinations, by address: a vector kept sorted by address. A virtual
+/// server has a handful to a few hundred destinations, each holding its own address; a map
+/// would store every address twice and allocate room for eleven entries at least.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Destinations(Vec<Destination>);
+
+impl Destinations {
+    /// No destinations.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn position(&self, address: &SocketAddr) -> Result<usize, usize> {
+        self.0.binary_search_by(|d| d.address.cmp(address))
+    }
+
+    /// The destination at `address`.
+    pub fn get(&self, address: &SocketAddr) -> Option<&Destination> {
+        self.position(address).ok().map(|at| &self.0[at])
+    }
+
+    /// Whether there is a destination at `address`.
+    pub fn contains_key(&self, address: &SocketAddr) -> bool {
+        self.position(address).is_ok()
+    }
+
+    /// Adds `destination`, or replaces the one at its address (returned).
+    pub fn insert(&mut self, destination: Destination) -> Option<Destination> {
+        match self.position(&destination.address) {
+            Ok(at) => Some(std::mem::replace(&mut self.0[at], destination)),
+            Err(at) => {
+                self.0.insert(at, destination);
+                None
+            }
+        }
+    }
+
+    /// Removes the destination at `address`.
+    pub fn remove(&mut self, address: &SocketAddr) -> Option<Destination> {
+        self.position(address).ok().map(|at| self.0.remove(at))
+    }
+
+    /// How many there are.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Their addresses, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.0.iter().map(|d| &d.address)
+    }
+
+    /// The destinations, by address.
+    pub fn iter(&self) -> std::slice::Iter<'_, Destination> {
+        self.0.iter()
+    }
+}
+
+/// The last of several destinations with one address wins, as with a map.
+impl FromIterator<Destination> for Destinations {
+    fn from_iter<I: IntoIterator<Item = Destination>>(iter: I) -> Self {
+        let mut all: Vec<Destination> = iter.into_iter().collect();
+        // Stable: among equal addresses the last inserted stays last, and is kept.
+        all.sort_by_key(|d| d.address);
+        let mut kept: Vec<Destination> = Vec::with_capacity(all.len());
+        for destination in all {
+            match kept.last_mut() {
+                Some(last) if last.address == destination.address => *last = destination,
+                _ => kept.push(destination),
+            }
+        }
+        Self(kept)
+    }
+}
+
+impl<'a> IntoIterator for &'a Destinations {
+    type Item = &'a Destination;
+    type IntoIter = std::slice::Iter<'a, Destination>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// One IPVS virtual server and the destinations it must have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualServer {
     /// The virtual service as IPVS holds it.
     pub service: VirtualService,
     /// Its destinations, by address.
-    pub destinations: BTreeMap<SocketAddr, Destination>,
+    pub destinations: Destinations,
     /// The Service port it implements.
     pub owner: ServicePortName,
     /// What kind of address it is on.
@@ -174,5 +262,37 @@ pub struct Problem {
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.object, self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(address: &str, weight: u32) -> Destination {
+        Destination::new(address.parse().unwrap()).with_weight(weight)
+    }
+
+    #[test]
+    fn destinations_behave_as_a_map_by_address() {
+        let mut destinations: Destinations =
+            [at("10.0.0.3:80", 1), at("10.0.0.1:80", 1), at("10.0.0.3:80", 5)]
+                .into_iter()
+                .collect();
+        assert_eq!(destinations.len(), 2, "one per address");
+        assert_eq!(destinations.get(&"10.0.0.3:80".parse().unwrap()), Some(&at("10.0.0.3:80", 5)));
+        assert_eq!(destinations.insert(at("10.0.0.2:80", 1)), None);
+        assert_eq!(destinations.insert(at("10.0.0.1:80", 0)), Some(at("10.0.0.1:80", 1)));
+        let keys: Vec<String> = destinations.keys().map(ToString::to_string).collect();
+        assert_eq!(keys, ["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"], "in address order");
+        assert_eq!(
+            destinations.remove(&"10.0.0.2:80".parse().unwrap()),
+            Some(at("10.0.0.2:80", 1))
+        );
+        assert_eq!(destinations.remove(&"10.0.0.2:80".parse().unwrap()), None);
+        assert!(destinations.contains_key(&"10.0.0.1:80".parse().unwrap()));
+        assert!(!destinations.contains_key(&"10.0.0.2:80".parse().unwrap()));
+        assert_eq!(destinations.iter().map(|d| d.weight).collect::<Vec<_>>(), [0, 5]);
+        assert!(Destinations::new().is_empty());
     }
 }

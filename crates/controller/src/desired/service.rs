@@ -16,9 +16,9 @@ use netfilter::{Elements, NodePort, ServicePort as NetfilterPort};
 use super::{
     endpoints::{self, Endpoint},
     model::{
-        DEFAULT_AFFINITY_TIMEOUT, Exposure, HEADLESS_LABEL, NodeInfo, Problem, ProxyConfig,
-        SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS, SERVICE_PROXY_NAME_LABEL,
-        ServicePortName, VirtualServer,
+        DEFAULT_AFFINITY_TIMEOUT, Destinations, Exposure, HEADLESS_LABEL, NodeInfo, Problem,
+        ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS,
+        SERVICE_PROXY_NAME_LABEL, ServicePortName, VirtualServer,
     },
     slice::Slice,
 };
@@ -64,7 +64,7 @@ pub struct LocalOnly {
     /// Scheduler, flags and persistence, as the Service's other virtual servers.
     pub template: VirtualService,
     /// This node's endpoints, of the key's family.
-    pub destinations: BTreeMap<SocketAddr, Destination>,
+    pub destinations: Destinations,
     /// The Service port.
     pub owner: ServicePortName,
 }
@@ -315,10 +315,7 @@ pub fn service_state(
             destinations: local
                 .iter()
                 .filter(|e| Family::of(e.address) == key.family())
-                .map(|e| {
-                    let target = SocketAddr::new(e.address, e.port);
-                    (target, Destination::new(target))
-                })
+                .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
                 .collect(),
             owner: owner.clone(),
         };
@@ -344,10 +341,7 @@ pub fn service_state(
             let destinations = chosen
                 .iter()
                 .filter(|e| e.address.is_ipv4() == address.is_ipv4())
-                .map(|e| {
-                    let target = SocketAddr::new(e.address, e.port);
-                    (target, Destination::new(target))
-                })
+                .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
                 .collect();
             state.virtual_servers.insert(
                 key,

@@ -326,7 +326,7 @@ fn the_golden_scenario_matches_kube_proxy() {
             let entry =
                 ServiceEntry { service: server.service.clone(), stats: None, stats64: None };
             let destinations =
-                server.destinations.values().map(|d| DestinationEntry::new(*d)).collect();
+                server.destinations.iter().map(|d| DestinationEntry::new(*d)).collect();
             (entry, destinations)
         })
         .collect();

@@ -1,14 +1,11 @@
 //! The difference between what the kernel holds and what it should hold, as IPVS changes.
 //! Pure functions.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::SocketAddr,
-};
+use std::{collections::BTreeMap, net::SocketAddr};
 
-use ipvs_netlink::{Change, Destination, Protocol, Service, ServiceKey};
+use ipvs_netlink::{Change, Protocol, Service, ServiceKey};
 
-use crate::desired::VirtualServer;
+use crate::desired::{Destinations, VirtualServer};
 
 /// One virtual server as the kernel holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,7 +13,7 @@ pub struct KernelServer {
     /// The virtual service.
     pub service: Service,
     /// Its destinations, by address.
-    pub destinations: BTreeMap<SocketAddr, Destination>,
+    pub destinations: Destinations,
 }
 
 /// The IPVS state kube-ipvs owns, by key.
@@ -54,7 +51,7 @@ pub fn plan(
         (None, None) => {}
         (None, Some(desired)) => {
             plan.changes.push(Change::AddService(desired.service.clone()));
-            for destination in desired.destinations.values() {
+            for destination in &desired.destinations {
                 plan.changes.push(Change::AddDestination(key, *destination));
             }
         }
@@ -63,8 +60,8 @@ pub fn plan(
             if !current.service.same_config(&desired.service) {
                 plan.changes.push(Change::UpdateService(desired.service.clone()));
             }
-            for (address, wanted) in &desired.destinations {
-                match current.destinations.get(address) {
+            for wanted in &desired.destinations {
+                match current.destinations.get(&wanted.address) {
                     None => plan.changes.push(Change::AddDestination(key, *wanted)),
                     // A draining destination that is wanted again gets its weight back.
                     Some(have) if !have.same_config(wanted) => {
@@ -73,13 +70,12 @@ pub fn plan(
                     Some(_) => {}
                 }
             }
-            let extra: BTreeSet<&SocketAddr> = current
+            let extra = current
                 .destinations
-                .keys()
-                .filter(|a| !desired.destinations.contains_key(a))
-                .collect();
-            for address in extra {
-                let have = &current.destinations[address];
+                .iter()
+                .filter(|d| !desired.destinations.contains_key(&d.address));
+            for have in extra {
+                let address = &have.address;
                 if !drains(&key) {
                     plan.changes.push(Change::DeleteDestination(key, *address));
                 } else if have.weight != 0 {
@@ -99,6 +95,7 @@ pub fn plan(
 mod tests {
     use super::*;
     use crate::desired::{Exposure, ServicePortName};
+    use ipvs_netlink::Destination;
 
     fn key(protocol: Protocol) -> ServiceKey {
         ServiceKey::Inet { protocol, address: "10.96.0.10:80".parse().unwrap() }
@@ -111,7 +108,7 @@ mod tests {
     fn desired(key: ServiceKey, scheduler: &str, destinations: &[&str]) -> VirtualServer {
         VirtualServer {
             service: Service::new(key, scheduler),
-            destinations: destinations.iter().map(|d| (d.parse().unwrap(), dest(d))).collect(),
+            destinations: destinations.iter().map(|d| dest(d)).collect(),
             owner: ServicePortName {
                 namespace: "ns".into(),
                 name: "web".into(),
@@ -124,7 +121,7 @@ mod tests {
     fn kernel(key: ServiceKey, scheduler: &str, destinations: &[Destination]) -> KernelServer {
         KernelServer {
             service: Service::new(key, scheduler),
-            destinations: destinations.iter().map(|d| (d.address, *d)).collect(),
+            destinations: destinations.iter().copied().collect(),
         }
     }
 

@@ -24,7 +24,7 @@ use tracing::{debug, info, warn};
 pub use self::diff::{KernelServer, KernelState, Plan, drains, plan};
 use crate::{
     Error,
-    desired::{LOCAL_MARK_BASE, LOCAL_MARK_SPACE, VirtualServer},
+    desired::{Destinations, LOCAL_MARK_BASE, LOCAL_MARK_SPACE, VirtualServer},
 };
 
 /// Which virtual servers are kube-ipvs's: the others are never touched.
@@ -92,6 +92,9 @@ pub struct Drift {
     pub servers: Vec<ServiceKey>,
 }
 
+/// How many changes a sync plans and sends at a time.
+const APPLY_CHUNK: usize = 4096;
+
 /// The kernel side of kube-ipvs: a shadow of the owned IPVS table and the changes that move it.
 #[derive(Debug)]
 pub struct Reconciler {
@@ -110,17 +113,22 @@ pub struct Reconciler {
 pub async fn read_kernel(ipvs: &IpvsHandle) -> Result<KernelState, ipvs_netlink::Error> {
     let servers = ipvs
         .dump_with(|service, destinations| {
-            let server = KernelServer {
-                service: service.service,
-                destinations: destinations
-                    .into_iter()
-                    .map(|d| (d.destination.address, d.destination))
-                    .collect(),
-            };
+            let server = kernel_server(service, destinations);
             (server.service.key, server)
         })
         .await?;
     Ok(servers.into_iter().collect())
+}
+
+/// A virtual server as read from the kernel, its statistics dropped.
+fn kernel_server(
+    entry: ipvs_netlink::ServiceEntry,
+    destinations: Vec<ipvs_netlink::DestinationEntry>,
+) -> KernelServer {
+    KernelServer {
+        service: entry.service,
+        destinations: destinations.into_iter().map(|d| d.destination).collect(),
+    }
 }
 
 fn owned_state(mut table: KernelState, ownership: &dyn Ownership) -> KernelState {
@@ -143,7 +151,7 @@ impl Reconciler {
             .flat_map(|(key, server)| {
                 server
                     .destinations
-                    .values()
+                    .iter()
                     .filter(|d| d.weight == 0)
                     .map(move |d| ((*key, d.address), now))
             })
@@ -182,37 +190,45 @@ impl Reconciler {
                 &all
             }
         };
-        let mut changes = Vec::new();
-        let mut draining = Vec::new();
-        for key in keys {
-            let plan = plan(*key, self.shadow.get(key), desired.get(key).map(AsRef::as_ref));
-            changes.extend(plan.changes);
-            draining.extend(plan.draining);
-        }
         let mut report = SyncReport::default();
-        if changes.is_empty() {
-            return report;
-        }
-        let results = self.ipvs.apply(&changes).await;
+        let mut draining = Vec::new();
         let mut reread = BTreeSet::new();
         let mut removed_udp = Vec::new();
-        for (change, result) in changes.iter().zip(results) {
-            match result {
-                Ok(()) => {
-                    report.applied += 1;
-                    self.record(change);
-                    if let Change::DeleteDestination(
-                        ServiceKey::Inet { protocol: Protocol::Udp, address },
-                        endpoint,
-                    ) = change
-                    {
-                        removed_udp.push((*address, *endpoint));
+        let mut keys = keys.iter().peekable();
+        while keys.peek().is_some() {
+            // A bounded number of changes at a time: a first sync of a large cluster never
+            // holds all its changes, requests and results at once.
+            let mut changes = Vec::new();
+            while changes.len() < APPLY_CHUNK
+                && let Some(key) = keys.next()
+            {
+                let plan = plan(*key, self.shadow.get(key), desired.get(key).map(AsRef::as_ref));
+                changes.extend(plan.changes);
+                draining.extend(plan.draining);
+            }
+            if changes.is_empty() {
+                continue;
+            }
+            let results = self.ipvs.apply(&changes).await;
+            for (change, result) in changes.iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        report.applied += 1;
+                        self.record(change);
+                        if let Change::DeleteDestination(
+                            ServiceKey::Inet { protocol: Protocol::Udp, address },
+                            endpoint,
+                        ) = change
+                        {
+                            removed_udp.push((*address, *endpoint));
+                        }
                     }
-                }
-                Err(err) => {
-                    warn!(%err, "IPVS change failed; reading the virtual server again");
-                    reread.insert(change.target().service.expect("every change names its service"));
-                    report.failed.push(err);
+                    Err(err) => {
+                        warn!(%err, "IPVS change failed; reading the virtual server again");
+                        let key = change.target().service.expect("every change names its service");
+                        reread.insert(key);
+                        report.failed.push(err);
+                    }
                 }
             }
         }
@@ -265,7 +281,7 @@ impl Reconciler {
             Change::AddService(service) | Change::UpdateService(service) => {
                 let server = self.shadow.entry(service.key).or_insert_with(|| KernelServer {
                     service: service.clone(),
-                    destinations: BTreeMap::new(),
+                    destinations: Destinations::new(),
                 });
                 server.service = service.clone();
             }
@@ -276,7 +292,7 @@ impl Reconciler {
             Change::AddDestination(key, destination)
             | Change::UpdateDestination(key, destination) => {
                 if let Some(server) = self.shadow.get_mut(key) {
-                    server.destinations.insert(destination.address, *destination);
+                    server.destinations.insert(*destination);
                 }
                 if destination.weight != 0 {
                     self.draining.remove(&(*key, destination.address));
@@ -299,16 +315,7 @@ impl Reconciler {
         match self.ipvs.get_service(&key).await {
             Ok(entry) => match self.ipvs.list_destinations(&key).await {
                 Ok(destinations) => {
-                    self.shadow.insert(
-                        key,
-                        KernelServer {
-                            service: entry.service,
-                            destinations: destinations
-                                .into_iter()
-                                .map(|d| (d.destination.address, d.destination))
-                                .collect(),
-                        },
-                    );
+                    self.shadow.insert(key, kernel_server(entry, destinations));
                 }
                 Err(err) => {
                     warn!(%err, "cannot read the destinations back; forgetting the virtual server")
@@ -351,9 +358,9 @@ impl Reconciler {
                 (Some(k), Some(s)) => {
                     k.service.same_config(&s.service)
                         && k.destinations.len() == s.destinations.len()
-                        && k.destinations
-                            .iter()
-                            .all(|(a, d)| s.destinations.get(a).is_some_and(|e| e.same_config(d)))
+                        && k.destinations.iter().all(|d| {
+                            s.destinations.get(&d.address).is_some_and(|e| e.same_config(d))
+                        })
                 }
                 _ => false,
             };
