@@ -156,11 +156,11 @@ impl Netfilter {
             self.run("install", &ruleset::install(&self.config, &Elements::default())).await?;
             self.applied = Some(Elements::default());
             let changes = elements::element_changes(&self.config, &Elements::default(), elements);
-            let messages: Vec<_> = changes.iter().flat_map(message::change_messages).collect();
-            if messages.is_empty() {
+            if changes.is_empty() {
                 return Ok(());
             }
             self.transactions += 1;
+            let messages = changes.iter().flat_map(message::change_messages);
             let written = self.netlink(|socket| socket.transaction(messages));
             match written {
                 Ok(()) => {
@@ -253,8 +253,8 @@ impl Netfilter {
         if changes.is_empty() {
             return Ok(Update::Unchanged);
         }
-        let messages: Vec<_> = changes.iter().flat_map(message::change_messages).collect();
         self.transactions += 1;
+        let messages = changes.iter().flat_map(message::change_messages);
         let written = self.netlink(|socket| socket.transaction(messages));
         match written {
             Ok(()) => {

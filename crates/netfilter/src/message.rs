@@ -120,27 +120,23 @@ fn element(item: &Item, data: Option<&Value>) -> ListAttribute<SetElementAttribu
 
 /// `NFT_MSG_NEWSETELEM` or `NFT_MSG_DELSETELEM` messages for one change, as many as its
 /// elements need.
-pub(crate) fn change_messages(change: &SetChange) -> Vec<NfTablesMessage> {
-    change
-        .entries
-        .chunks(ELEMENTS_PER_MESSAGE)
-        .map(|chunk| {
-            let message = SetElementMessage {
-                attributes: vec![
-                    SetElementList::Table(TABLE.to_owned()),
-                    SetElementList::Set(change.set.clone()),
-                    SetElementList::Elements(
-                        chunk.iter().map(|(item, data)| element(item, data.as_ref())).collect(),
-                    ),
-                ],
-            };
-            if change.delete {
-                NfTablesMessage::DeleteSetElement(message)
-            } else {
-                NfTablesMessage::NewSetElement(message)
-            }
-        })
-        .collect()
+pub(crate) fn change_messages(change: &SetChange) -> impl Iterator<Item = NfTablesMessage> + '_ {
+    change.entries.chunks(ELEMENTS_PER_MESSAGE).map(|chunk| {
+        let message = SetElementMessage {
+            attributes: vec![
+                SetElementList::Table(TABLE.to_owned()),
+                SetElementList::Set(change.set.clone()),
+                SetElementList::Elements(
+                    chunk.iter().map(|(item, data)| element(item, data.as_ref())).collect(),
+                ),
+            ],
+        };
+        if change.delete {
+            NfTablesMessage::DeleteSetElement(message)
+        } else {
+            NfTablesMessage::NewSetElement(message)
+        }
+    })
 }
 
 /// `NFT_MSG_GETSETELEM` for one set or map: with `NLM_F_DUMP`, every element.
@@ -227,7 +223,7 @@ mod tests {
             .map(|i| (Item::Address(std::net::Ipv4Addr::from(0x0a00_0000 + i).into()), None))
             .collect();
         let change = SetChange { set: "vips-v4".into(), delete: false, entries };
-        let messages = change_messages(&change);
+        let messages: Vec<_> = change_messages(&change).collect();
         assert_eq!(messages.len(), 3);
         let counts: Vec<usize> = messages
             .iter()

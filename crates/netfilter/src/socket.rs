@@ -69,43 +69,47 @@ impl NfSocket {
         message
     }
 
-    /// Sends `messages` as one batch: the kernel applies all of them or none.
+    /// Sends `messages` as one batch: the kernel applies all of them or none. Each message is
+    /// serialized as it comes, so only the batch's bytes are ever held whole.
     pub(crate) fn transaction(
         &mut self,
-        messages: Vec<NfTablesMessage>,
+        messages: impl IntoIterator<Item = NfTablesMessage>,
     ) -> Result<(), SocketError> {
+        fn append(bytes: &mut Vec<u8>, frame: NetlinkMessage<NetfilterMessage>) {
+            let at = bytes.len();
+            bytes.resize(at + frame.buffer_len(), 0);
+            frame.serialize(&mut bytes[at..]);
+        }
         let control = |m| NetfilterMessageInner::None(m);
-        let mut frames = vec![self.frame(
+        let mut bytes = Vec::new();
+        let begin = self.frame(
             control(ControlMessage::BatchBegin),
             NetfilterProtoFamily::Unspec,
             NFNL_SUBSYS_NFTABLES,
             NLM_F_REQUEST,
-        )];
+        );
+        append(&mut bytes, begin);
         let first = self.sequence.wrapping_add(1);
         for message in messages {
             let create =
                 if matches!(message, NfTablesMessage::NewSetElement(_)) { NLM_F_CREATE } else { 0 };
-            frames.push(self.frame(
+            let frame = self.frame(
                 NetfilterMessageInner::NfTables(message),
                 NetfilterProtoFamily::Inet,
                 0,
                 NLM_F_REQUEST | NLM_F_ACK | create,
-            ));
+            );
+            append(&mut bytes, frame);
         }
         let last = self.sequence;
-        frames.push(self.frame(
+        let end = self.frame(
             control(ControlMessage::BatchEnd),
             NetfilterProtoFamily::Unspec,
             NFNL_SUBSYS_NFTABLES,
             NLM_F_REQUEST,
-        ));
-        let length: usize = frames.iter().map(|f| f.buffer_len()).sum();
-        let mut bytes = vec![0; length];
-        let mut offset = 0;
-        for frame in &frames {
-            frame.serialize(&mut bytes[offset..]);
-            offset += frame.buffer_len();
-        }
+        );
+        append(&mut bytes, end);
+        let length = bytes.len();
         self.reserve(length)?;
         self.socket.send(&bytes, 0).map_err(SocketError::Io)?;
         // The kernel handled the whole batch during the send: each message's answer is queued.
