@@ -259,11 +259,7 @@ pub(crate) fn element_changes(config: &Config, old: &Elements, new: &Elements) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
-
-    fn port(address: &str, protocol: Protocol, port: u16) -> ServicePort {
-        ServicePort::new(address.parse().unwrap(), protocol, port)
-    }
+    use crate::model::{Protocol, port};
 
     #[test]
     fn an_unchanged_state_needs_no_change() {

@@ -171,11 +171,7 @@ pub(crate) fn element_count(payload: &[u8]) -> Result<usize, SocketError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
-
-    fn port(address: &str, protocol: Protocol, port: u16) -> ServicePort {
-        ServicePort::new(address.parse().unwrap(), protocol, port)
-    }
+    use crate::model::{Protocol, port};
 
     #[test]
     fn concatenated_fields_are_padded_to_registers() {

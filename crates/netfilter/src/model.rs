@@ -134,6 +134,31 @@ pub struct Elements {
     pub localhost_node_ports: BTreeMap<NodePort, BTreeSet<SocketAddrV4>>,
 }
 
+/// A service port from its address's text, for tests.
+#[cfg(test)]
+pub(crate) fn port(address: &str, protocol: Protocol, port: u16) -> ServicePort {
+    ServicePort::new(address.parse().unwrap(), protocol, port)
+}
+
+/// Calls the macro named `$each` with the names of the set fields of [`Elements`] (the
+/// `BTreeSet`s; the maps are `local_traffic`, `local_node_ports` and `localhost_node_ports`),
+/// so that code treating every set alike names them in one place.
+#[macro_export]
+macro_rules! for_each_set {
+    ($each:ident) => {
+        $each!(
+            cluster_ips,
+            external_ips,
+            local_external_ips,
+            node_ports,
+            vips,
+            source_ranges,
+            health_check_node_ports,
+            hairpin
+        )
+    };
+}
+
 impl Elements {
     /// Moves these elements by a difference: `removed` goes, then `added` comes (for a map,
     /// `removed` names the keys that go, `added` the entries that come).
@@ -146,16 +171,7 @@ impl Elements {
                 self.$field.extend(added.$field.iter().cloned());
             )*};
         }
-        sets!(
-            cluster_ips,
-            external_ips,
-            local_external_ips,
-            node_ports,
-            vips,
-            source_ranges,
-            health_check_node_ports,
-            hairpin
-        );
+        crate::for_each_set!(sets);
         macro_rules! maps {
             ($($field:ident),*) => {$(
                 for key in removed.$field.keys() {

@@ -595,11 +595,7 @@ fn rules(config: &Config) -> Vec<(&'static str, Vec<Statement<'static>>)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::Protocol;
-
-    fn port(address: &str, protocol: Protocol, port: u16) -> ServicePort {
-        ServicePort::new(address.parse().unwrap(), protocol, port)
-    }
+    use crate::model::{Protocol, port};
 
     #[test]
     fn source_ranges_name_the_service_as_firewalled() {

@@ -69,6 +69,12 @@ impl NfSocket {
         message
     }
 
+    /// The message that opens or closes a batch.
+    fn batch_marker(&mut self, marker: ControlMessage) -> NetlinkMessage<NetfilterMessage> {
+        let inner = NetfilterMessageInner::None(marker);
+        self.frame(inner, NetfilterProtoFamily::Unspec, NFNL_SUBSYS_NFTABLES, NLM_F_REQUEST)
+    }
+
     /// Sends `messages` as one batch: the kernel applies all of them or none. Each message is
     /// serialized as it comes, so only the batch's bytes are ever held whole.
     pub(crate) fn transaction(
@@ -80,14 +86,8 @@ impl NfSocket {
             bytes.resize(at + frame.buffer_len(), 0);
             frame.serialize(&mut bytes[at..]);
         }
-        let control = |m| NetfilterMessageInner::None(m);
         let mut bytes = Vec::new();
-        let begin = self.frame(
-            control(ControlMessage::BatchBegin),
-            NetfilterProtoFamily::Unspec,
-            NFNL_SUBSYS_NFTABLES,
-            NLM_F_REQUEST,
-        );
+        let begin = self.batch_marker(ControlMessage::BatchBegin);
         append(&mut bytes, begin);
         let first = self.sequence.wrapping_add(1);
         for message in messages {
@@ -102,12 +102,7 @@ impl NfSocket {
             append(&mut bytes, frame);
         }
         let last = self.sequence;
-        let end = self.frame(
-            control(ControlMessage::BatchEnd),
-            NetfilterProtoFamily::Unspec,
-            NFNL_SUBSYS_NFTABLES,
-            NLM_F_REQUEST,
-        );
+        let end = self.batch_marker(ControlMessage::BatchEnd);
         append(&mut bytes, end);
         let length = bytes.len();
         self.reserve(length)?;

@@ -293,16 +293,7 @@ impl Join {
                 }
             )*};
         }
-        sets!(
-            cluster_ips,
-            external_ips,
-            local_external_ips,
-            node_ports,
-            vips,
-            source_ranges,
-            health_check_node_ports,
-            hairpin
-        );
+        netfilter::for_each_set!(sets);
     }
 
     fn localhost(&mut self, name: &ServiceName, old: &Elements, new: &Elements) {

@@ -67,6 +67,16 @@ fn destinations(state: &DesiredState, key: &str) -> Vec<String> {
     server.destinations.keys().map(|d| d.to_string()).collect()
 }
 
+/// The local-only virtual servers of a state.
+fn local_only(state: &DesiredState) -> Vec<&VirtualServer> {
+    state
+        .virtual_servers
+        .values()
+        .map(AsRef::as_ref)
+        .filter(|v| v.exposure == Exposure::LocalOnly)
+        .collect()
+}
+
 fn compute(services: &[Service], slices: &[EndpointSlice]) -> DesiredState {
     desired_state(services, slices, &node(), &ProxyConfig::default())
 }
@@ -374,12 +384,7 @@ fn the_golden_scenario_matches_kube_proxy() {
     }
     assert_eq!(ours_as_kube_proxy, expected);
     assert!(ours.contains(&format!("TCP  192.0.2.10:80 rr\n  -> 10.244.0.51:8080             Masq    1      0          0         \n{remote}\n")));
-    let local_only: Vec<&VirtualServer> = state
-        .virtual_servers
-        .values()
-        .map(AsRef::as_ref)
-        .filter(|v| v.exposure == Exposure::LocalOnly)
-        .collect();
+    let local_only = local_only(&state);
     assert_eq!(local_only.len(), 2);
     for server in &local_only {
         assert_eq!(server.owner.to_string(), "golden/svc-e:http");
@@ -434,12 +439,7 @@ fn external_traffic_policy_local_gets_a_local_only_virtual_server_with_a_stable_
     let first = compute(&[lb("lb", "192.0.2.10")], std::slice::from_ref(&remote_only));
     // No local endpoint: the local-only virtual servers exist, empty, so external clients are
     // refused; the address's own virtual server still has the remote endpoint.
-    let local_only: Vec<&VirtualServer> = first
-        .virtual_servers
-        .values()
-        .map(AsRef::as_ref)
-        .filter(|v| v.exposure == Exposure::LocalOnly)
-        .collect();
+    let local_only = local_only(&first);
     assert_eq!(local_only.len(), 2, "one for the load-balancer IP, one for the NodePort");
     assert!(local_only.iter().all(|v| v.destinations.is_empty()));
     assert_eq!(destinations(&first, "192.0.2.10:80"), ["10.244.1.52:8080"]);
