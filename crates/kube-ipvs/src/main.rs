@@ -228,6 +228,16 @@ async fn cleanup(flags: &config::Flags, node_port_range: RangeInclusive<u16>) ->
     Ok(())
 }
 
+/// Turns transparent huge pages off for this process. Where the kernel backs every aligned
+/// 2 MiB of anonymous memory with a huge page (`transparent_hugepage=always`, Debian's
+/// default), a partly used 2 MiB stretch of the allocator's arenas counts whole in the RSS:
+/// at 10,000 Services that was 20 MiB more for no gain.
+fn no_huge_pages() {
+    if let Err(err) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::warn!(%err, "cannot turn transparent huge pages off; memory use may be higher");
+    }
+}
+
 /// mimalloc, rather than the C library's allocator: it gives freed memory back to the system,
 /// where glibc's per-thread arenas keep the peak of every thread (the startup's large
 /// transient tables) for the life of the process.
@@ -239,6 +249,7 @@ async fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Run { flags, manifests, manifests_interval, node_port_range, traffic_metrics } => {
             let config = configure(&flags)?;
+            no_huge_pages();
             let options = kube_ipvs::daemon::RunOptions {
                 manifests,
                 manifests_interval,
