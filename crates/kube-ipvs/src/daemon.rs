@@ -13,15 +13,14 @@ use std::{
 use controller::{
     desired::ProxyConfig,
     node::NodeSync,
-    reconcile::{KernelState, Owned, Reconciler, read_kernel},
+    reconcile::{Owned, Reconciler},
 };
 use dummy_link::{DummyLink, KUBE_IPVS0};
 use ipvs_netlink::IpvsHandle;
 use netfilter::Netfilter;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::mpsc,
-    task::JoinHandle,
+    sync::{mpsc, oneshot},
     time::{Instant, sleep_until},
 };
 use tracing::{info, warn};
@@ -29,6 +28,7 @@ use tracing::{info, warn};
 use crate::{
     Error,
     config::Config,
+    dumper::{Dumped, Dumper},
     health::ProxyHealth,
     http::{self, Shared},
     inspect::Published,
@@ -102,8 +102,10 @@ async fn local_addresses() -> Result<Vec<IpAddr>, Error> {
 }
 
 /// The dump of a full check, once its task is done.
-async fn dumped<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
-    task.as_mut().expect("polled only while a check runs").await
+async fn dumped(
+    answer: &mut Option<oneshot::Receiver<Dumped>>,
+) -> Result<Dumped, oneshot::error::RecvError> {
+    answer.as_mut().expect("polled only while a check runs").await
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -186,7 +188,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let mut next_sync = Instant::now();
     let mut next_check = Instant::now() + config.sync_period;
     let mut drain = tokio::time::interval(Duration::from_secs(1));
-    let mut check: Option<JoinHandle<Result<KernelState, ipvs_netlink::Error>>> = None;
+    let dumper = Dumper::start()?;
+    let mut check: Option<oneshot::Receiver<Dumped>> = None;
     loop {
         tokio::select! {
             _ = terminate.recv() => { info!("SIGTERM: stopping; the kernel state stays in place"); break }
@@ -207,12 +210,11 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                     Ok(addresses) => proxier.set_local_addresses(addresses),
                     Err(err) => warn!(%err, "cannot read the node's addresses"),
                 }
-                match proxier.begin_check() {
-                    // The IPVS table is read in its own task; syncs go on meanwhile.
-                    Some(ipvs) => {
-                        check = Some(tokio::spawn(async move { read_kernel(&ipvs).await }));
-                    }
-                    None => next_check = Instant::now() + config.sync_period,
+                if proxier.begin_check() {
+                    // The IPVS table is read on the dump thread; syncs go on meanwhile.
+                    check = Some(dumper.dump());
+                } else {
+                    next_check = Instant::now() + config.sync_period;
                 }
             }
             dumped = dumped(&mut check), if check.is_some() => {
@@ -220,7 +222,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                 let result = match dumped {
                     Ok(Ok(table)) => proxier.finish_check(table).await,
                     Ok(Err(err)) => Err(controller::Error::Ipvs(err).into()),
-                    Err(err) => Err(Error::Client(format!("the IPVS dump task failed: {err}"))),
+                    Err(_) => Err(Error::DumpThread("it stopped".into())),
                 };
                 if let Err(err) = result {
                     warn!(%err, "full check failed; retrying at the next one");

@@ -50,6 +50,9 @@ pub enum Error {
     /// The IPVS timeouts cannot be set.
     #[error("cannot set the IPVS timeouts: {0}")]
     Timeouts(#[source] ipvs_netlink::Error),
+    /// The thread that reads the IPVS table for the full check cannot start, or stopped.
+    #[error("the IPVS dump thread: {0}")]
+    DumpThread(String),
     /// The node's kernel state cannot be read or written.
     #[error(transparent)]
     Node(#[from] controller::Error),

@@ -8,6 +8,7 @@
 //!   by [`http`] as kube-proxy serves it;
 //! - [`inspect`]: what the daemon programmed, for `kube-ipvs ls` and its `--diff`;
 //! - [`config`]: kube-proxy's flags and `KubeProxyConfiguration`, and kube-ipvs's own options;
+//! - [`dumper`]: the full check's read of the IPVS table, on a low-priority thread;
 //! - [`daemon`]: `kube-ipvs run`, which wires them together.
 //!
 //! The data plane and the desired-state computation are the crates `ipvs-netlink`,
@@ -15,6 +16,7 @@
 
 pub mod config;
 pub mod daemon;
+pub mod dumper;
 mod error;
 pub mod health;
 pub mod http;

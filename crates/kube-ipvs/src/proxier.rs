@@ -565,11 +565,14 @@ impl Proxier {
         }
     }
 
-    /// Starts the periodic full check: returns the handle to dump the IPVS table with (away
-    /// from the sync loop: at 10,000 Services that takes seconds), or `None` before the first
-    /// sync, when there is nothing to check.
-    pub fn begin_check(&mut self) -> Option<ipvs_netlink::IpvsHandle> {
-        self.synced_once.then(|| self.node.reconciler.begin_check())
+    /// Starts the periodic full check, whose IPVS dump is read away from the sync loop (at
+    /// 10,000 Services that takes seconds): from now on the virtual servers written are noted.
+    /// False before the first sync, when there is nothing to check.
+    pub fn begin_check(&mut self) -> bool {
+        if self.synced_once {
+            self.node.reconciler.begin_check();
+        }
+        self.synced_once
     }
 
     /// Ends the periodic full check with the dumped IPVS table: compares the kernel with what
