@@ -385,6 +385,9 @@ async fn accept(listener: TcpListener, router: Router) {
     let mut connections = JoinSet::new();
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
+        // As the real API server (Go sets TCP_NODELAY on every connection): a watch event is
+        // written at once, not held back by Nagle's algorithm for the client's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let service = hyper_util::service::TowerToHyperService::new(router.clone());
         connections.spawn(async move {
             let io = hyper_util::rt::TokioIo::new(stream);
