@@ -47,11 +47,17 @@ pub(crate) trait Transport: Send {
 }
 
 /// A generic-netlink socket in the current network namespace.
-pub(crate) struct NetlinkSocket(TokioSocket);
+pub(crate) struct NetlinkSocket {
+    socket: TokioSocket,
+    /// Each datagram is peeked for its size and read at that size, rather than into one
+    /// `RECV_BUFFER`: the kernel sizes dump parts by the largest read it has seen, so they
+    /// stay at one page instead of 32 KiB.
+    small_parts: bool,
+}
 
 impl NetlinkSocket {
     /// Opens and binds the socket. Needs a tokio runtime.
-    pub(crate) fn open() -> io::Result<Self> {
+    pub(crate) fn open(small_parts: bool) -> io::Result<Self> {
         let mut socket = TokioSocket::new(NETLINK_GENERIC)?;
         let inner = socket.socket_mut();
         inner.bind_auto()?;
@@ -63,13 +69,13 @@ impl NetlinkSocket {
         if let Err(err) = inner.set_rx_buf_sz(SOCKET_RCVBUF) {
             debug!(%err, "could not enlarge the netlink receive buffer");
         }
-        Ok(Self(socket))
+        Ok(Self { socket, small_parts })
     }
 }
 
 impl Transport for NetlinkSocket {
     async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let sent = self.0.send(bytes).await?;
+        let sent = self.socket.send(bytes).await?;
         if sent != bytes.len() {
             return Err(io::Error::other(format!("sent {sent} of {} bytes", bytes.len())));
         }
@@ -77,8 +83,12 @@ impl Transport for NetlinkSocket {
     }
 
     async fn recv(&mut self, buf: &mut Vec<u8>) -> io::Result<()> {
+        if self.small_parts {
+            (*buf, _) = self.socket.recv_from_full().await?;
+            return Ok(());
+        }
         buf.clear();
-        self.0.recv(buf).await?;
+        self.socket.recv(buf).await?;
         if buf.len() >= RECV_BUFFER {
             return Err(io::Error::other("netlink datagram larger than the receive buffer"));
         }

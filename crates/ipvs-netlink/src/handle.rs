@@ -33,8 +33,8 @@ pub struct IpvsHandle {
 
 type Shared = Arc<Mutex<Connection<NetlinkSocket>>>;
 
-fn open_connection() -> Result<Shared> {
-    let socket = NetlinkSocket::open()
+fn open_connection(small_parts: bool) -> Result<Shared> {
+    let socket = NetlinkSocket::open(small_parts)
         .map_err(|source| Error::Io { target: Target::new(Operation::ResolveFamily), source })?;
     Ok(Arc::new(Mutex::new(Connection::new(socket))))
 }
@@ -49,11 +49,25 @@ impl IpvsHandle {
     /// Opens a generic-netlink socket in the current network namespace. Must be called within
     /// a tokio runtime. Does not talk to the kernel yet, so it succeeds without IPVS.
     pub fn new() -> Result<Self> {
+        Self::open(false)
+    }
+
+    /// Opens a handle as [`IpvsHandle::new`] does, whose sockets peek each datagram for its
+    /// size and read it at that size (two system calls instead of one). The kernel sizes the
+    /// parts of a dump by the largest read it has seen, so they stay at one page instead of
+    /// 32 KiB; it fills each part holding the global genetlink and IPVS mutexes, so another
+    /// socket's writes wait less behind a large dump read through this handle.
+    pub fn with_small_dump_parts() -> Result<Self> {
+        Self::open(true)
+    }
+
+    fn open(small_parts: bool) -> Result<Self> {
         let extra =
             std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, DUMP_SOCKETS) - 1;
+        let open = || open_connection(small_parts);
         Ok(Self {
-            connection: open_connection()?,
-            dump_connections: (0..extra).map(|_| open_connection()).collect::<Result<_>>()?,
+            connection: open()?,
+            dump_connections: (0..extra).map(|_| open()).collect::<Result<_>>()?,
         })
     }
 

@@ -44,7 +44,7 @@ impl Dumper {
                             return;
                         }
                     };
-                let ipvs = match runtime.block_on(async { IpvsHandle::new() }) {
+                let ipvs = match runtime.block_on(async { IpvsHandle::with_small_dump_parts() }) {
                     Ok(ipvs) => ipvs,
                     Err(err) => {
                         let _ = opened.send(Err(format!("cannot open IPVS sockets: {err}")));

@@ -556,6 +556,17 @@ async fn a_large_dump_spans_many_datagrams_and_is_complete() {
     assert_eq!(services.len(), 3000);
     let unique: BTreeSet<ServiceKey> = services.iter().map(|s| s.service.key).collect();
     assert_eq!(unique.len(), 3000, "no service twice");
+
+    // Read in one-page parts (each datagram peeked for its size), the same table comes back.
+    let small = IpvsHandle::with_small_dump_parts().unwrap();
+    let table = |dump: Vec<(ipvs_netlink::ServiceEntry, Vec<ipvs_netlink::DestinationEntry>)>| {
+        dump.into_iter()
+            .map(|(s, d)| (s.service, d.into_iter().map(|d| d.destination).collect::<Vec<_>>()))
+            .collect::<Vec<_>>()
+    };
+    let in_small_parts = table(small.dump().await.unwrap());
+    assert_eq!(in_small_parts.len(), 3000);
+    assert_eq!(in_small_parts, table(ipvs.dump().await.unwrap()));
 }
 
 #[tokio::test]
