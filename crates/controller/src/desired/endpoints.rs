@@ -54,32 +54,32 @@ pub(crate) fn collect(
             }
         };
         for text in &slice.invalid_addresses {
-            problems.push(Problem {
-                object: slice_name(slice),
-                reason: format!("endpoint address {text:?} is not an IP address; skipped"),
-            });
+            let reason = if text.is_empty() {
+                "an endpoint has no address; skipped".to_owned()
+            } else {
+                format!("endpoint address {text:?} is not an IP address; skipped")
+            };
+            problems.push(Problem { object: slice_name(slice), reason });
         }
         for endpoint in &slice.endpoints {
-            for &address in &endpoint.addresses {
-                let candidate = Endpoint {
-                    address,
-                    port: number,
-                    ready: endpoint.ready,
-                    serving: endpoint.serving,
-                    terminating: endpoint.terminating,
-                    local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
-                    zone_hints: endpoint.zone_hints.clone(),
-                    node_hints: endpoint.node_hints.clone(),
-                };
-                merged
-                    .entry((address, number))
-                    .and_modify(|seen| {
-                        if candidate.ready && !seen.ready {
-                            *seen = candidate.clone();
-                        }
-                    })
-                    .or_insert(candidate);
-            }
+            let candidate = Endpoint {
+                address: endpoint.address,
+                port: number,
+                ready: endpoint.ready,
+                serving: endpoint.serving,
+                terminating: endpoint.terminating,
+                local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
+                zone_hints: endpoint.zone_hints.clone(),
+                node_hints: endpoint.node_hints.clone(),
+            };
+            merged
+                .entry((endpoint.address, number))
+                .and_modify(|seen| {
+                    if candidate.ready && !seen.ready {
+                        *seen = candidate.clone();
+                    }
+                })
+                .or_insert(candidate);
         }
     }
     merged.into_values().collect()

@@ -28,7 +28,8 @@ pub struct Slice {
     pub ports: Vec<SlicePort>,
     /// Its endpoints.
     pub endpoints: Vec<SliceEndpoint>,
-    /// Endpoint addresses that are not IP addresses, reported when the slice is used.
+    /// The first addresses of endpoints that are not IP addresses (empty for an endpoint
+    /// with no address): those endpoints are dropped, and reported when the slice is used.
     pub invalid_addresses: Vec<String>,
 }
 
@@ -44,10 +45,11 @@ pub struct SlicePort {
 }
 
 /// An endpoint of an EndpointSlice, its conditions defaulted as the API defines them.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceEndpoint {
-    /// Its addresses that parse.
-    pub addresses: Vec<IpAddr>,
+    /// Its first address. The API defines no meaning for the others (the EndpointSlice
+    /// controller writes exactly one), and kube-proxy reads only the first.
+    pub address: IpAddr,
     /// Ready (an unknown readiness counts as ready).
     pub ready: bool,
     /// Serving (unknown: as ready).
@@ -69,26 +71,24 @@ impl From<EndpointSlice> for Slice {
         let endpoints = endpoints
             .into_iter()
             .flatten()
-            .map(|endpoint| {
+            .filter_map(|endpoint| {
+                let first = endpoint.addresses.into_iter().next().unwrap_or_default();
+                let Ok(address) = first.parse() else {
+                    invalid_addresses.push(first);
+                    return None;
+                };
                 let conditions = endpoint.conditions.unwrap_or_default();
                 let ready = conditions.ready.unwrap_or(true);
                 let hints = endpoint.hints.unwrap_or_default();
-                let mut addresses = Vec::with_capacity(endpoint.addresses.len());
-                for text in endpoint.addresses {
-                    match text.parse() {
-                        Ok(address) => addresses.push(address),
-                        Err(_) => invalid_addresses.push(text),
-                    }
-                }
-                SliceEndpoint {
-                    addresses,
+                Some(SliceEndpoint {
+                    address,
                     ready,
                     serving: conditions.serving.unwrap_or(ready),
                     terminating: conditions.terminating.unwrap_or(false),
                     node_name: endpoint.node_name,
                     zone_hints: hints.for_zones.into_iter().flatten().map(|z| z.name).collect(),
                     node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
-                }
+                })
             })
             .collect();
         let ports = ports
@@ -159,7 +159,9 @@ mod tests {
                 {"addresses": ["10.244.0.5", "not-an-ip"], "nodeName": "node-a",
                  "targetRef": {"kind": "Pod", "name": "web-0", "namespace": "ns"},
                  "hints": {"forZones": [{"name": "z1"}], "forNodes": [{"name": "node-a"}]}},
-                {"addresses": ["fd00::5"], "conditions": {"ready": false, "terminating": true}}
+                {"addresses": ["fd00::5"], "conditions": {"ready": false, "terminating": true}},
+                {"addresses": ["not-an-ip", "10.244.0.6"]},
+                {"addresses": []}
             ]
         }))
         .unwrap();
@@ -176,12 +178,14 @@ mod tests {
                 SlicePort { name: String::new(), protocol: "UDP".into(), port: Some(53) },
             ]
         );
-        assert_eq!(slice.invalid_addresses, ["not-an-ip"]);
+        // Only first addresses count: the second of the first endpoint is not looked at, and
+        // the endpoints whose first address is not one are dropped.
+        assert_eq!(slice.invalid_addresses, ["not-an-ip", ""]);
         assert_eq!(
             slice.endpoints,
             [
                 SliceEndpoint {
-                    addresses: vec!["10.244.0.5".parse().unwrap()],
+                    address: "10.244.0.5".parse().unwrap(),
                     ready: true,
                     serving: true,
                     terminating: false,
@@ -190,11 +194,13 @@ mod tests {
                     node_hints: vec!["node-a".into()],
                 },
                 SliceEndpoint {
-                    addresses: vec!["fd00::5".parse().unwrap()],
+                    address: "fd00::5".parse().unwrap(),
                     ready: false,
                     serving: false,
                     terminating: true,
-                    ..SliceEndpoint::default()
+                    node_name: None,
+                    zone_hints: vec![],
+                    node_hints: vec![],
                 },
             ]
         );
