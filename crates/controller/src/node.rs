@@ -10,7 +10,7 @@ use tracing::{debug, warn};
 use crate::{
     Error,
     desired::{Delta, DesiredState},
-    reconcile::{KernelState, Owned, Ownership, Reconciler, SyncReport, read_kernel},
+    reconcile::{KernelDigests, Owned, Ownership, Reconciler, SyncReport, read_digests},
 };
 
 /// What [`NodeSync::apply`] did.
@@ -110,8 +110,8 @@ impl NodeSync {
         desired: &DesiredState,
         ownership: &dyn Ownership,
     ) -> Result<Healed, Error> {
-        let table = read_kernel(&self.reconciler.begin_check()).await.map_err(Error::Ipvs)?;
-        self.finish_check(desired, ownership, table).await
+        let digests = read_digests(&self.reconciler.begin_check()).await.map_err(Error::Ipvs)?;
+        self.finish_check(desired, ownership, digests).await
     }
 
     /// The periodic check, with the IPVS table dumped elsewhere since
@@ -120,7 +120,7 @@ impl NodeSync {
         &mut self,
         desired: &DesiredState,
         ownership: &dyn Ownership,
-        table: KernelState,
+        digests: KernelDigests,
     ) -> Result<Healed, Error> {
         let started = std::time::Instant::now();
         // Elements left in place to keep syncs fast are deleted now.
@@ -129,7 +129,7 @@ impl NodeSync {
         let netfilter_done = started.elapsed();
         let addresses = self.link.sync(&desired.elements.vips).await;
         let addresses_done = started.elapsed();
-        let drift = self.reconciler.finish_check(table, ownership);
+        let drift = self.reconciler.finish_check(digests, ownership).await;
         let read_done = started.elapsed();
         self.reconciler.sync(&desired.virtual_servers, None).await;
         debug!(

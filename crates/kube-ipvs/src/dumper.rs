@@ -9,7 +9,7 @@
 
 use std::sync::mpsc;
 
-use controller::reconcile::{KernelState, read_kernel};
+use controller::reconcile::{KernelDigests, read_digests};
 use ipvs_netlink::IpvsHandle;
 use thread_priority::{ThreadPriority, set_current_thread_priority};
 use tokio::sync::oneshot;
@@ -17,8 +17,8 @@ use tracing::{debug, warn};
 
 use crate::Error;
 
-/// What one dump returns.
-pub type Dumped = Result<KernelState, ipvs_netlink::Error>;
+/// What one dump returns: each virtual server's digest.
+pub type Dumped = Result<KernelDigests, ipvs_netlink::Error>;
 
 /// The thread that reads the IPVS table for the full check.
 pub struct Dumper {
@@ -53,7 +53,7 @@ impl Dumper {
                 };
                 let _ = opened.send(Ok(()));
                 for reply in incoming {
-                    let dumped = runtime.block_on(read_kernel(&ipvs));
+                    let dumped = runtime.block_on(read_digests(&ipvs));
                     // The daemon may be stopping; then no one waits for the answer.
                     let _ = reply.send(dumped);
                 }

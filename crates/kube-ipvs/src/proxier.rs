@@ -22,7 +22,7 @@ use controller::{
         ServiceState, Slice, node_port_addresses, service_state,
     },
     node::NodeSync,
-    reconcile::{KernelState, Owned},
+    reconcile::{KernelDigests, Owned},
 };
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service};
@@ -578,10 +578,10 @@ impl Proxier {
     /// Ends the periodic full check with the dumped IPVS table: compares the kernel with what
     /// was programmed, and repairs every difference (a cleared IPVS table, removed addresses,
     /// a deleted netfilter table).
-    pub async fn finish_check(&mut self, table: KernelState) -> Result<(), Error> {
+    pub async fn finish_check(&mut self, digests: KernelDigests) -> Result<(), Error> {
         let node = self.node_info();
         let owned = self.ownership(&node).await?;
-        let healed = self.node.finish_check(self.join.desired(), &owned, table).await?;
+        let healed = self.node.finish_check(self.join.desired(), &owned, digests).await?;
         let repairs = [
             ("ipvs", healed.virtual_servers),
             ("address", healed.addresses),

@@ -10,7 +10,7 @@ use std::{
 
 use controller::{
     desired::{Exposure, ServicePortName, VirtualServer},
-    reconcile::{Reconciler, read_kernel},
+    reconcile::{Reconciler, read_digests},
 };
 use ipvs_netlink::{Destination, IpvsHandle, Operation, Service, ServiceKey};
 use vm_tests::{Pod, bind_vip, ipvsadm};
@@ -153,7 +153,7 @@ async fn a_check_whose_dump_is_older_than_a_sync_leaves_what_the_sync_wrote_alon
 
     // The check's dump is taken; then a sync changes one virtual server and adds another
     // before the check ends, and someone clears a third by hand.
-    let dump = read_kernel(&reconciler.begin_check()).await.unwrap();
+    let dump = read_digests(&reconciler.begin_check()).await.unwrap();
     let (changed, _) = server(1, &[]);
     table.insert(changed, server(1, &[addr("10.244.0.3:8080")]).1);
     let (added, added_server) = server(4, &[addr("10.244.0.2:8080")]);
@@ -163,7 +163,7 @@ async fn a_check_whose_dump_is_older_than_a_sync_leaves_what_the_sync_wrote_alon
 
     // The dump is older than the sync for those two: they are not drift, and their shadow
     // stays as the sync left it. The cleared one was not written since: drift, healed.
-    let drift = reconciler.finish_check(dump, &owned);
+    let drift = reconciler.finish_check(dump, &owned).await;
     assert!(drift.servers.is_empty(), "the third went after the dump: {:?}", drift.servers);
     let report = reconciler.sync(&table, None).await;
     assert_eq!(report.applied, 0, "nothing written again for the two the sync wrote");

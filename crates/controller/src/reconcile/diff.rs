@@ -1,9 +1,13 @@
 //! The difference between what the kernel holds and what it should hold, as IPVS changes.
 //! Pure functions.
 
-use std::{collections::BTreeMap, net::SocketAddr};
+use std::{
+    collections::BTreeMap,
+    hash::{DefaultHasher, Hash, Hasher},
+    net::SocketAddr,
+};
 
-use ipvs_netlink::{Change, Protocol, Service, ServiceKey};
+use ipvs_netlink::{Change, ForwardMethod, Protocol, Service, ServiceFlags, ServiceKey};
 
 use crate::desired::{Destinations, VirtualServer};
 
@@ -18,6 +22,40 @@ pub struct KernelServer {
 
 /// The IPVS state kube-ipvs owns, by key.
 pub type KernelState = BTreeMap<ServiceKey, KernelServer>;
+
+/// Each virtual server's [`KernelServer::config_digest`], by key: what the periodic check reads
+/// from the kernel, a few bytes per virtual server instead of all its destinations.
+pub type KernelDigests = BTreeMap<ServiceKey, u64>;
+
+impl KernelServer {
+    /// A digest of what the kernel is configured with: two virtual servers have the same
+    /// digest when, and (but for a 64-bit collision) only when, their services and all their
+    /// destinations have the same configuration (`same_config`). Stable within a process.
+    pub fn config_digest(&self) -> u64 {
+        let mut hasher = DefaultHasher::new();
+        let service = &self.service;
+        service.key.hash(&mut hasher);
+        service.scheduler.hash(&mut hasher);
+        service.flags.difference(ServiceFlags::HASHED).bits().hash(&mut hasher);
+        service.timeout.hash(&mut hasher);
+        service.netmask.hash(&mut hasher);
+        service.persistence_engine.hash(&mut hasher);
+        self.destinations.len().hash(&mut hasher);
+        for destination in &self.destinations {
+            destination.address.hash(&mut hasher);
+            destination.forward.hash(&mut hasher);
+            destination.weight.hash(&mut hasher);
+            destination.upper_threshold.hash(&mut hasher);
+            destination.lower_threshold.hash(&mut hasher);
+            if destination.forward == ForwardMethod::Tunnel {
+                destination.tunnel_type.hash(&mut hasher);
+                destination.tunnel_port.hash(&mut hasher);
+                destination.tunnel_checksum.hash(&mut hasher);
+            }
+        }
+        hasher.finish()
+    }
+}
 
 /// Whether a removed destination of this virtual server drains (weight 0 until its connections
 /// end) rather than going at once: TCP and SCTP drain, UDP goes at once (its "connections" never
@@ -123,6 +161,50 @@ mod tests {
             service: Service::new(key, scheduler),
             destinations: destinations.iter().copied().collect(),
         }
+    }
+
+    #[test]
+    fn the_config_digest_follows_same_config() {
+        let k = key(Protocol::Tcp);
+        let a = dest("10.244.0.1:8080");
+        let b = dest("10.244.0.2:8080");
+        let base = kernel(k, "rr", &[a, b]);
+        let digest = base.config_digest();
+        assert_eq!(kernel(k, "rr", &[b, a]).config_digest(), digest, "order does not count");
+
+        let mut hashed = base.clone();
+        hashed.service.flags |= ServiceFlags::HASHED;
+        assert_eq!(hashed.config_digest(), digest, "the kernel's own flag does not count");
+        let mut tunnel_settings = base.clone();
+        let mut with_port = a;
+        with_port.tunnel_port = 4789;
+        tunnel_settings.destinations.insert(with_port);
+        assert_eq!(tunnel_settings.config_digest(), digest, "unused tunnel settings do not count");
+
+        let mut weight = base.clone();
+        let mut draining = a;
+        draining.weight = 0;
+        weight.destinations.insert(draining);
+        let mut tunnelled = tunnel_settings.clone();
+        let mut through_tunnel = with_port;
+        through_tunnel.forward = ipvs_netlink::ForwardMethod::Tunnel;
+        tunnelled.destinations.insert(through_tunnel);
+        let mut tunnelled_other_port = tunnelled.clone();
+        through_tunnel.tunnel_port = 6081;
+        tunnelled_other_port.destinations.insert(through_tunnel);
+        let mut timeout = base.clone();
+        timeout.service.timeout = 10_800;
+        for (what, other) in [
+            ("a weight", weight),
+            ("a destination fewer", kernel(k, "rr", &[a])),
+            ("the scheduler", kernel(k, "wrr", &[a, b])),
+            ("the protocol", kernel(key(Protocol::Udp), "rr", &[a, b])),
+            ("the timeout", timeout),
+            ("a tunnelled destination", tunnelled_other_port.clone()),
+        ] {
+            assert_ne!(other.config_digest(), digest, "{what} counts");
+        }
+        assert_ne!(tunnelled.config_digest(), tunnelled_other_port.config_digest());
     }
 
     #[test]

@@ -21,7 +21,7 @@ use ipvs_netlink::{Change, IpvsHandle, Protocol, ServiceKey};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-pub use self::diff::{KernelServer, KernelState, Plan, drains, plan};
+pub use self::diff::{KernelDigests, KernelServer, KernelState, Plan, drains, plan};
 use crate::{
     Error,
     desired::{Destinations, LOCAL_MARK_BASE, LOCAL_MARK_SPACE, VirtualServer},
@@ -118,6 +118,19 @@ pub async fn read_kernel(ipvs: &IpvsHandle) -> Result<KernelState, ipvs_netlink:
         })
         .await?;
     Ok(servers.into_iter().collect())
+}
+
+/// Reads the digest of every virtual server in the kernel (whoever owns it), for
+/// [`Reconciler::finish_check`]: each is digested as soon as it is read, so the table is never
+/// held whole.
+pub async fn read_digests(ipvs: &IpvsHandle) -> Result<KernelDigests, ipvs_netlink::Error> {
+    let digests = ipvs
+        .dump_with(|service, destinations| {
+            let server = kernel_server(service, destinations);
+            (server.service.key, server.config_digest())
+        })
+        .await?;
+    Ok(digests.into_iter().collect())
 }
 
 /// A virtual server as read from the kernel, its statistics dropped.
@@ -332,8 +345,8 @@ impl Reconciler {
     /// so the next [`Reconciler::sync`] with `keys: None` heals every difference.
     pub async fn full_check(&mut self, ownership: &dyn Ownership) -> Result<Drift, Error> {
         let ipvs = self.begin_check();
-        let table = read_kernel(&ipvs).await.map_err(Error::Ipvs)?;
-        Ok(self.finish_check(table, ownership))
+        let digests = read_digests(&ipvs).await.map_err(Error::Ipvs)?;
+        Ok(self.finish_check(digests, ownership).await)
     }
 
     /// Starts a check whose dump is read elsewhere (so that syncs go on meanwhile): returns
@@ -343,36 +356,40 @@ impl Reconciler {
         self.ipvs.clone()
     }
 
-    /// Compares a dump taken since [`Reconciler::begin_check`] with the shadow; the kernel's
-    /// state becomes the shadow, except for the virtual servers written while the dump was
-    /// read, whose shadow is newer than the dump.
-    pub fn finish_check(&mut self, table: KernelState, ownership: &dyn Ownership) -> Drift {
-        let mut kernel = owned_state(table, ownership);
+    /// Compares the digests of a dump taken since [`Reconciler::begin_check`]
+    /// ([`read_digests`]) with the shadow. Where they differ, the kernel's state becomes the
+    /// shadow: a virtual server gone from the kernel leaves it, one changed or added is read
+    /// again. The virtual servers written while the dump was read are left out: their shadow
+    /// is newer than the dump.
+    pub async fn finish_check(
+        &mut self,
+        digests: KernelDigests,
+        ownership: &dyn Ownership,
+    ) -> Drift {
         let touched = self.touched.take().unwrap_or_default();
+        let owned = |key: &&ServiceKey| ownership.owns(key);
+        let keys: BTreeSet<ServiceKey> =
+            digests.keys().filter(owned).chain(self.shadow.keys()).copied().collect();
         let mut drift = Drift::default();
-        for key in kernel.keys().chain(self.shadow.keys()).collect::<BTreeSet<_>>() {
-            if touched.contains(key) {
+        for key in keys {
+            if touched.contains(&key) {
                 continue;
             }
-            let same = match (kernel.get(key), self.shadow.get(key)) {
-                (Some(k), Some(s)) => {
-                    k.service.same_config(&s.service)
-                        && k.destinations.len() == s.destinations.len()
-                        && k.destinations.iter().all(|d| {
-                            s.destinations.get(&d.address).is_some_and(|e| e.same_config(d))
-                        })
-                }
+            let kernel = digests.get(&key).filter(|_| ownership.owns(&key));
+            let same = match (kernel, self.shadow.get(&key)) {
+                (Some(digest), Some(shadow)) => *digest == shadow.config_digest(),
                 _ => false,
             };
             if !same {
-                drift.servers.push(*key);
+                drift.servers.push(key);
             }
         }
-        for key in &touched {
-            match self.shadow.get(key) {
-                Some(server) => kernel.insert(*key, server.clone()),
-                None => kernel.remove(key),
-            };
+        for key in &drift.servers {
+            if digests.contains_key(key) && ownership.owns(key) {
+                self.reread(*key).await;
+            } else {
+                self.shadow.remove(key);
+            }
         }
         if !drift.servers.is_empty() {
             warn!(
@@ -380,7 +397,6 @@ impl Reconciler {
                 "the IPVS table drifted from what was programmed"
             );
         }
-        self.shadow = kernel;
         drift
     }
 
