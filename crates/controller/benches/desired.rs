@@ -140,7 +140,7 @@ fn main() {
             let plans: usize = state
                 .virtual_servers
                 .iter()
-                .map(|(k, v)| plan(*k, kernel.get(k), Some(v)).changes.len())
+                .map(|v| plan(v.key(), kernel.get(&v.key()), Some(v)).changes.len())
                 .sum();
             incremental.push(started.elapsed());
             black_box(plans);

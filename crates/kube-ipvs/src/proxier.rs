@@ -544,7 +544,7 @@ impl Proxier {
             self.join.state(name).is_some_and(|state| {
                 state
                     .virtual_servers
-                    .values()
+                    .iter()
                     .any(|s| s.exposure == Exposure::ClusterIp && !s.destinations.is_empty())
             })
         };

@@ -263,7 +263,8 @@ impl Join {
                 self.delta.keys.insert(*key);
             }
         }
-        for (key, server) in &new.virtual_servers {
+        for server in &new.virtual_servers {
+            let key = &server.service.key;
             let claimants = self.claims.entry(*key).or_default();
             claimants.insert(name);
             if claimants.len() > 1 {
@@ -531,7 +532,7 @@ mod tests {
                 owner: owner.clone(),
                 exposure: Exposure::ClusterIp,
             };
-            state.virtual_servers.insert(key, Arc::new(server));
+            state.virtual_servers.insert(Arc::new(server));
             state.elements.cluster_ips.insert(port);
             state.elements.vips.insert(port.address);
             if r.below(2) == 0 {
@@ -571,7 +572,8 @@ mod tests {
         let mut desired = DesiredState::default();
         let mut local: BTreeMap<LocalKey, LocalOnly> = BTreeMap::new();
         for state in states.values() {
-            for (key, server) in &state.virtual_servers {
+            for server in &state.virtual_servers {
+                let key = &server.service.key;
                 desired.virtual_servers.entry(*key).or_insert_with(|| server.clone());
             }
             let (e, s) = (&mut desired.elements, &state.elements);
@@ -680,9 +682,15 @@ mod tests {
             state = random_state(&mut r, &a);
         }
         let mut other = state.clone();
-        for server in other.virtual_servers.values_mut() {
-            Arc::make_mut(server).owner.name = b.1.clone();
-        }
+        other.virtual_servers = state
+            .virtual_servers
+            .iter()
+            .map(|server| {
+                let mut server = VirtualServer::clone(server);
+                server.owner.name = b.1.clone();
+                Arc::new(server)
+            })
+            .collect();
         let mut join = Join::new();
         join.set(&b, Some(other.clone()));
         join.set(&a, Some(state.clone()));

@@ -24,10 +24,10 @@ use netfilter::Elements;
 pub use self::{
     join::{Delta, Join, ServiceName},
     model::{
-        DEFAULT_AFFINITY_TIMEOUT, DEFAULT_SCHEDULER, Destinations, Exposure, HEADLESS_LABEL,
-        NodeInfo, Problem, ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION,
+        ByKey, DEFAULT_AFFINITY_TIMEOUT, DEFAULT_SCHEDULER, Destinations, Exposure, HEADLESS_LABEL,
+        Keyed, NodeInfo, Problem, ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION,
         SCHEDULERS, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ServicePortName,
-        TRIGGER_TIME_ANNOTATION, VirtualServer, ZONE_LABEL, node_port_addresses,
+        TRIGGER_TIME_ANNOTATION, VirtualServer, VirtualServers, ZONE_LABEL, node_port_addresses,
     },
     service::{LocalKey, LocalOnly, ServiceState, Skipped, service_state, skipped, trim_service},
     slice::{Slice, SliceEndpoint, SlicePort},

@@ -3,6 +3,7 @@
 use std::{
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
 };
 
 use ipnetwork::IpNetwork;
@@ -141,46 +142,80 @@ pub enum Exposure {
     LocalOnly,
 }
 
-/// A virtual server's destinations, by address: a vector kept sorted by address. A virtual
-/// server has a handful to a few hundred destinations, each holding its own address; a map
-/// would store every address twice and allocate room for eleven entries at least.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Destinations(Vec<Destination>);
+/// An item that carries its own key, for [`ByKey`].
+pub trait Keyed {
+    /// The key's type.
+    type Key: Ord;
+    /// The item's key.
+    fn sort_key(&self) -> &Self::Key;
+}
 
-impl Destinations {
-    /// No destinations.
+impl Keyed for Destination {
+    type Key = SocketAddr;
+    fn sort_key(&self) -> &SocketAddr {
+        &self.address
+    }
+}
+
+impl Keyed for Arc<VirtualServer> {
+    type Key = ServiceKey;
+    fn sort_key(&self) -> &ServiceKey {
+        &self.service.key
+    }
+}
+
+/// Items that carry their own keys, in a vector kept sorted by key. A virtual server has a
+/// handful to a few hundred destinations, and a Service one to a few virtual servers: a map
+/// would store every key twice and allocate room for eleven entries at least.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ByKey<T>(Vec<T>);
+
+/// A virtual server's destinations, by address.
+pub type Destinations = ByKey<Destination>;
+
+/// A Service's virtual servers, by key.
+pub type VirtualServers = ByKey<Arc<VirtualServer>>;
+
+impl<T> Default for ByKey<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T: Keyed> ByKey<T> {
+    /// None.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn position(&self, address: &SocketAddr) -> Result<usize, usize> {
-        self.0.binary_search_by(|d| d.address.cmp(address))
+    fn position(&self, key: &T::Key) -> Result<usize, usize> {
+        self.0.binary_search_by(|item| item.sort_key().cmp(key))
     }
 
-    /// The destination at `address`.
-    pub fn get(&self, address: &SocketAddr) -> Option<&Destination> {
-        self.position(address).ok().map(|at| &self.0[at])
+    /// The item with `key`.
+    pub fn get(&self, key: &T::Key) -> Option<&T> {
+        self.position(key).ok().map(|at| &self.0[at])
     }
 
-    /// Whether there is a destination at `address`.
-    pub fn contains_key(&self, address: &SocketAddr) -> bool {
-        self.position(address).is_ok()
+    /// Whether there is an item with `key`.
+    pub fn contains_key(&self, key: &T::Key) -> bool {
+        self.position(key).is_ok()
     }
 
-    /// Adds `destination`, or replaces the one at its address (returned).
-    pub fn insert(&mut self, destination: Destination) -> Option<Destination> {
-        match self.position(&destination.address) {
-            Ok(at) => Some(std::mem::replace(&mut self.0[at], destination)),
+    /// Adds `item`, or replaces the one with its key (returned).
+    pub fn insert(&mut self, item: T) -> Option<T> {
+        match self.position(item.sort_key()) {
+            Ok(at) => Some(std::mem::replace(&mut self.0[at], item)),
             Err(at) => {
-                self.0.insert(at, destination);
+                self.0.insert(at, item);
                 None
             }
         }
     }
 
-    /// Removes the destination at `address`.
-    pub fn remove(&mut self, address: &SocketAddr) -> Option<Destination> {
-        self.position(address).ok().map(|at| self.0.remove(at))
+    /// Removes the item with `key`.
+    pub fn remove(&mut self, key: &T::Key) -> Option<T> {
+        self.position(key).ok().map(|at| self.0.remove(at))
     }
 
     /// How many there are.
@@ -193,37 +228,37 @@ impl Destinations {
         self.0.is_empty()
     }
 
-    /// Their addresses, in order.
-    pub fn keys(&self) -> impl Iterator<Item = &SocketAddr> {
-        self.0.iter().map(|d| &d.address)
+    /// Their keys, in order.
+    pub fn keys(&self) -> impl Iterator<Item = &T::Key> {
+        self.0.iter().map(Keyed::sort_key)
     }
 
-    /// The destinations, by address.
-    pub fn iter(&self) -> std::slice::Iter<'_, Destination> {
+    /// The items, in key order.
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
         self.0.iter()
     }
 }
 
-/// The last of several destinations with one address wins, as with a map.
-impl FromIterator<Destination> for Destinations {
-    fn from_iter<I: IntoIterator<Item = Destination>>(iter: I) -> Self {
-        let mut all: Vec<Destination> = iter.into_iter().collect();
-        // Stable: among equal addresses the last inserted stays last, and is kept.
-        all.sort_by_key(|d| d.address);
-        let mut kept: Vec<Destination> = Vec::with_capacity(all.len());
-        for destination in all {
+/// The last of several items with one key wins, as with a map.
+impl<T: Keyed> FromIterator<T> for ByKey<T> {
+    fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
+        let mut all: Vec<T> = iter.into_iter().collect();
+        // Stable: among equal keys the last inserted stays last, and is kept.
+        all.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
+        let mut kept: Vec<T> = Vec::with_capacity(all.len());
+        for item in all {
             match kept.last_mut() {
-                Some(last) if last.address == destination.address => *last = destination,
-                _ => kept.push(destination),
+                Some(last) if last.sort_key() == item.sort_key() => *last = item,
+                _ => kept.push(item),
             }
         }
         Self(kept)
     }
 }
 
-impl<'a> IntoIterator for &'a Destinations {
-    type Item = &'a Destination;
-    type IntoIter = std::slice::Iter<'a, Destination>;
+impl<'a, T> IntoIterator for &'a ByKey<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
 
     fn into_iter(self) -> Self::IntoIter {
         self.0.iter()

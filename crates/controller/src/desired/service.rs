@@ -1,7 +1,7 @@
 //! What one Service contributes: its virtual servers, and its elements of the netfilter table.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeSet,
     net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::Arc,
 };
@@ -18,7 +18,7 @@ use super::{
     model::{
         DEFAULT_AFFINITY_TIMEOUT, Destinations, Exposure, HEADLESS_LABEL, NodeInfo, Problem,
         ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS,
-        SERVICE_PROXY_NAME_LABEL, ServicePortName, VirtualServer,
+        SERVICE_PROXY_NAME_LABEL, ServicePortName, VirtualServer, VirtualServers,
     },
     slice::Slice,
 };
@@ -27,7 +27,7 @@ use super::{
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceState {
     /// Its virtual servers.
-    pub virtual_servers: BTreeMap<ServiceKey, Arc<VirtualServer>>,
+    pub virtual_servers: VirtualServers,
     /// Its elements of the netfilter table (kube-ipvs0 addresses are `elements.vips`).
     pub elements: Elements,
     /// What was wrong with it, or with its EndpointSlices.
@@ -343,15 +343,12 @@ pub fn service_state(
                 .filter(|e| e.address.is_ipv4() == address.is_ipv4())
                 .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
                 .collect();
-            state.virtual_servers.insert(
-                key,
-                Arc::new(VirtualServer {
-                    service: virtual_service,
-                    destinations,
-                    owner: owner.clone(),
-                    exposure,
-                }),
-            );
+            state.virtual_servers.insert(Arc::new(VirtualServer {
+                service: virtual_service,
+                destinations,
+                owner: owner.clone(),
+                exposure,
+            }));
         };
 
         for ip in &cluster_ips {

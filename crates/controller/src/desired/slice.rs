@@ -68,7 +68,7 @@ impl From<EndpointSlice> for Slice {
     fn from(slice: EndpointSlice) -> Self {
         let EndpointSlice { metadata, ports, endpoints, .. } = slice;
         let mut invalid_addresses = Vec::new();
-        let endpoints = endpoints
+        let mut endpoints = endpoints
             .into_iter()
             .flatten()
             .filter_map(|endpoint| {
@@ -90,7 +90,9 @@ impl From<EndpointSlice> for Slice {
                     node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
                 })
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Kept for long: no room for the endpoints that were dropped.
+        endpoints.shrink_to_fit();
         let ports = ports
             .into_iter()
             .flatten()
