@@ -188,7 +188,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let mut next_sync = Instant::now();
     let mut next_check = Instant::now() + config.sync_period;
     let mut drain = tokio::time::interval(Duration::from_secs(1));
-    let dumper = Dumper::start()?;
+    let mut dumper = Dumper::start()?;
     let mut check: Option<oneshot::Receiver<Dumped>> = None;
     loop {
         tokio::select! {
@@ -220,9 +220,16 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
             dumped = dumped(&mut check), if check.is_some() => {
                 check = None;
                 let result = match dumped {
-                    Ok(Ok(table)) => proxier.finish_check(table).await,
+                    Ok(Ok(digests)) => proxier.finish_check(digests).await,
                     Ok(Err(err)) => Err(controller::Error::Ipvs(err).into()),
-                    Err(_) => Err(Error::DumpThread("it stopped".into())),
+                    // The thread is gone (it panicked): the next check gets a new one.
+                    Err(_) => match Dumper::start() {
+                        Ok(restarted) => {
+                            dumper = restarted;
+                            Err(Error::DumpThread("it stopped; started again".into()))
+                        }
+                        Err(err) => Err(err),
+                    },
                 };
                 if let Err(err) = result {
                     warn!(%err, "full check failed; retrying at the next one");
