@@ -18,7 +18,7 @@ use netfilter::Elements;
 
 use super::{
     DesiredState, LOCAL_MARK_BASE, LOCAL_MARK_SPACE,
-    model::{Exposure, Problem, VirtualServer},
+    model::{ByKey, Exposure, Problem, VirtualServer},
     service::{LocalKey, LocalOnly, ServiceState},
 };
 
@@ -121,38 +121,7 @@ fn put<K: Ord + Clone, V: PartialEq + Clone>(
 
 /// The Services that claim one thing, by namespace and name: the first owns it. Nearly always
 /// one, so a sorted vector (a `BTreeSet` allocates room for eleven).
-#[derive(Debug, Default)]
-struct Claimants(Vec<ServiceName>);
-
-impl Claimants {
-    fn insert(&mut self, name: &ServiceName) {
-        if let Err(at) = self.0.binary_search(name) {
-            self.0.insert(at, name.clone());
-        }
-    }
-
-    fn remove(&mut self, name: &ServiceName) {
-        if let Ok(at) = self.0.binary_search(name) {
-            self.0.remove(at);
-        }
-    }
-
-    fn first(&self) -> Option<&ServiceName> {
-        self.0.first()
-    }
-
-    fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &ServiceName> {
-        self.0.iter()
-    }
-}
+type Claimants = ByKey<ServiceName>;
 
 /// The Services' contributions, joined.
 #[derive(Debug, Default)]
@@ -266,7 +235,7 @@ impl Join {
         for server in &new.virtual_servers {
             let key = &server.service.key;
             let claimants = self.claims.entry(*key).or_default();
-            claimants.insert(name);
+            claimants.insert(name.clone());
             if claimants.len() > 1 {
                 self.contested.insert(*key);
             }
@@ -307,7 +276,7 @@ impl Join {
         for port in ports {
             let claimants = self.localhost_claims.entry(port).or_default();
             if new.localhost_node_ports.contains_key(&port) {
-                claimants.insert(name);
+                claimants.insert(name.clone());
             } else {
                 claimants.remove(name);
             }
@@ -350,7 +319,7 @@ impl Join {
             if claimants.is_empty() {
                 self.local_keys_changed = true;
             }
-            claimants.insert(name);
+            claimants.insert(name.clone());
             let first_for_key = new.iter().find(|l| l.key == local.key) == Some(local);
             if claimants.first() == Some(name) && first_for_key {
                 let before = old.iter().find(|l| l.key == local.key);

@@ -157,6 +157,14 @@ impl Keyed for Destination {
     }
 }
 
+/// A Service's namespace and name, for the Services that claim one thing.
+impl Keyed for (String, String) {
+    type Key = (String, String);
+    fn sort_key(&self) -> &Self::Key {
+        self
+    }
+}
+
 impl Keyed for Arc<VirtualServer> {
     type Key = ServiceKey;
     fn sort_key(&self) -> &ServiceKey {
@@ -216,6 +224,11 @@ impl<T: Keyed> ByKey<T> {
     /// Removes the item with `key`.
     pub fn remove(&mut self, key: &T::Key) -> Option<T> {
         self.position(key).ok().map(|at| self.0.remove(at))
+    }
+
+    /// The item with the least key.
+    pub fn first(&self) -> Option<&T> {
+        self.0.first()
     }
 
     /// How many there are.

@@ -363,20 +363,19 @@ impl Reconciler {
     /// is newer than the dump.
     pub async fn finish_check(
         &mut self,
-        digests: KernelDigests,
+        mut digests: KernelDigests,
         ownership: &dyn Ownership,
     ) -> Drift {
+        digests.retain(|key, _| ownership.owns(key));
         let touched = self.touched.take().unwrap_or_default();
-        let owned = |key: &&ServiceKey| ownership.owns(key);
         let keys: BTreeSet<ServiceKey> =
-            digests.keys().filter(owned).chain(self.shadow.keys()).copied().collect();
+            digests.keys().chain(self.shadow.keys()).copied().collect();
         let mut drift = Drift::default();
         for key in keys {
             if touched.contains(&key) {
                 continue;
             }
-            let kernel = digests.get(&key).filter(|_| ownership.owns(&key));
-            let same = match (kernel, self.shadow.get(&key)) {
+            let same = match (digests.get(&key), self.shadow.get(&key)) {
                 (Some(digest), Some(shadow)) => *digest == shadow.config_digest(),
                 _ => false,
             };
@@ -385,7 +384,7 @@ impl Reconciler {
             }
         }
         for key in &drift.servers {
-            if digests.contains_key(key) && ownership.owns(key) {
+            if digests.contains_key(key) {
                 self.reread(*key).await;
             } else {
                 self.shadow.remove(key);
