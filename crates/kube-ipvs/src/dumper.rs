@@ -3,7 +3,8 @@
 //!
 //! At 10,000 Services the dump takes seconds of CPU. On the runtime's worker threads it would
 //! compete as an equal with the sync loop, which carries every endpoint change to the kernel;
-//! on its own thread, niced to 19, it takes only the CPU the loop (and the node's pods) leave.
+//! on its own thread, under `SCHED_IDLE`, it takes only the CPU the loop (and the node's pods)
+//! leave.
 //! The thread has its own single-threaded runtime and its own IPVS sockets, opened in the
 //! daemon's network namespace when the thread starts.
 
@@ -11,7 +12,10 @@ use std::sync::mpsc;
 
 use controller::reconcile::{KernelDigests, read_digests};
 use ipvs_netlink::IpvsHandle;
-use thread_priority::{ThreadPriority, set_current_thread_priority};
+use thread_priority::{
+    NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+    set_thread_priority_and_policy, thread_native_id,
+};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
@@ -33,7 +37,13 @@ impl Dumper {
         std::thread::Builder::new()
             .name("ipvs-dump".into())
             .spawn(move || {
-                if let Err(err) = set_current_thread_priority(ThreadPriority::Min) {
+                // SCHED_IDLE rather than only nice 19: a CPU running nothing but this thread
+                // counts as idle when a woken thread looks for a CPU, and any other thread
+                // preempts it at once.
+                let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+                if let Err(err) =
+                    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
+                {
                     warn!(?err, "the IPVS dump thread keeps the normal CPU priority");
                 }
                 let runtime =

@@ -18,6 +18,10 @@ use std::{
 use fake_apiserver::FakeApiServer;
 use ipvs_netlink::{IpvsHandle, ServiceKey};
 use serde_json::{Value, json};
+use thread_priority::{
+    NormalThreadSchedulePolicy, ThreadPriority, ThreadSchedulePolicy,
+    set_thread_priority_and_policy, thread_native_id,
+};
 use vm_tests::{
     daemon::{Daemon, ipvs_writes, kubeconfig_file},
     ipvsadm_restore,
@@ -132,6 +136,19 @@ fn partial_syncs(log: &str) -> Vec<Duration> {
         .collect()
 }
 
+/// Prints the log lines around each partial sync slower than 5 ms: where the time went.
+fn print_slow_syncs(log: &str) {
+    let lines: Vec<&str> = log.lines().collect();
+    for (at, line) in lines.iter().enumerate() {
+        let slow = partial_syncs(line).first().is_some_and(|d| *d > Duration::from_millis(5));
+        if slow {
+            for context in &lines[at.saturating_sub(3)..=at] {
+                eprintln!("bench: slow change: {context}");
+            }
+        }
+    }
+}
+
 /// Changes made before the 100 that are measured.
 const WARM_UP: usize = 5;
 
@@ -229,6 +246,12 @@ async fn api_phase(args: &Args) -> Measured {
     // One endpoint change at a time: the last endpoint of Service i gets a new address. The
     // first few warm the daemon up (first use of its sockets and code paths) and are reported
     // apart.
+    // The poll below stands for no one on a real node: from here on this thread yields the CPU
+    // to everything else (the daemon, and the fake API server, which is not on the node
+    // either), so that it does not delay the changes it measures.
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
+        .expect("SCHED_IDLE for the measuring thread");
     let mut end_to_end = Vec::new();
     for change in 0..WARM_UP + 100 {
         let i = (change * 7919) % n;
@@ -264,6 +287,7 @@ async fn api_phase(args: &Args) -> Measured {
     {
         eprintln!("bench: {line}");
     }
+    print_slow_syncs(&daemon.log());
     let mut daemon_side = partial_syncs(&daemon.log());
     let first_sync = daemon_side.first().copied().unwrap_or_default();
     let mut daemon_side = daemon_side.split_off(WARM_UP.min(daemon_side.len()));
