@@ -79,6 +79,9 @@ pub struct Config {
     pub drain_bound: Duration,
     /// Serve NodePorts on 127.0.0.1 too.
     pub localhost_node_ports: bool,
+    /// IPVS's rate estimator on or off (`net.ipv4.vs.run_estimation`); `None` leaves the
+    /// kernel's setting (`--ipvs-rate-estimation`).
+    pub rate_estimation: Option<bool>,
     /// Log format.
     pub log_format: LogFormat,
 }
@@ -105,6 +108,7 @@ impl Default for Config {
             service_proxy_name: None,
             drain_bound: Duration::from_secs(15 * 60),
             localhost_node_ports: false,
+            rate_estimation: None,
             log_format: LogFormat::Text,
         }
     }
@@ -175,6 +179,11 @@ pub struct Flags {
     /// Serve NodePorts on 127.0.0.1 too (kube-proxy's IPVS mode cannot).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub localhost_node_ports: Option<bool>,
+    /// Turn IPVS's rate estimator (`ipvsadm -Ln --rate`, and before kernel 6.2 also
+    /// `--stats`) on or off; left as the kernel has it unless given. Before kernel 6.2 it
+    /// walks every virtual server and destination every 2 s, holding a CPU meanwhile.
+    #[arg(long, value_name = "BOOL")]
+    pub ipvs_rate_estimation: Option<bool>,
     /// Log format.
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -439,6 +448,9 @@ fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), Error> {
     if let Some(v) = flags.localhost_node_ports {
         config.localhost_node_ports = v;
     }
+    if let Some(v) = flags.ipvs_rate_estimation {
+        config.rate_estimation = Some(v);
+    }
     if let Some(v) = flags.log_format {
         config.log_format = v;
     }
@@ -503,6 +515,7 @@ ipvs:
         assert_eq!(config.cluster_cidrs.len(), 2);
         assert_eq!(config.healthz_bind_address, "127.0.0.1:10256".parse().unwrap());
         assert_eq!(config.sync_period, Duration::from_secs(30));
+        assert_eq!(config.rate_estimation, None, "the kernel's setting is left alone");
     }
 
     #[test]
@@ -510,10 +523,12 @@ ipvs:
         let flags = Flags {
             ipvs_scheduler: Some("lc".into()),
             ipvs_sync_period: Some(Duration::from_secs(10)),
+            ipvs_rate_estimation: Some(false),
             ..Flags::default()
         };
         let (config, _) = load(&flags, Some(GOLDEN)).unwrap();
         assert_eq!(config.scheduler, "lc");
+        assert_eq!(config.rate_estimation, Some(false));
         assert_eq!(config.sync_period, Duration::from_secs(10));
         assert_eq!(
             config.hostname_override.as_deref(),

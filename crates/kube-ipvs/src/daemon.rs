@@ -79,6 +79,7 @@ async fn set_up_kernel(config: &Config, ipvs: &IpvsHandle) -> Result<(), Error> 
     let options = sysctl_settings::Options {
         strict_arp: config.strict_arp,
         localhost_node_ports: config.localhost_node_ports,
+        rate_estimation: config.rate_estimation,
     };
     let plan = sysctl_settings::plan(options, sysctl_settings::KernelVersion::running()?);
     sysctl_settings::apply(&plan)?;

@@ -13,6 +13,7 @@
 //! | `net.ipv4.vs.conn_reuse_mode` | 0 on kernels 4.1 to 5.8, untouched from 5.9 | kubernetes#70747 (1 s SYN drops on reused ports), #81775 (side effects of 0), #93297 (kernel 5.9 fixed the cause) |
 //! | `net.ipv4.conf.all.arp_ignore`, `arp_announce` | 1, 2 | only with strict ARP, for MetalLB-style L2 announcements |
 //! | `net.ipv4.conf.all.route_localnet` | 1 | only with NodePorts on 127.0.0.1, which must be routed to pods |
+//! | `net.ipv4.vs.run_estimation` | 0 or 1, only when asked (from 5.16) | before 6.2 the rate estimator walks every virtual server and destination every 2 s in one softirq, holding a CPU for milliseconds at tens of thousands of them |
 
 use std::fmt;
 
@@ -66,6 +67,8 @@ pub struct Options {
     pub strict_arp: bool,
     /// NodePorts on 127.0.0.1, which needs `route_localnet`.
     pub localhost_node_ports: bool,
+    /// `--ipvs-rate-estimation`: IPVS's rate estimator on or off; `None` leaves it as it is.
+    pub rate_estimation: Option<bool>,
 }
 
 /// A kernel version, major and minor.
@@ -137,6 +140,17 @@ pub fn plan(options: Options, kernel: KernelVersion) -> Plan {
     }
     if options.localhost_node_ports {
         set("net.ipv4.conf.all.route_localnet", "1");
+    }
+    let run_estimation = KernelVersion { major: 5, minor: 16 };
+    match options.rate_estimation {
+        Some(on) if kernel >= run_estimation => {
+            set("net.ipv4.vs.run_estimation", if on { "1" } else { "0" });
+        }
+        Some(false) => plan.warnings.push(format!(
+            "kernel {kernel} is older than 5.16: IPVS rate estimation cannot be turned off \
+             (net.ipv4.vs.run_estimation does not exist)"
+        )),
+        Some(true) | None => {}
     }
     if kernel < reuse_minimum {
         plan.warnings.push(format!(
@@ -265,11 +279,31 @@ mod tests {
 
     #[test]
     fn options_add_their_settings() {
-        let plan = plan(Options { strict_arp: true, localhost_node_ports: true }, kernel(6, 1));
+        let options =
+            Options { strict_arp: true, localhost_node_ports: true, rate_estimation: None };
+        let plan = plan(options, kernel(6, 1));
         let names = names(&plan);
         assert!(names.contains(&"net.ipv4.conf.all.arp_ignore"));
         assert!(names.contains(&"net.ipv4.conf.all.arp_announce"));
         assert!(names.contains(&"net.ipv4.conf.all.route_localnet"));
+    }
+
+    #[test]
+    fn rate_estimation_is_set_only_when_asked() {
+        let estimation = |rate_estimation, k| {
+            let plan = plan(Options { rate_estimation, ..Options::default() }, k);
+            let value = plan
+                .settings
+                .iter()
+                .find(|s| s.name == "net.ipv4.vs.run_estimation")
+                .map(|s| s.value);
+            (value, plan.warnings.len())
+        };
+        assert_eq!(estimation(None, kernel(6, 1)), (None, 0), "left as the kernel has it");
+        assert_eq!(estimation(Some(false), kernel(6, 1)), (Some("0"), 0));
+        assert_eq!(estimation(Some(true), kernel(5, 16)), (Some("1"), 0));
+        assert_eq!(estimation(Some(false), kernel(5, 15)), (None, 1), "cannot be turned off");
+        assert_eq!(estimation(Some(true), kernel(5, 15)), (None, 0), "always on there");
     }
 
     #[test]

@@ -38,7 +38,11 @@ impl Node {
         sh("modprobe", &["br_netfilter"]);
         let topology = Topology::new(3);
         sh("sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"]);
-        let options = sysctl_settings::Options { strict_arp: false, localhost_node_ports };
+        let options = sysctl_settings::Options {
+            strict_arp: false,
+            localhost_node_ports,
+            rate_estimation: None,
+        };
         let plan =
             sysctl_settings::plan(options, sysctl_settings::KernelVersion::running().unwrap());
         sysctl_settings::apply(&plan).unwrap();

@@ -78,7 +78,11 @@ async fn addresses_are_synced_with_the_fewest_changes_and_nothing_else_is_touche
 #[test]
 fn kernel_parameters_are_set_once_and_reported() {
     let kernel = sysctl_settings::KernelVersion::running().unwrap();
-    let options = sysctl_settings::Options { strict_arp: true, localhost_node_ports: true };
+    let options = sysctl_settings::Options {
+        strict_arp: true,
+        localhost_node_ports: true,
+        rate_estimation: Some(false),
+    };
     let plan = sysctl_settings::plan(options, kernel);
     // A fresh network namespace starts with the kernel's defaults, which differ.
     let changes = sysctl_settings::apply(&plan).unwrap();
@@ -88,6 +92,11 @@ fn kernel_parameters_are_set_once_and_reported() {
     }
     assert_eq!(sh("sysctl", &["-n", "net.ipv4.vs.conntrack"]).trim(), "1");
     assert_eq!(sh("sysctl", &["-n", "net.ipv4.conf.all.arp_ignore"]).trim(), "1");
+    // Asked for: the rate estimator is off in this namespace (it exists from 5.16).
+    if kernel >= (sysctl_settings::KernelVersion { major: 5, minor: 16 }) {
+        assert!(changed.contains("net.ipv4.vs.run_estimation"), "{changes:?}");
+        assert_eq!(sh("sysctl", &["-n", "net.ipv4.vs.run_estimation"]).trim(), "0");
+    }
     // Kernel 5.9 and later fixed what conn_reuse_mode=0 worked around: left at its default.
     if kernel >= (sysctl_settings::KernelVersion { major: 5, minor: 9 }) {
         assert_eq!(sh("sysctl", &["-n", "net.ipv4.vs.conn_reuse_mode"]).trim(), "1");
