@@ -1,12 +1,13 @@
 //! `cargo xtask bench daemon`: the `kube-ipvs` daemon at scale, fed through the API (the fake
 //! API server) and through `--manifests`, against `ipvsadm -R` of the same virtual servers
-//! and destinations in the same VM. Each of the three runs in a fresh network namespace of its
-//! own; the table is printed in Markdown.
+//! and destinations in the same VM. Each phase runs in a fresh network namespace of its own;
+//! the table is printed in Markdown.
 //!
 //! For N Services × M endpoints it measures: the cold start (daemon start → every virtual
 //! server, destination and address programmed), one endpoint change (p50/p99 over 100
-//! changes, daemon-side and until the kernel has it), an idle periodic resync (IPVS writes and
-//! CPU time), and the daemon's peak RSS and CPU time.
+//! changes, daemon-side and until the kernel has it; again with the kernel's rate estimator
+//! off), an idle periodic resync (IPVS writes and CPU time), and the daemon's peak RSS and CPU
+//! time.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -191,7 +192,8 @@ fn main() {
             .build()
             .unwrap();
         let measured = match phase.as_str() {
-            "api" => runtime.block_on(api_phase(&args)),
+            "api" => runtime.block_on(api_phase(&args, true)),
+            "api-no-estimation" => runtime.block_on(api_phase(&args, false)),
             "manifests" => runtime.block_on(manifests_phase(&args)),
             "baseline" => runtime.block_on(baseline_phase(&args)),
             other => panic!("unknown phase {other}"),
@@ -218,12 +220,15 @@ fn main() {
         serde_json::from_str(text.lines().last().unwrap()).unwrap()
     };
     let api = phase("api");
+    let no_estimation = phase("api-no-estimation");
     let manifests = phase("manifests");
     let baseline = phase("baseline").get("baseline");
-    print_table(n, m, &api, &manifests, baseline);
+    print_table(n, m, &api, &no_estimation, &manifests, baseline);
 }
 
-async fn api_phase(args: &Args) -> Measured {
+/// Through the API. With `rate_estimation` false, the daemon turns IPVS's rate estimator off,
+/// and only the cold start and the changes are measured.
+async fn api_phase(args: &Args, rate_estimation: bool) -> Measured {
     let (n, m) = (args.services, args.endpoints);
     let ipvs = IpvsHandle::new().unwrap();
     let mut measured = Measured::default();
@@ -236,7 +241,10 @@ async fn api_phase(args: &Args) -> Measured {
     let kubeconfig = kubeconfig_file("bench", &api.kubeconfig());
     let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
     let started = Instant::now();
-    let daemon_args = ["--kubeconfig", &kubeconfig, "--ipvs-sync-period", "5s"];
+    let mut daemon_args = vec!["--kubeconfig", &kubeconfig, "--ipvs-sync-period", "5s"];
+    if !rate_estimation {
+        daemon_args.push("--ipvs-rate-estimation=false");
+    }
     let mut daemon = Daemon::start_binary(&args.binary, "bench-api", &daemon_args, LOG);
     daemon.wait_synced();
     let cold_api = started.elapsed();
@@ -293,6 +301,14 @@ async fn api_phase(args: &Args) -> Measured {
     let mut daemon_side = daemon_side.split_off(WARM_UP.min(daemon_side.len()));
     daemon_side.sort();
     assert!(daemon_side.len() >= 50, "partial syncs logged: {}", daemon_side.len());
+    let secs = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).collect();
+    measured.samples.insert("daemon_side".into(), secs(&daemon_side));
+    measured.samples.insert("end_to_end".into(), secs(&end_to_end));
+    measured.time("cold", cold_api);
+    if !rate_estimation {
+        assert!(daemon.stop().success());
+        return measured;
+    }
 
     // Idle: full checks every 5 s, nothing to write (once the replaced endpoints drained).
     vm_tests::daemon::eventually(Duration::from_secs(60), || {
@@ -307,14 +323,10 @@ async fn api_phase(args: &Args) -> Measured {
     measured.figures.insert("idle_rss".into(), memory(daemon.pid(), "VmRSS:"));
     measured.time("total_cpu", cpu_time(daemon.pid()));
     assert!(daemon.stop().success());
-    measured.time("cold", cold_api);
     measured.time("first_sync", first_sync);
     measured.time("first_change", first_change);
     measured.time("idle_cpu", idle_cpu);
     measured.figures.insert("idle_writes".into(), idle_writes as f64);
-    let secs = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).collect();
-    measured.samples.insert("daemon_side".into(), secs(&daemon_side));
-    measured.samples.insert("end_to_end".into(), secs(&end_to_end));
     measured
 }
 
@@ -358,7 +370,14 @@ async fn baseline_phase(args: &Args) -> Measured {
     measured
 }
 
-fn print_table(n: usize, m: usize, api: &Measured, manifests: &Measured, baseline: Duration) {
+fn print_table(
+    n: usize,
+    m: usize,
+    api: &Measured,
+    no_estimation: &Measured,
+    manifests: &Measured,
+    baseline: Duration,
+) {
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let (cold_api, cold_manifests) = (api.get("cold"), manifests.get("cold"));
     let (daemon_side, end_to_end) = (api.sorted("daemon_side"), api.sorted("end_to_end"));
@@ -386,6 +405,12 @@ fn print_table(n: usize, m: usize, api: &Measured, manifests: &Measured, baselin
     rows.push((
         "one endpoint change, daemon-side, p50 / p99 (100 changes)".into(),
         format!("{} / {}", ms(percentile(&daemon_side, 0.5)), ms(percentile(&daemon_side, 0.99))),
+        String::new(),
+    ));
+    let quiet = no_estimation.sorted("daemon_side");
+    rows.push((
+        "the same with --ipvs-rate-estimation=false (the kernel's rate estimator off)".into(),
+        format!("{} / {}", ms(percentile(&quiet, 0.5)), ms(percentile(&quiet, 0.99))),
         String::new(),
     ));
     rows.push((
