@@ -69,8 +69,8 @@ pub(crate) fn collect(
                 serving: endpoint.serving,
                 terminating: endpoint.terminating,
                 local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
-                zone_hints: endpoint.zone_hints.clone(),
-                node_hints: endpoint.node_hints.clone(),
+                zone_hints: endpoint.hints.as_ref().map(|h| h.zones.clone()).unwrap_or_default(),
+                node_hints: endpoint.hints.as_ref().map(|h| h.nodes.clone()).unwrap_or_default(),
             };
             merged
                 .entry((endpoint.address, number))

@@ -6,7 +6,11 @@
 //! [`Slice`] implements k8s-openapi's `Resource` and `Metadata`, so kube-rs's reflector stores
 //! hold it as they hold the API type.
 
-use std::net::IpAddr;
+use std::{
+    collections::BTreeSet,
+    net::IpAddr,
+    sync::{Arc, LazyLock, Mutex, PoisonError},
+};
 
 use k8s_openapi::{
     Metadata, NamespaceResourceScope, Resource, api::discovery::v1::EndpointSlice,
@@ -44,7 +48,9 @@ pub struct SlicePort {
     pub port: Option<i32>,
 }
 
-/// An endpoint of an EndpointSlice, its conditions defaulted as the API defines them.
+/// An endpoint of an EndpointSlice, its conditions defaulted as the API defines them. 48
+/// bytes, and nothing of its own on the heap unless it has topology hints: a cluster holds
+/// one per pod behind a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SliceEndpoint {
     /// Its first address. The API defines no meaning for the others (the EndpointSlice
@@ -56,43 +62,67 @@ pub struct SliceEndpoint {
     pub serving: bool,
     /// Terminating (unknown: not).
     pub terminating: bool,
-    /// The node it runs on.
-    pub node_name: Option<String>,
-    /// The zones its topology hints name.
-    pub zone_hints: Vec<String>,
-    /// The nodes its topology hints name.
-    pub node_hints: Vec<String>,
+    /// The node it runs on: one allocation per node name, shared by the endpoints on it.
+    pub node_name: Option<Arc<str>>,
+    /// Its topology hints, if it has any.
+    pub hints: Option<Box<Hints>>,
+}
+
+/// The topology hints of an endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Hints {
+    /// The zones they name.
+    pub zones: Vec<String>,
+    /// The nodes they name.
+    pub nodes: Vec<String>,
+}
+
+/// `name`, shared with every endpoint on the same node. A name no endpoint holds any more is
+/// forgotten when a new one comes, so nodes that come and go leave nothing behind.
+fn shared_node_name(name: String) -> Arc<str> {
+    static NAMES: LazyLock<Mutex<BTreeSet<Arc<str>>>> = LazyLock::new(Mutex::default);
+    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(known) = names.get(name.as_str()) {
+        return known.clone();
+    }
+    names.retain(|known| Arc::strong_count(known) > 1);
+    let name: Arc<str> = name.into();
+    names.insert(name.clone());
+    name
 }
 
 impl From<EndpointSlice> for Slice {
     fn from(slice: EndpointSlice) -> Self {
         let EndpointSlice { metadata, ports, endpoints, .. } = slice;
         let mut invalid_addresses = Vec::new();
-        let mut endpoints = endpoints
-            .into_iter()
-            .flatten()
-            .filter_map(|endpoint| {
-                let first = endpoint.addresses.into_iter().next().unwrap_or_default();
-                let Ok(address) = first.parse() else {
-                    invalid_addresses.push(first);
-                    return None;
-                };
-                let conditions = endpoint.conditions.unwrap_or_default();
-                let ready = conditions.ready.unwrap_or(true);
-                let hints = endpoint.hints.unwrap_or_default();
-                Some(SliceEndpoint {
-                    address,
-                    ready,
-                    serving: conditions.serving.unwrap_or(ready),
-                    terminating: conditions.terminating.unwrap_or(false),
-                    node_name: endpoint.node_name,
-                    zone_hints: hints.for_zones.into_iter().flatten().map(|z| z.name).collect(),
-                    node_hints: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
-                })
+        let endpoints = endpoints.unwrap_or_default();
+        // Kept for long: allocated once at its size, not grown (what growing leaves behind
+        // stays in the allocator's pages among the long-lived objects).
+        let mut kept = Vec::with_capacity(endpoints.len());
+        kept.extend(endpoints.into_iter().filter_map(|endpoint| {
+            let first = endpoint.addresses.into_iter().next().unwrap_or_default();
+            let Ok(address) = first.parse() else {
+                invalid_addresses.push(first);
+                return None;
+            };
+            let conditions = endpoint.conditions.unwrap_or_default();
+            let ready = conditions.ready.unwrap_or(true);
+            let hints = endpoint.hints.unwrap_or_default();
+            let hints = Hints {
+                zones: hints.for_zones.into_iter().flatten().map(|z| z.name).collect(),
+                nodes: hints.for_nodes.into_iter().flatten().map(|n| n.name).collect(),
+            };
+            Some(SliceEndpoint {
+                address,
+                ready,
+                serving: conditions.serving.unwrap_or(ready),
+                terminating: conditions.terminating.unwrap_or(false),
+                node_name: endpoint.node_name.map(shared_node_name),
+                hints: (hints != Hints::default()).then(|| Box::new(hints)),
             })
-            .collect::<Vec<_>>();
-        // Kept for long: no room for the endpoints that were dropped.
-        endpoints.shrink_to_fit();
+        }));
+        // No room for the endpoints that were dropped.
+        kept.shrink_to_fit();
         let ports = ports
             .into_iter()
             .flatten()
@@ -112,7 +142,7 @@ impl From<EndpointSlice> for Slice {
                 ..ObjectMeta::default()
             },
             ports,
-            endpoints,
+            endpoints: kept,
             invalid_addresses,
         }
     }
@@ -192,8 +222,10 @@ mod tests {
                     serving: true,
                     terminating: false,
                     node_name: Some("node-a".into()),
-                    zone_hints: vec!["z1".into()],
-                    node_hints: vec!["node-a".into()],
+                    hints: Some(Box::new(Hints {
+                        zones: vec!["z1".into()],
+                        nodes: vec!["node-a".into()]
+                    })),
                 },
                 SliceEndpoint {
                     address: "fd00::5".parse().unwrap(),
@@ -201,10 +233,24 @@ mod tests {
                     serving: false,
                     terminating: true,
                     node_name: None,
-                    zone_hints: vec![],
-                    node_hints: vec![],
+                    hints: None,
                 },
             ]
         );
+        assert_eq!(std::mem::size_of::<SliceEndpoint>(), 48);
+    }
+
+    #[test]
+    fn endpoints_on_one_node_share_its_name() {
+        let a = shared_node_name("node-shared".into());
+        let b = shared_node_name("node-shared".into());
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_eq!(&*a, "node-shared");
+        let weak = Arc::downgrade(&a);
+        drop((a, b));
+        assert!(weak.upgrade().is_some(), "still known");
+        // Forgotten once no endpoint holds it and another name comes.
+        let _other = shared_node_name("node-other".into());
+        assert!(weak.upgrade().is_none(), "forgotten");
     }
 }
