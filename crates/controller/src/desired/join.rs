@@ -19,7 +19,7 @@ use netfilter::Elements;
 use super::{
     DesiredState, LOCAL_MARK_BASE, LOCAL_MARK_SPACE,
     model::{ByKey, Exposure, Problem, VirtualServer},
-    service::{LocalKey, LocalOnly, ServiceState},
+    service::{LocalKey, LocalOnly, ServiceElements, ServiceState},
 };
 
 /// A Service's namespace and name.
@@ -192,7 +192,7 @@ impl Join {
         let keep = !new.virtual_servers.is_empty()
             || !new.problems.is_empty()
             || !new.local_only.is_empty()
-            || new.elements != Elements::default();
+            || !new.elements.is_empty();
         if keep {
             self.states.insert(name.clone(), new);
         }
@@ -248,7 +248,7 @@ impl Join {
         }
     }
 
-    fn elements(&mut self, elements: &Elements, up: bool) {
+    fn elements(&mut self, elements: &ServiceElements, up: bool) {
         macro_rules! sets {
             ($($field:ident),*) => {$(
                 for item in &elements.$field {
@@ -266,7 +266,7 @@ impl Join {
         netfilter::for_each_set!(sets);
     }
 
-    fn localhost(&mut self, name: &ServiceName, old: &Elements, new: &Elements) {
+    fn localhost(&mut self, name: &ServiceName, old: &ServiceElements, new: &ServiceElements) {
         let ports: BTreeSet<netfilter::NodePort> = old
             .localhost_node_ports
             .keys()
@@ -479,6 +479,7 @@ mod tests {
     /// collide on virtual servers and local-only keys.
     fn random_state(r: &mut Random, service: &ServiceName) -> ServiceState {
         let mut state = ServiceState::default();
+        let mut elements = Elements::default();
         let owner = ServicePortName {
             namespace: service.0.clone(),
             name: service.1.clone(),
@@ -502,10 +503,10 @@ mod tests {
                 exposure: Exposure::ClusterIp,
             };
             state.virtual_servers.insert(Arc::new(server));
-            state.elements.cluster_ips.insert(port);
-            state.elements.vips.insert(port.address);
+            elements.cluster_ips.insert(port);
+            elements.vips.insert(port.address);
             if r.below(2) == 0 {
-                state.elements.hairpin.insert(IpAddr::from([10, 244, 0, r.below(5) as u8]));
+                elements.hairpin.insert(IpAddr::from([10, 244, 0, r.below(5) as u8]));
             }
         }
         if r.below(3) == 0 {
@@ -513,8 +514,8 @@ mod tests {
             let endpoints = (0..1 + r.below(2))
                 .map(|i| SocketAddrV4::new([10, 244, 0, i as u8 + 2].into(), 8080))
                 .collect();
-            state.elements.localhost_node_ports.insert(node_port, endpoints);
-            state.elements.node_ports.insert(node_port);
+            elements.localhost_node_ports.insert(node_port, endpoints);
+            elements.node_ports.insert(node_port);
         }
         if r.below(3) == 0 {
             let port =
@@ -530,8 +531,9 @@ mod tests {
                 destinations: Destinations::new(),
                 owner: owner.clone(),
             });
-            state.elements.local_external_ips.insert(port);
+            elements.local_external_ips.insert(port);
         }
+        state.elements = elements.into();
         state
     }
 

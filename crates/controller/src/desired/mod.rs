@@ -29,7 +29,10 @@ pub use self::{
         SCHEDULERS, SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, ServicePortName,
         TRIGGER_TIME_ANNOTATION, VirtualServer, VirtualServers, ZONE_LABEL, node_port_addresses,
     },
-    service::{LocalKey, LocalOnly, ServiceState, Skipped, service_state, skipped, trim_service},
+    service::{
+        LocalKey, LocalOnly, ServiceElements, ServiceState, Skipped, service_state, skipped,
+        trim_service,
+    },
     slice::{Slice, SliceEndpoint, SlicePort},
 };
 

@@ -255,17 +255,23 @@ impl<T: Keyed> ByKey<T> {
 /// The last of several items with one key wins, as with a map.
 impl<T: Keyed> FromIterator<T> for ByKey<T> {
     fn from_iter<I: IntoIterator<Item = T>>(iter: I) -> Self {
-        let mut all: Vec<T> = iter.into_iter().collect();
+        // Kept for long: allocated once, at the most the iterator can yield, rather than grown
+        // (what growing leaves behind stays in the allocator's pages beside what is kept).
+        let iter = iter.into_iter();
+        let (least, most) = iter.size_hint();
+        let mut all: Vec<T> = Vec::with_capacity(most.unwrap_or(least));
+        all.extend(iter);
         // Stable: among equal keys the last inserted stays last, and is kept.
         all.sort_by(|a, b| a.sort_key().cmp(b.sort_key()));
-        let mut kept: Vec<T> = Vec::with_capacity(all.len());
-        for item in all {
-            match kept.last_mut() {
-                Some(last) if last.sort_key() == item.sort_key() => *last = item,
-                _ => kept.push(item),
+        all.dedup_by(|later, earlier| {
+            let same = later.sort_key() == earlier.sort_key();
+            if same {
+                std::mem::swap(later, earlier);
             }
-        }
-        Self(kept)
+            same
+        });
+        all.shrink_to_fit();
+        Self(all)
     }
 }
 
@@ -323,12 +329,20 @@ mod tests {
 
     #[test]
     fn destinations_behave_as_a_map_by_address() {
-        let mut destinations: Destinations =
-            [at("10.0.0.3:80", 1), at("10.0.0.1:80", 1), at("10.0.0.3:80", 5)]
-                .into_iter()
-                .collect();
+        let mut destinations: Destinations = [
+            at("10.0.0.3:80", 1),
+            at("10.0.0.1:80", 1),
+            at("10.0.0.3:80", 5),
+            at("10.0.0.3:80", 7),
+        ]
+        .into_iter()
+        .collect();
         assert_eq!(destinations.len(), 2, "one per address");
-        assert_eq!(destinations.get(&"10.0.0.3:80".parse().unwrap()), Some(&at("10.0.0.3:80", 5)));
+        assert_eq!(
+            destinations.get(&"10.0.0.3:80".parse().unwrap()),
+            Some(&at("10.0.0.3:80", 7)),
+            "the last wins"
+        );
         assert_eq!(destinations.insert(at("10.0.0.2:80", 1)), None);
         assert_eq!(destinations.insert(at("10.0.0.1:80", 0)), Some(at("10.0.0.1:80", 1)));
         let keys: Vec<String> = destinations.keys().map(ToString::to_string).collect();
@@ -340,7 +354,7 @@ mod tests {
         assert_eq!(destinations.remove(&"10.0.0.2:80".parse().unwrap()), None);
         assert!(destinations.contains_key(&"10.0.0.1:80".parse().unwrap()));
         assert!(!destinations.contains_key(&"10.0.0.2:80".parse().unwrap()));
-        assert_eq!(destinations.iter().map(|d| d.weight).collect::<Vec<_>>(), [0, 5]);
+        assert_eq!(destinations.iter().map(|d| d.weight).collect::<Vec<_>>(), [0, 7]);
         assert!(Destinations::new().is_empty());
     }
 }

@@ -1,7 +1,7 @@
 //! What one Service contributes: its virtual servers, and its elements of the netfilter table.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr, SocketAddrV4},
     sync::Arc,
 };
@@ -29,12 +29,60 @@ pub struct ServiceState {
     /// Its virtual servers.
     pub virtual_servers: VirtualServers,
     /// Its elements of the netfilter table (kube-ipvs0 addresses are `elements.vips`).
-    pub elements: Elements,
+    pub elements: ServiceElements,
     /// What was wrong with it, or with its EndpointSlices.
     pub problems: Vec<Problem>,
     /// Its `externalTrafficPolicy: Local` ports: each gets a firewall-mark virtual server with
     /// only this node's endpoints, for traffic from outside the cluster.
     pub local_only: Vec<LocalOnly>,
+}
+
+/// One Service's elements of the netfilter table: the sets of [`Elements`], each a sorted
+/// slice allocated at its size. A Service has one or a few elements of each kind, where a
+/// B-tree node has room for eleven; at 10,000 Services that is megabytes. The firewall marks
+/// of `externalTrafficPolicy: Local` are not here: the join gives them out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServiceElements {
+    /// See [`Elements::cluster_ips`].
+    pub cluster_ips: Box<[NetfilterPort]>,
+    /// See [`Elements::external_ips`].
+    pub external_ips: Box<[NetfilterPort]>,
+    /// See [`Elements::local_external_ips`].
+    pub local_external_ips: Box<[NetfilterPort]>,
+    /// See [`Elements::node_ports`].
+    pub node_ports: Box<[NodePort]>,
+    /// See [`Elements::vips`].
+    pub vips: Box<[IpAddr]>,
+    /// See [`Elements::source_ranges`].
+    pub source_ranges: Box<[(NetfilterPort, IpNetwork)]>,
+    /// See [`Elements::health_check_node_ports`].
+    pub health_check_node_ports: Box<[u16]>,
+    /// See [`Elements::hairpin`].
+    pub hairpin: Box<[IpAddr]>,
+    /// See [`Elements::localhost_node_ports`].
+    pub localhost_node_ports: BTreeMap<NodePort, BTreeSet<SocketAddrV4>>,
+}
+
+impl ServiceElements {
+    /// Whether it has no element at all.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl From<Elements> for ServiceElements {
+    /// Keeps the sets and the localhost NodePorts; the firewall marks are the join's.
+    fn from(elements: Elements) -> Self {
+        macro_rules! sets {
+            ($($field:ident),*) => {
+                Self {
+                    $($field: elements.$field.into_iter().collect(),)*
+                    localhost_node_ports: elements.localhost_node_ports,
+                }
+            };
+        }
+        netfilter::for_each_set!(sets)
+    }
 }
 
 /// What external traffic a local-only virtual server serves.
@@ -200,6 +248,7 @@ pub fn service_state(
     let mut context =
         Context { object: format!("Service {namespace}/{name}"), config, problems: Vec::new() };
     let mut state = ServiceState::default();
+    let mut elements = Elements::default();
     if skipped(service, config).is_some() {
         return state;
     }
@@ -320,7 +369,7 @@ pub fn service_state(
             owner: owner.clone(),
         };
         for endpoint in &local {
-            state.elements.hairpin.insert(endpoint.address);
+            elements.hairpin.insert(endpoint.address);
         }
 
         let add = |state: &mut ServiceState,
@@ -359,8 +408,8 @@ pub fn service_state(
                 SocketAddr::new(*ip, number),
                 internal_set,
             );
-            state.elements.vips.insert(*ip);
-            state.elements.cluster_ips.insert(NetfilterPort::new(*ip, protocol, number));
+            elements.vips.insert(*ip);
+            elements.cluster_ips.insert(NetfilterPort::new(*ip, protocol, number));
         }
         for (exposure, ips) in
             [(Exposure::ExternalIp, &external_ips), (Exposure::LoadBalancer, &load_balancer_ips)]
@@ -368,18 +417,18 @@ pub fn service_state(
             for ip in ips {
                 add(&mut state, &mut context, exposure, SocketAddr::new(*ip, number), external_set);
                 if !node.local_addresses.contains(ip) {
-                    state.elements.vips.insert(*ip);
+                    elements.vips.insert(*ip);
                 }
                 let element = NetfilterPort::new(*ip, protocol, number);
                 if external_local {
-                    state.elements.local_external_ips.insert(element);
+                    elements.local_external_ips.insert(element);
                     state.local_only.push(local_only(LocalKey::Address(element)));
                 } else {
-                    state.elements.external_ips.insert(element);
+                    elements.external_ips.insert(element);
                 }
                 if exposure == Exposure::LoadBalancer {
                     for range in &source_ranges {
-                        state.elements.source_ranges.insert((element, *range));
+                        elements.source_ranges.insert((element, *range));
                     }
                 }
             }
@@ -398,7 +447,7 @@ pub fn service_state(
                     }
                     let element = NodePort { protocol, port: node_port };
                     if !external_local {
-                        state.elements.node_ports.insert(element);
+                        elements.node_ports.insert(element);
                     } else {
                         let families: BTreeSet<Family> =
                             node.node_port_addresses.iter().map(|ip| Family::of(*ip)).collect();
@@ -414,7 +463,7 @@ pub fn service_state(
                                 IpAddr::V6(_) => None,
                             })
                             .collect();
-                        state.elements.localhost_node_ports.insert(element, endpoints);
+                        elements.localhost_node_ports.insert(element, endpoints);
                     }
                 }
                 None => {}
@@ -426,12 +475,13 @@ pub fn service_state(
     if is_load_balancer && external_local {
         match spec.health_check_node_port.map(u16::try_from) {
             Some(Ok(port)) if port != 0 => {
-                state.elements.health_check_node_ports.insert(port);
+                elements.health_check_node_ports.insert(port);
             }
             None => {}
             other => context.problem(format!("invalid healthCheckNodePort {other:?}; skipped")),
         }
     }
     state.problems = context.problems;
+    state.elements = elements.into();
     state
 }
