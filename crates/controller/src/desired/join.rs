@@ -44,7 +44,9 @@ impl Delta {
     }
 }
 
-/// How many Services want each element, for every set of [`Elements`].
+/// How many Services want each element wanted by more than one, for every set of
+/// [`Elements`]. An element in the joined set and not here is wanted by one Service: most
+/// elements (a Service's own address, its endpoints) are kept once, not twice.
 #[derive(Debug, Default)]
 struct Counts {
     cluster_ips: BTreeMap<netfilter::ServicePort, u32>,
@@ -58,9 +60,10 @@ struct Counts {
 }
 
 /// Moves one element's count up or down; when it appears or disappears, updates `current` and
-/// the delta (an element that comes back within one delta is no change).
+/// the delta (an element that comes back within one delta is no change). `shared` holds the
+/// counts of 2 and more (see [`Counts`]); being in `current` counts 1.
 fn count<T: Ord + Clone>(
-    counts: &mut BTreeMap<T, u32>,
+    shared: &mut BTreeMap<T, u32>,
     current: &mut BTreeSet<T>,
     removed: &mut BTreeSet<T>,
     added: &mut BTreeSet<T>,
@@ -68,23 +71,21 @@ fn count<T: Ord + Clone>(
     up: bool,
 ) {
     if up {
-        let n = counts.entry(item.clone()).or_insert(0);
-        *n += 1;
-        if *n == 1 {
+        if current.contains(item) {
+            *shared.entry(item.clone()).or_insert(1) += 1;
+        } else {
             current.insert(item.clone());
             if !removed.remove(item) {
                 added.insert(item.clone());
             }
         }
-    } else if let Entry::Occupied(mut n) = counts.entry(item.clone()) {
+    } else if let Entry::Occupied(mut n) = shared.entry(item.clone()) {
         *n.get_mut() -= 1;
-        if *n.get() == 0 {
+        if *n.get() == 1 {
             n.remove();
-            current.remove(item);
-            if !added.remove(item) {
-                removed.insert(item.clone());
-            }
         }
+    } else if current.remove(item) && !added.remove(item) {
+        removed.insert(item.clone());
     }
 }
 
