@@ -126,6 +126,23 @@ async fn one_endpoint_added_is_exactly_one_new_destination() {
 }
 
 #[tokio::test]
+async fn the_shadow_shares_the_desired_destinations_and_copies_them_to_change_them() {
+    let (_, mut reconciler, mut table) = programmed(3).await;
+    for (key, server) in &table {
+        assert!(reconciler.shadow()[key].destinations.shared_with(&server.destinations), "{key}");
+    }
+    // The desired state moves on while the old one is still held (the join may hold it).
+    let old = table.clone();
+    let (key, grown) = server(2, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")]);
+    table.insert(key, grown);
+    let report = reconciler.sync(&table, Some(&BTreeSet::from([key]))).await;
+    assert_eq!(report.applied, 1);
+    assert_eq!(old[&key].destinations.len(), 1, "the old desired destinations are untouched");
+    assert_eq!(reconciler.shadow()[&key].destinations.len(), 2);
+    assert!(reconciler.shadow()[&key].destinations.shared_with(&table[&key].destinations));
+}
+
+#[tokio::test]
 async fn drift_is_found_and_healed() {
     let (_, mut reconciler, table) = programmed(5).await;
     let programmed = ipvsadm(&["-Ln"]);

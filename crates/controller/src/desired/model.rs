@@ -178,8 +178,63 @@ impl Keyed for Arc<VirtualServer> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ByKey<T>(Vec<T>);
 
-/// A virtual server's destinations, by address.
-pub type Destinations = ByKey<Destination>;
+/// A virtual server's destinations, by address. Cloning shares them, and a change copies
+/// them first if they are shared: the reconciler's shadow of the kernel holds the very
+/// destinations of the desired state wherever the kernel has exactly those.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destinations(Arc<ByKey<Destination>>);
+
+impl Default for Destinations {
+    fn default() -> Self {
+        Self(Arc::new(ByKey::new()))
+    }
+}
+
+impl Destinations {
+    /// None.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds `destination`, or replaces the one at its address (returned).
+    pub fn insert(&mut self, destination: Destination) -> Option<Destination> {
+        Arc::make_mut(&mut self.0).insert(destination)
+    }
+
+    /// Removes the destination at `address`.
+    pub fn remove(&mut self, address: &SocketAddr) -> Option<Destination> {
+        Arc::make_mut(&mut self.0).remove(address)
+    }
+
+    /// Whether these are the very destinations of `other`, not a copy.
+    pub fn shared_with(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl std::ops::Deref for Destinations {
+    type Target = ByKey<Destination>;
+
+    fn deref(&self) -> &ByKey<Destination> {
+        &self.0
+    }
+}
+
+/// The last of several destinations at one address wins, as with a map.
+impl FromIterator<Destination> for Destinations {
+    fn from_iter<I: IntoIterator<Item = Destination>>(iter: I) -> Self {
+        Self(Arc::new(iter.into_iter().collect()))
+    }
+}
+
+impl<'a> IntoIterator for &'a Destinations {
+    type Item = &'a Destination;
+    type IntoIter = std::slice::Iter<'a, Destination>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
 
 /// A Service's virtual servers, by key.
 pub type VirtualServers = ByKey<Arc<VirtualServer>>;
@@ -356,5 +411,18 @@ mod tests {
         assert!(!destinations.contains_key(&"10.0.0.2:80".parse().unwrap()));
         assert_eq!(destinations.iter().map(|d| d.weight).collect::<Vec<_>>(), [0, 7]);
         assert!(Destinations::new().is_empty());
+    }
+
+    #[test]
+    fn destinations_are_shared_until_one_copy_changes() {
+        let one: Destinations = [at("10.0.0.1:80", 1)].into_iter().collect();
+        let mut other = one.clone();
+        assert!(other.shared_with(&one));
+        other.insert(at("10.0.0.2:80", 1));
+        assert!(!other.shared_with(&one));
+        assert_eq!((one.len(), other.len()), (1, 2), "the change went to the copy only");
+        other.remove(&"10.0.0.2:80".parse().unwrap());
+        assert_eq!(other, one, "equal again, though not shared");
+        assert!(!other.shared_with(&one));
     }
 }

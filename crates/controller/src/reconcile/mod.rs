@@ -212,14 +212,17 @@ impl Reconciler {
             // A bounded number of changes at a time: a first sync of a large cluster never
             // holds all its changes, requests and results at once.
             let mut changes = Vec::new();
+            let mut planned = Vec::new();
             while changes.len() < APPLY_CHUNK
                 && let Some(key) = keys.next()
             {
                 let plan = plan(*key, self.shadow.get(key), desired.get(key).map(AsRef::as_ref));
                 changes.extend(plan.changes);
                 draining.extend(plan.draining);
+                planned.push(*key);
             }
             if changes.is_empty() {
+                self.share_destinations(&planned, desired);
                 continue;
             }
             let results = self.ipvs.apply(&changes).await;
@@ -244,6 +247,7 @@ impl Reconciler {
                     }
                 }
             }
+            self.share_destinations(&planned, desired);
         }
         let now = Instant::now();
         for entry in draining {
@@ -283,6 +287,23 @@ impl Reconciler {
         }
         debug!(applied = report.applied, failed = report.failed.len(), "synced IPVS");
         report
+    }
+
+    /// Where the shadow of a virtual server of `keys` has exactly its desired destinations,
+    /// it holds the desired ones rather than its own copy (a change to either copies them).
+    fn share_destinations(
+        &mut self,
+        keys: &[ServiceKey],
+        desired: &BTreeMap<ServiceKey, Arc<VirtualServer>>,
+    ) {
+        for key in keys {
+            if let (Some(server), Some(wanted)) = (self.shadow.get_mut(key), desired.get(key))
+                && !server.destinations.shared_with(&wanted.destinations)
+                && server.destinations == wanted.destinations
+            {
+                server.destinations = wanted.destinations.clone();
+            }
+        }
     }
 
     /// Updates the shadow after the kernel accepted `change`.
