@@ -6,6 +6,7 @@
 
 use std::{
     fmt,
+    hash::{Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
@@ -359,6 +360,17 @@ impl Service {
             && self.persistence_engine == other.persistence_engine
     }
 
+    /// Feeds what [`Service::same_config`] compares to `state`: services with the same
+    /// configuration hash alike.
+    pub fn hash_config<H: Hasher>(&self, state: &mut H) {
+        self.key.hash(state);
+        self.scheduler.hash(state);
+        self.flags.difference(ServiceFlags::HASHED).bits().hash(state);
+        self.timeout.hash(state);
+        self.netmask.hash(state);
+        self.persistence_engine.hash(state);
+    }
+
     /// The full attribute set of `NEW_SERVICE` and `SET_SERVICE`.
     pub fn to_attributes(&self) -> Vec<ServiceAttribute> {
         let mut attrs = self.key.to_attributes();
@@ -649,19 +661,32 @@ impl Destination {
     /// Whether two destinations have the same configuration. The tunnel settings only
     /// count for tunnelled destinations, as the kernel uses them for nothing else.
     pub fn same_config(&self, other: &Destination) -> bool {
-        let tunnel = |d: &Destination| {
-            (d.forward == ForwardMethod::Tunnel).then_some((
-                d.tunnel_type,
-                d.tunnel_port,
-                d.tunnel_checksum,
-            ))
-        };
         self.address == other.address
             && self.forward == other.forward
             && self.weight == other.weight
             && self.upper_threshold == other.upper_threshold
             && self.lower_threshold == other.lower_threshold
-            && tunnel(self) == tunnel(other)
+            && self.tunnel() == other.tunnel()
+    }
+
+    /// Feeds what [`Destination::same_config`] compares to `state`: destinations with the
+    /// same configuration hash alike.
+    pub fn hash_config<H: Hasher>(&self, state: &mut H) {
+        self.address.hash(state);
+        self.forward.hash(state);
+        self.weight.hash(state);
+        self.upper_threshold.hash(state);
+        self.lower_threshold.hash(state);
+        self.tunnel().hash(state);
+    }
+
+    /// The tunnel settings, which count only for a tunnelled destination.
+    fn tunnel(&self) -> Option<(TunnelType, u16, TunnelChecksum)> {
+        (self.forward == ForwardMethod::Tunnel).then_some((
+            self.tunnel_type,
+            self.tunnel_port,
+            self.tunnel_checksum,
+        ))
     }
 }
 

@@ -7,7 +7,7 @@ use std::{
     net::SocketAddr,
 };
 
-use ipvs_netlink::{Change, ForwardMethod, Protocol, Service, ServiceFlags, ServiceKey};
+use ipvs_netlink::{Change, Destination, Protocol, Service, ServiceKey};
 
 use crate::desired::{Destinations, VirtualServer};
 
@@ -32,29 +32,22 @@ impl KernelServer {
     /// digest when, and (but for a 64-bit collision) only when, their services and all their
     /// destinations have the same configuration (`same_config`). Stable within a process.
     pub fn config_digest(&self) -> u64 {
-        let mut hasher = DefaultHasher::new();
-        let service = &self.service;
-        service.key.hash(&mut hasher);
-        service.scheduler.hash(&mut hasher);
-        service.flags.difference(ServiceFlags::HASHED).bits().hash(&mut hasher);
-        service.timeout.hash(&mut hasher);
-        service.netmask.hash(&mut hasher);
-        service.persistence_engine.hash(&mut hasher);
-        self.destinations.len().hash(&mut hasher);
-        for destination in &self.destinations {
-            destination.address.hash(&mut hasher);
-            destination.forward.hash(&mut hasher);
-            destination.weight.hash(&mut hasher);
-            destination.upper_threshold.hash(&mut hasher);
-            destination.lower_threshold.hash(&mut hasher);
-            if destination.forward == ForwardMethod::Tunnel {
-                destination.tunnel_type.hash(&mut hasher);
-                destination.tunnel_port.hash(&mut hasher);
-                destination.tunnel_checksum.hash(&mut hasher);
-            }
-        }
-        hasher.finish()
+        config_digest(&self.service, self.destinations.iter())
     }
+}
+
+/// [`KernelServer::config_digest`] of `service` with `destinations`, in address order.
+pub fn config_digest<'a>(
+    service: &Service,
+    destinations: impl ExactSizeIterator<Item = &'a Destination>,
+) -> u64 {
+    let mut hasher = DefaultHasher::new();
+    service.hash_config(&mut hasher);
+    destinations.len().hash(&mut hasher);
+    for destination in destinations {
+        destination.hash_config(&mut hasher);
+    }
+    hasher.finish()
 }
 
 /// Whether a removed destination of this virtual server drains (weight 0 until its connections
@@ -173,7 +166,7 @@ mod tests {
         assert_eq!(kernel(k, "rr", &[b, a]).config_digest(), digest, "order does not count");
 
         let mut hashed = base.clone();
-        hashed.service.flags |= ServiceFlags::HASHED;
+        hashed.service.flags |= ipvs_netlink::ServiceFlags::HASHED;
         assert_eq!(hashed.config_digest(), digest, "the kernel's own flag does not count");
         let mut tunnel_settings = base.clone();
         let mut with_port = a;

@@ -21,7 +21,7 @@ use ipvs_netlink::{Change, IpvsHandle, Protocol, ServiceKey};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
-pub use self::diff::{KernelDigests, KernelServer, KernelState, Plan, drains, plan};
+pub use self::diff::{KernelDigests, KernelServer, KernelState, Plan, config_digest, drains, plan};
 use crate::{
     Error,
     desired::{Destinations, LOCAL_MARK_BASE, LOCAL_MARK_SPACE, VirtualServer},
@@ -125,9 +125,11 @@ pub async fn read_kernel(ipvs: &IpvsHandle) -> Result<KernelState, ipvs_netlink:
 /// held whole.
 pub async fn read_digests(ipvs: &IpvsHandle) -> Result<KernelDigests, ipvs_netlink::Error> {
     let digests = ipvs
-        .dump_with(|service, destinations| {
-            let server = kernel_server(service, destinations);
-            (server.service.key, server.config_digest())
+        .dump_with(|entry, mut destinations| {
+            // In address order, as the shadow holds them; the kernel has one per address.
+            destinations.sort_unstable_by_key(|d| d.destination.address);
+            let digest = config_digest(&entry.service, destinations.iter().map(|d| &d.destination));
+            (entry.service.key, digest)
         })
         .await?;
     Ok(digests.into_iter().collect())
