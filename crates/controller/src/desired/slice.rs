@@ -77,18 +77,28 @@ pub struct Hints {
     pub nodes: Vec<String>,
 }
 
-/// `name`, shared with every endpoint on the same node. A name no endpoint holds any more is
-/// forgotten when a new one comes, so nodes that come and go leave nothing behind.
-fn shared_node_name(name: String) -> Arc<str> {
-    static NAMES: LazyLock<Mutex<BTreeSet<Arc<str>>>> = LazyLock::new(Mutex::default);
-    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
-    if let Some(known) = names.get(name.as_str()) {
-        return known.clone();
+/// Node names, each held once and shared. A name no endpoint holds any more is forgotten
+/// when a new one comes, so nodes that come and go leave nothing behind.
+#[derive(Debug, Default)]
+struct NodeNames(BTreeSet<Arc<str>>);
+
+impl NodeNames {
+    /// `name`, shared with every endpoint on the same node.
+    fn share(&mut self, name: String) -> Arc<str> {
+        if let Some(known) = self.0.get(name.as_str()) {
+            return known.clone();
+        }
+        self.0.retain(|known| Arc::strong_count(known) > 1);
+        let name: Arc<str> = name.into();
+        self.0.insert(name.clone());
+        name
     }
-    names.retain(|known| Arc::strong_count(known) > 1);
-    let name: Arc<str> = name.into();
-    names.insert(name.clone());
-    name
+}
+
+/// `name` from the process's [`NodeNames`].
+fn shared_node_name(name: String) -> Arc<str> {
+    static NAMES: LazyLock<Mutex<NodeNames>> = LazyLock::new(Mutex::default);
+    NAMES.lock().unwrap_or_else(PoisonError::into_inner).share(name)
 }
 
 impl From<EndpointSlice> for Slice {
@@ -242,15 +252,18 @@ mod tests {
 
     #[test]
     fn endpoints_on_one_node_share_its_name() {
-        let a = shared_node_name("node-shared".into());
-        let b = shared_node_name("node-shared".into());
+        // Names of its own: the process's are shared with the tests that run beside this one.
+        let mut names = NodeNames::default();
+        let mut shared_node_name = |name: &str| names.share(name.into());
+        let a = shared_node_name("node-shared");
+        let b = shared_node_name("node-shared");
         assert!(Arc::ptr_eq(&a, &b));
         assert_eq!(&*a, "node-shared");
         let weak = Arc::downgrade(&a);
         drop((a, b));
         assert!(weak.upgrade().is_some(), "still known");
         // Forgotten once no endpoint holds it and another name comes.
-        let _other = shared_node_name("node-other".into());
+        let _other = shared_node_name("node-other");
         assert!(weak.upgrade().is_none(), "forgotten");
     }
 }
