@@ -294,17 +294,14 @@ async fn api_phase(args: &Args, rate_estimation: bool) -> Measured {
     let mut end_to_end = end_to_end.split_off(WARM_UP);
     end_to_end.sort();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    for line in daemon
-        .log()
-        .lines()
-        .filter(|l| l.contains(" applied") || l.contains(" synced"))
-        .skip(2)
-        .take(6)
+    let log = daemon.log();
+    for line in
+        log.lines().filter(|l| l.contains(" applied") || l.contains(" synced")).skip(2).take(6)
     {
         eprintln!("bench: {line}");
     }
-    print_slow_syncs(&daemon.log());
-    let mut daemon_side = partial_syncs(&daemon.log());
+    print_slow_syncs(&log);
+    let mut daemon_side = partial_syncs(&log);
     let first_sync = daemon_side.first().copied().unwrap_or_default();
     let mut daemon_side = daemon_side.split_off(WARM_UP.min(daemon_side.len()));
     daemon_side.sort();
