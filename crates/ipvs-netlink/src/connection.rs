@@ -308,6 +308,21 @@ impl<T: Transport> Connection<T> {
 
     /// Sends one request and collects its reply messages.
     pub(crate) async fn execute(&mut self, request: &Request) -> Result<Vec<IpvsMessage>, Error> {
+        self.execute_each(request, |message, out| {
+            out.push(message);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Sends one request and hands each reply message to `each` as soon as it is decoded;
+    /// `each` adds what it makes of the message to the reply's list, or says why the message
+    /// is malformed. A large dump is never held whole in its decoded form.
+    pub(crate) async fn execute_each<R>(
+        &mut self,
+        request: &Request,
+        mut each: impl FnMut(IpvsMessage, &mut Vec<R>) -> Result<(), String>,
+    ) -> Result<Vec<R>, Error> {
         let target = request.target();
         self.finish_abandoned_dump(target).await?;
         let message = request.message()?;
@@ -315,7 +330,7 @@ impl<T: Transport> Connection<T> {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.exchange(request, message.clone()).await {
+            match self.exchange(request, message.clone(), &mut each).await {
                 Err(Exchange::Failed(ENOENT)) if !stale_family_checked => {
                     stale_family_checked = true;
                     if !self.family_changed(target).await? {
@@ -335,11 +350,12 @@ impl<T: Transport> Connection<T> {
         }
     }
 
-    async fn exchange(
+    async fn exchange<R>(
         &mut self,
         request: &Request,
         message: IpvsMessage,
-    ) -> Result<Vec<IpvsMessage>, Exchange> {
+        each: &mut impl FnMut(IpvsMessage, &mut Vec<R>) -> Result<(), String>,
+    ) -> Result<Vec<R>, Exchange> {
         let target = request.target();
         let family = self.family(target).await.map_err(Exchange::Error)?;
         let dump = request.is_dump();
@@ -366,7 +382,10 @@ impl<T: Transport> Connection<T> {
                 let outcome = match reply {
                     Reply::Message(genl, flags) => {
                         interrupted |= flags & NLM_F_DUMP_INTR != 0;
-                        messages.push(genl.payload);
+                        if let Err(reason) = each(genl.payload, &mut messages) {
+                            // Keep reading: a dump must be drained to its end.
+                            malformed.get_or_insert(reason);
+                        }
                         continue;
                     }
                     Reply::Malformed(reason) => {

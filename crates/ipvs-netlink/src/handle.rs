@@ -135,18 +135,13 @@ impl IpvsHandle {
     /// Reads one virtual service.
     pub async fn get_service(&self, key: &ServiceKey) -> Result<ServiceEntry> {
         let request = Request::GetService(*key);
-        let messages = self.execute(request.clone()).await?;
-        services_from(&request, messages)?
-            .into_iter()
-            .next()
-            .ok_or_else(|| malformed(&request, "the reply holds no service"))
+        let services = self.connection.lock().await.execute_each(&request, push_services).await?;
+        services.into_iter().next().ok_or_else(|| malformed(&request, "the reply holds no service"))
     }
 
     /// Lists every virtual service of the namespace (a dump).
     pub async fn list_services(&self) -> Result<Vec<ServiceEntry>> {
-        let request = Request::ListServices;
-        let messages = self.execute(request.clone()).await?;
-        services_from(&request, messages)
+        self.connection.lock().await.execute_each(&Request::ListServices, push_services).await
     }
 
     /// Adds a destination to a virtual service.
@@ -293,37 +288,32 @@ async fn destinations_on(
     connection: &Shared,
     service: &ServiceKey,
 ) -> Result<Vec<DestinationEntry>> {
-    let request = Request::ListDestinations(*service);
-    let messages = connection.lock().await.execute(&request).await?;
     let family = service.family();
-    messages
-        .into_iter()
-        .flat_map(|m| m.attributes)
-        .filter_map(|attr| match attr {
-            IpvsAttribute::Destination(attrs) => Some(attrs),
-            _ => None,
+    let request = Request::ListDestinations(*service);
+    connection
+        .lock()
+        .await
+        .execute_each(&request, |message, out| {
+            for attr in message.attributes {
+                if let IpvsAttribute::Destination(attrs) = attr {
+                    out.push(DestinationEntry::from_attributes(&attrs, family).map_err(|e| e.0)?);
+                }
+            }
+            Ok(())
         })
-        .map(|attrs| {
-            DestinationEntry::from_attributes(&attrs, family)
-                .map_err(|err| malformed(&request, &err.0))
-        })
-        .collect()
+        .await
 }
 
 fn malformed(request: &Request, reason: &str) -> Error {
     Error::MalformedReply { target: request.target(), reason: reason.to_owned() }
 }
 
-fn services_from(request: &Request, messages: Vec<IpvsMessage>) -> Result<Vec<ServiceEntry>> {
-    messages
-        .into_iter()
-        .flat_map(|m| m.attributes)
-        .filter_map(|attr| match attr {
-            IpvsAttribute::Service(attrs) => Some(attrs),
-            _ => None,
-        })
-        .map(|attrs| {
-            ServiceEntry::from_attributes(&attrs).map_err(|err| malformed(request, &err.0))
-        })
-        .collect()
+/// Turns one reply message into the services it holds, as they arrive.
+fn push_services(message: IpvsMessage, out: &mut Vec<ServiceEntry>) -> Result<(), String> {
+    for attr in message.attributes {
+        if let IpvsAttribute::Service(attrs) = attr {
+            out.push(ServiceEntry::from_attributes(&attrs).map_err(|e| e.0)?);
+        }
+    }
+    Ok(())
 }

@@ -18,7 +18,7 @@ use std::{
 
 use controller::{
     desired::{
-        DesiredState, Exposure, Join, NodeInfo, Problem, ProxyConfig, SERVICE_NAME_LABEL,
+        ByKey, DesiredState, Exposure, Join, NodeInfo, Problem, ProxyConfig, SERVICE_NAME_LABEL,
         ServiceState, Slice, node_port_addresses, service_state,
     },
     node::NodeSync,
@@ -81,7 +81,7 @@ pub struct Proxier {
     nodes: Cache<Node>,
     /// The Service each EndpointSlice belongs to, and the reverse.
     slice_service: HashMap<ServiceName, String>,
-    service_slices: HashMap<ServiceName, BTreeSet<String>>,
+    service_slices: HashMap<ServiceName, ByKey<String>>,
     unlabelled: BTreeSet<ServiceName>,
     dirty: BTreeSet<ServiceName>,
     /// The EndpointSlice trigger times of the changes not synced yet.
@@ -415,6 +415,10 @@ impl Proxier {
         let node = self.node_info();
         let full = self.all_dirty || !self.synced_once;
         let dirty = std::mem::take(&mut self.dirty);
+        if full {
+            // The node compares everything; a delta would only copy it.
+            self.join.discard_delta();
+        }
         let names: BTreeSet<ServiceName> = if full {
             // Every Service known, and every one joined (those gone since).
             let mut names: BTreeSet<ServiceName> =

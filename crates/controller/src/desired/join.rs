@@ -146,6 +146,8 @@ pub struct Join {
     counts: Counts,
     desired: DesiredState,
     delta: Delta,
+    /// The caller will not use the delta (see [`Join::discard_delta`]).
+    discarding: bool,
 }
 
 impl Join {
@@ -197,6 +199,17 @@ impl Join {
         if keep {
             self.states.insert(name.clone(), new);
         }
+        if self.discarding {
+            self.delta = Delta::default();
+        }
+    }
+
+    /// Drops the delta, and records none until the next [`Join::take_delta`]: for a caller
+    /// that compares everything at its next sync, where the first one would otherwise hold a
+    /// second copy of every element.
+    pub fn discard_delta(&mut self) {
+        self.delta = Delta::default();
+        self.discarding = true;
     }
 
     /// Forgets every contribution: what was joined is removed, as in the delta.
@@ -406,6 +419,7 @@ impl Join {
     pub fn take_delta(&mut self) -> Delta {
         self.settle_local();
         self.desired.problems = self.problems();
+        self.discarding = false;
         std::mem::take(&mut self.delta)
     }
 
@@ -595,6 +609,11 @@ mod tests {
             let mut applied = Elements::default();
             let mut before = DesiredState::default();
             for step in 0..60 {
+                // Now and then, a sync that compares everything and drops the delta.
+                let full = r.below(6) == 0;
+                if full {
+                    join.discard_delta();
+                }
                 // A few Services change at once, as in one sync.
                 for _ in 0..1 + r.below(3) {
                     let service = name(r.below(6));
@@ -621,6 +640,13 @@ mod tests {
                     },
                     "{context}"
                 );
+                if full {
+                    // Not even the addresses were copied; the node is moved to the whole.
+                    assert!(delta.added.vips.is_empty() && delta.removed.vips.is_empty());
+                    applied = expected.elements.clone();
+                    before = expected;
+                    continue;
+                }
                 for (key, server) in &expected.virtual_servers {
                     if before.virtual_servers.get(key) != Some(server) {
                         assert!(delta.keys.contains(key), "{context}: {key} changed unreported");

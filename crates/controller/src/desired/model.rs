@@ -165,6 +165,14 @@ impl Keyed for (String, String) {
     }
 }
 
+/// A name, for the few objects of one kind that belong to one Service (its EndpointSlices).
+impl Keyed for String {
+    type Key = String;
+    fn sort_key(&self) -> &String {
+        self
+    }
+}
+
 impl Keyed for Arc<VirtualServer> {
     type Key = ServiceKey;
     fn sort_key(&self) -> &ServiceKey {
