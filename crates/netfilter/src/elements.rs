@@ -246,14 +246,67 @@ pub(crate) fn element_changes(config: &Config, old: &Elements, new: &Elements) -
         };
         change(name, entries(old_entries, new_entries), entries(new_entries, old_entries));
     }
-    let (old, new) = (contents(old), contents(new));
-    for (set, new_items) in &new {
-        let old_items = &old[set];
-        let entries = |a: &BTreeSet<Item>, b| a.difference(b).map(|i| (i.clone(), None)).collect();
-        change(set, entries(old_items, new_items), entries(new_items, old_items));
+    for (set, (removed, added)) in set_differences(old, new) {
+        let entries = |items: Vec<Item>| items.into_iter().map(|item| (item, None)).collect();
+        change(&set, entries(removed), entries(added));
     }
     deletes.extend(adds);
     deletes
+}
+
+/// The items each set loses and gains from `old` to `new`, by set name: the difference of
+/// [`contents`], worked out collection by collection so that neither side is copied whole.
+fn set_differences(old: &Elements, new: &Elements) -> BTreeMap<String, (Vec<Item>, Vec<Item>)> {
+    type Changes = (Vec<Item>, Vec<Item>);
+    let mut sets: BTreeMap<(SetKind, Option<Family>), Changes> = BTreeMap::new();
+    let mut put = |kind, family, item, gone: bool| {
+        let (removed, added) = sets.entry((kind, family)).or_default();
+        if gone { removed.push(item) } else { added.push(item) }
+    };
+    /// Calls `each` with what only `old` has (`true`), then with what only `new` has.
+    fn diff<T: Ord>(old: &BTreeSet<T>, new: &BTreeSet<T>, mut each: impl FnMut(&T, bool)) {
+        old.difference(new).for_each(|item| each(item, true));
+        new.difference(old).for_each(|item| each(item, false));
+    }
+    for (kind, old, new) in [
+        (SetKind::ClusterIps, &old.cluster_ips, &new.cluster_ips),
+        (SetKind::ExternalIps, &old.external_ips, &new.external_ips),
+        (SetKind::LocalExternalIps, &old.local_external_ips, &new.local_external_ips),
+    ] {
+        diff(old, new, |port, gone| {
+            put(kind, family_of(port.address), Item::ServicePort(*port), gone);
+        });
+    }
+    diff(&old.vips, &new.vips, |vip, gone| {
+        put(SetKind::Vips, family_of(*vip), Item::Address(*vip), gone);
+    });
+    diff(&old.source_ranges, &new.source_ranges, |(port, range), gone| {
+        // A range of the other family can never match this service.
+        if range.is_ipv4() == port.address.is_ipv4() {
+            let item = Item::SourceRange(*port, *range);
+            put(SetKind::SourceRanges, family_of(port.address), item, gone);
+        }
+    });
+    let firewalled = |e: &Elements| e.source_ranges.iter().map(|(port, _)| *port).collect();
+    diff(&firewalled(old), &firewalled(new), |port: &ServicePort, gone| {
+        put(SetKind::Firewalled, family_of(port.address), Item::ServicePort(*port), gone);
+    });
+    diff(&old.hairpin, &new.hairpin, |address, gone| {
+        put(SetKind::Hairpin, family_of(*address), Item::Hairpin(*address), gone);
+    });
+    diff(&old.node_ports, &new.node_ports, |port, gone| {
+        put(SetKind::NodePorts, None, Item::NodePort(*port), gone);
+    });
+    let localhost = |e: &Elements| {
+        e.localhost_node_ports.iter().filter(|(_, e)| !e.is_empty()).map(|(p, _)| *p).collect()
+    };
+    diff(&localhost(old), &localhost(new), |port: &NodePort, gone| {
+        put(SetKind::LocalhostNodePorts, None, Item::NodePort(*port), gone);
+    });
+    diff(&old.health_check_node_ports, &new.health_check_node_ports, |port, gone| {
+        put(SetKind::HealthCheckPorts, None, Item::Port(*port), gone);
+    });
+    sets.into_iter().map(|((kind, family), changes)| (set_name(kind, family), changes)).collect()
 }
 
 #[cfg(test)]
@@ -267,6 +320,63 @@ mod tests {
         elements.cluster_ips.insert(port("10.96.0.10", Protocol::Tcp, 80));
         elements.vips.insert("10.96.0.10".parse().unwrap());
         assert!(element_changes(&Config::default(), &elements, &elements.clone()).is_empty());
+    }
+
+    /// Elements drawn from small pools of both families, so that two draws share some.
+    fn random_elements(seed: &mut u64) -> Elements {
+        let mut next = |n: u64| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed % n
+        };
+        let mut e = Elements::default();
+        for _ in 0..12 {
+            let address: IpAddr = match next(2) {
+                0 => Ipv4Addr::new(10, 96, 0, next(4) as u8).into(),
+                _ => format!("fd00::{}", next(4)).parse().unwrap(),
+            };
+            let service = ServicePort::new(address, Protocol::Tcp, 80 + next(2) as u16);
+            let node_port = NodePort { protocol: Protocol::Udp, port: 30000 + next(3) as u16 };
+            match next(8) {
+                0 => e.cluster_ips.insert(service),
+                1 => e.external_ips.insert(service),
+                2 => e.local_external_ips.insert(service),
+                3 => e.vips.insert(address),
+                4 => e.hairpin.insert(address),
+                5 => e.node_ports.insert(node_port),
+                6 => e.health_check_node_ports.insert(node_port.port),
+                _ => {
+                    let range = ["192.0.2.0/24", "2001:db8::/32"][next(2) as usize];
+                    e.source_ranges.insert((service, range.parse().unwrap()))
+                }
+            };
+            let endpoints = e.localhost_node_ports.entry(node_port).or_default();
+            if next(3) == 0 {
+                endpoints.insert(SocketAddrV4::new(Ipv4Addr::new(10, 244, 0, 2), 8080));
+            }
+        }
+        e
+    }
+
+    #[test]
+    fn the_set_changes_are_the_difference_of_the_contents() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        for round in 0..300 {
+            let (old, new) = (random_elements(&mut seed), random_elements(&mut seed));
+            let (before, after) = (contents(&old), contents(&new));
+            let mut expected = BTreeMap::new();
+            for (set, items) in &after {
+                let removed: Vec<Item> = before[set].difference(items).cloned().collect();
+                let added: Vec<Item> = items.difference(&before[set]).cloned().collect();
+                if !removed.is_empty() || !added.is_empty() {
+                    expected.insert(set.clone(), (removed, added));
+                }
+            }
+            let mut changed = set_differences(&old, &new);
+            changed.retain(|_, (removed, added)| !removed.is_empty() || !added.is_empty());
+            assert_eq!(changed, expected, "round {round}");
+        }
     }
 
     #[test]

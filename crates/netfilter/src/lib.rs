@@ -162,6 +162,8 @@ impl Netfilter {
             self.transactions += 1;
             let messages = changes.iter().flat_map(message::change_messages);
             let written = self.netlink(|socket| socket.transaction(messages));
+            // Before the copy below: the two are as large as the table.
+            drop(changes);
             match written {
                 Ok(()) => {
                     self.applied = Some(elements.clone());
