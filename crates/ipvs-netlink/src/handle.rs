@@ -216,16 +216,16 @@ impl IpvsHandle {
         let chunk = services.len().div_ceil(sockets).max(1);
         let connections = std::iter::once(&self.connection).chain(self.dump_connections.iter());
         let mut tasks = Vec::new();
-        let mut services = services.into_iter();
-        for connection in connections.take(sockets) {
-            let part: Vec<ServiceEntry> = services.by_ref().take(chunk).collect();
-            let connection = connection.clone();
-            let f = f.clone();
+        // Each socket reads a contiguous part, from the one list rather than a copy of it.
+        let services = Arc::new(services);
+        for (i, connection) in connections.take(sockets).enumerate() {
+            let part = (i * chunk).min(services.len())..((i + 1) * chunk).min(services.len());
+            let (services, connection, f) = (services.clone(), connection.clone(), f.clone());
             tasks.push(tokio::spawn(async move {
                 let mut table = Vec::with_capacity(part.len());
-                for service in part {
+                for service in &services[part] {
                     let destinations = destinations_on(&connection, &service.service.key).await?;
-                    table.push(f(service, destinations));
+                    table.push(f(service.clone(), destinations));
                 }
                 Ok::<_, Error>(table)
             }));

@@ -325,6 +325,9 @@ async fn api_phase(args: &Args, rate_estimation: bool) -> Measured {
     tokio::time::sleep(Duration::from_secs(16)).await;
     let idle_writes = ipvs_writes(&daemon.metrics()) - writes;
     let idle_cpu = cpu_time(daemon.pid()) - cpu;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let parts = status.lines().filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"));
+    eprintln!("bench: memory when idle: {}", parts.collect::<Vec<_>>().join(", "));
     measured.figures.insert("rss".into(), memory(daemon.pid(), "VmHWM:"));
     measured.figures.insert("idle_rss".into(), memory(daemon.pid(), "VmRSS:"));
     measured.time("total_cpu", cpu_time(daemon.pid()));
