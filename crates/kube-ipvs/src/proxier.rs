@@ -27,7 +27,7 @@ use controller::{
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::{Node, Service};
 use kube::runtime::{
-    reflector::{self, ObjectRef, Store, store::Writer},
+    reflector::{self, Lookup, ObjectRef, Store, store::Writer},
     watcher::Event,
 };
 use tracing::{debug, info, warn};
@@ -57,7 +57,7 @@ pub struct Settings {
     pub node_port_range: std::ops::RangeInclusive<u16>,
 }
 
-struct Cache<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
+struct Cache<K: Lookup<DynamicType = ()> + Clone + 'static> {
     store: Store<K>,
     writer: Writer<K>,
     listed: bool,
@@ -65,7 +65,7 @@ struct Cache<K: kube::Resource<DynamicType = ()> + Clone + 'static> {
 
 impl<K> Cache<K>
 where
-    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+    K: Lookup<DynamicType = ()> + Clone + 'static,
 {
     fn new() -> Self {
         let (store, writer) = reflector::store();
@@ -111,9 +111,9 @@ impl std::fmt::Debug for Proxier {
     }
 }
 
-fn name_of<K: kube::Resource>(object: &K) -> ServiceName {
-    let meta = object.meta();
-    (meta.namespace.clone().unwrap_or_default(), meta.name.clone().unwrap_or_default())
+fn name_of<K: Lookup>(object: &K) -> ServiceName {
+    let text = |part: Option<std::borrow::Cow<'_, str>>| part.unwrap_or_default().into_owned();
+    (text(object.namespace()), text(object.name()))
 }
 
 fn trigger_time(slice: &Slice) -> Option<Timestamp> {

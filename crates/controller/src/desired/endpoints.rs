@@ -22,11 +22,7 @@ pub(crate) struct Endpoint {
 }
 
 fn slice_name(slice: &Slice) -> String {
-    format!(
-        "EndpointSlice {}/{}",
-        slice.metadata.namespace.as_deref().unwrap_or_default(),
-        slice.metadata.name.as_deref().unwrap_or_default()
-    )
+    format!("EndpointSlice {}/{}", slice.namespace, slice.name)
 }
 
 /// The endpoints of the Service port named `port_name` with `protocol`, from every slice of

@@ -65,18 +65,13 @@ pub fn slices_by_service<'a>(
 ) -> BTreeMap<(String, String), Vec<&'a Slice>> {
     let mut by_service: BTreeMap<(String, String), Vec<&Slice>> = BTreeMap::new();
     for slice in slices {
-        let meta = &slice.metadata;
         match &slice.service {
             Some(service) => by_service
-                .entry((meta.namespace.clone().unwrap_or_default(), service.clone()))
+                .entry((slice.namespace.clone(), service.clone()))
                 .or_default()
                 .push(slice),
             None => problems.push(Problem {
-                object: object_name(
-                    "EndpointSlice",
-                    meta.namespace.as_deref(),
-                    meta.name.as_deref(),
-                ),
+                object: object_name("EndpointSlice", Some(&slice.namespace), Some(&slice.name)),
                 reason: format!("has no {SERVICE_NAME_LABEL} label; skipped"),
             }),
         }
@@ -110,11 +105,7 @@ pub fn desired_state<'a>(
     for ((namespace, name), slices) in by_service {
         for slice in slices {
             desired.problems.push(Problem {
-                object: object_name(
-                    "EndpointSlice",
-                    Some(&namespace),
-                    slice.metadata.name.as_deref(),
-                ),
+                object: object_name("EndpointSlice", Some(&namespace), Some(&slice.name)),
                 reason: format!("its Service {namespace}/{name} is unknown; waiting for it"),
             });
         }

@@ -3,27 +3,28 @@
 //! `ObjectReference`, hints and conditions inline); a [`Slice`] about a third of that. At
 //! 10,000 Services the difference is tens of MiB.
 //!
-//! [`Slice`] implements k8s-openapi's `Resource` and `Metadata`, so kube-rs's reflector stores
-//! hold it as they hold the API type.
+//! [`Slice`] implements kube-rs's `Lookup` (kind, name and namespace), so kube-rs's reflector
+//! stores hold it as they hold the API type, without the 360 bytes of a whole `ObjectMeta`.
 
 use std::{
+    borrow::Cow,
     collections::BTreeSet,
     net::IpAddr,
     sync::{Arc, LazyLock, Mutex, PoisonError},
 };
 
-use k8s_openapi::{
-    Metadata, NamespaceResourceScope, Resource, api::discovery::v1::EndpointSlice,
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
-};
+use k8s_openapi::{Resource, api::discovery::v1::EndpointSlice};
+use kube::runtime::reflector::Lookup;
 
 use super::model::{SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION};
 
 /// An EndpointSlice, reduced to what the desired state reads.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Slice {
-    /// Name, namespace and resourceVersion; the rest of the metadata is dropped.
-    pub metadata: ObjectMeta,
+    /// Its name.
+    pub name: String,
+    /// Its namespace.
+    pub namespace: String,
     /// The Service it belongs to: its `kubernetes.io/service-name` label.
     pub service: Option<String>,
     /// Its `endpoints.kubernetes.io/last-change-trigger-time` annotation, as written.
@@ -145,12 +146,8 @@ impl From<EndpointSlice> for Slice {
         Self {
             service: metadata.labels.and_then(|mut l| l.remove(SERVICE_NAME_LABEL)),
             trigger_time: metadata.annotations.and_then(|mut a| a.remove(TRIGGER_TIME_ANNOTATION)),
-            metadata: ObjectMeta {
-                name: metadata.name,
-                namespace: metadata.namespace,
-                resource_version: metadata.resource_version,
-                ..ObjectMeta::default()
-            },
+            name: metadata.name.unwrap_or_default(),
+            namespace: metadata.namespace.unwrap_or_default(),
             ports,
             endpoints: kept,
             invalid_addresses,
@@ -164,24 +161,41 @@ impl From<&EndpointSlice> for Slice {
     }
 }
 
-impl Resource for Slice {
-    const API_VERSION: &'static str = EndpointSlice::API_VERSION;
-    const GROUP: &'static str = EndpointSlice::GROUP;
-    const KIND: &'static str = EndpointSlice::KIND;
-    const VERSION: &'static str = EndpointSlice::VERSION;
-    const URL_PATH_SEGMENT: &'static str = EndpointSlice::URL_PATH_SEGMENT;
-    type Scope = NamespaceResourceScope;
-}
+/// What kube-rs's reflector store needs to know of a kept slice: its kind and its name. The
+/// resourceVersion and UID are not kept (the watch tracks the resourceVersion itself).
+impl Lookup for Slice {
+    type DynamicType = ();
 
-impl Metadata for Slice {
-    type Ty = ObjectMeta;
-
-    fn metadata(&self) -> &ObjectMeta {
-        &self.metadata
+    fn kind(_: &()) -> Cow<'_, str> {
+        EndpointSlice::KIND.into()
     }
 
-    fn metadata_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
+    fn group(_: &()) -> Cow<'_, str> {
+        EndpointSlice::GROUP.into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        EndpointSlice::VERSION.into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        EndpointSlice::URL_PATH_SEGMENT.into()
+    }
+
+    fn name(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(&self.name))
+    }
+
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        Some(Cow::Borrowed(&self.namespace))
+    }
+
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        None
+    }
+
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        None
     }
 }
 
@@ -208,9 +222,7 @@ mod tests {
         }))
         .unwrap();
         let slice = Slice::from(slice);
-        assert_eq!(slice.metadata.name.as_deref(), Some("web-1"));
-        assert_eq!(slice.metadata.resource_version.as_deref(), Some("7"));
-        assert!(slice.metadata.labels.is_none() && slice.metadata.uid.is_none());
+        assert_eq!((slice.name.as_str(), slice.namespace.as_str()), ("web-1", "ns"));
         assert_eq!(slice.service.as_deref(), Some("web"));
         assert_eq!(slice.trigger_time.as_deref(), Some("2026-01-01T00:00:00Z"));
         assert_eq!(

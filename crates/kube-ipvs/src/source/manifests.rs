@@ -68,18 +68,18 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
 
 /// Parses a namespaced object as a `P` into `objects`, kept as `keep` makes it (a Service
 /// trimmed, an EndpointSlice as a [`Slice`]), in `default` when it names no namespace.
-fn insert<P: serde::de::DeserializeOwned, K: kube::Resource>(
+fn insert<P: serde::de::DeserializeOwned + kube::Resource, K>(
     document: &RawValue,
     object: &str,
     objects: &mut BTreeMap<Key, Arc<K>>,
     keep: fn(P) -> K,
 ) -> Result<(), String> {
-    let parsed: P = serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
-    let mut parsed = keep(parsed);
+    let mut parsed: P =
+        serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
-    objects.insert(key, Arc::new(parsed));
+    objects.insert(key, Arc::new(keep(parsed)));
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use kube::runtime::watcher::Event;
+use kube::runtime::{reflector::Lookup, watcher::Event};
 
 /// One event from a source.
 #[derive(Debug, Clone)]
@@ -54,16 +54,16 @@ impl Input {
     }
 }
 
-fn describe<K: kube::Resource>(
+fn describe<K: Lookup>(
     f: &mut std::fmt::Formatter<'_>,
     kind: &str,
     event: &Event<K>,
 ) -> std::fmt::Result {
     let name = |k: &K| {
-        let meta = k.meta();
-        match &meta.namespace {
-            Some(namespace) => format!("{namespace}/{}", meta.name.as_deref().unwrap_or_default()),
-            None => meta.name.clone().unwrap_or_default(),
+        let name = k.name().unwrap_or_default();
+        match k.namespace() {
+            Some(namespace) => format!("{namespace}/{name}"),
+            None => name.into_owned(),
         }
     };
     match event {
