@@ -8,7 +8,9 @@ use std::{
 };
 
 use controller::{
-    desired::{DesiredState, NodeInfo, ProxyConfig, Slice, desired_state, service_state},
+    desired::{
+        DesiredState, NodeInfo, ProxyConfig, ServiceInfo, Slice, desired_state, service_state,
+    },
     reconcile::{KernelState, plan},
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -112,6 +114,7 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for services in [1_000, 10_000] {
         let all_services: Vec<Service> = (0..services).map(service).collect();
+        let kept: Vec<ServiceInfo> = all_services.iter().map(ServiceInfo::from).collect();
         let slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, endpoints, 0)).collect();
 
         let scratch = median(5, || {
@@ -136,7 +139,7 @@ fn main() {
             let i = (round * 7919) % services;
             let changed = Slice::from(slice(i, endpoints, 1 + round % 3));
             let started = Instant::now();
-            let state = service_state(&all_services[i], &[&changed], &node, &config);
+            let state = service_state(&kept[i], &[&changed], &node, &config);
             let plans: usize = state
                 .virtual_servers
                 .iter()

@@ -19,13 +19,13 @@ use std::{
 use controller::{
     desired::{
         ByKey, DesiredState, Exposure, Join, NodeInfo, Problem, ProxyConfig, SERVICE_NAME_LABEL,
-        ServiceState, Slice, node_port_addresses, service_state,
+        ServiceInfo, ServiceState, ServiceType, Slice, node_port_addresses, service_state,
     },
     node::NodeSync,
     reconcile::{KernelDigests, Owned},
 };
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::{
     reflector::{self, Lookup, ObjectRef, Store, store::Writer},
     watcher::Event,
@@ -76,7 +76,7 @@ where
 /// The daemon's state between syncs.
 pub struct Proxier {
     settings: Settings,
-    services: Cache<Service>,
+    services: Cache<ServiceInfo>,
     slices: Cache<Slice>,
     nodes: Cache<Node>,
     /// The Service each EndpointSlice belongs to, and the reverse.
@@ -121,11 +121,11 @@ fn trigger_time(slice: &Slice) -> Option<Timestamp> {
 }
 
 /// The healthCheckNodePort of a LoadBalancer Service with `externalTrafficPolicy: Local`.
-fn health_check_port(service: &Service) -> Option<u16> {
-    let spec = service.spec.as_ref()?;
-    let local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let balanced = spec.type_.as_deref() == Some("LoadBalancer");
-    (local && balanced).then_some(spec.health_check_node_port?).and_then(|p| u16::try_from(p).ok())
+fn health_check_port(service: &ServiceInfo) -> Option<u16> {
+    let balanced = service.type_ == ServiceType::LoadBalancer;
+    (service.external_local && balanced)
+        .then_some(service.health_check_node_port?)
+        .and_then(|p| u16::try_from(p).ok())
 }
 
 impl Proxier {
@@ -376,7 +376,7 @@ impl Proxier {
         }
     }
 
-    fn state_of(&self, name: &ServiceName, service: &Service, node: &NodeInfo) -> ServiceState {
+    fn state_of(&self, name: &ServiceName, service: &ServiceInfo, node: &NodeInfo) -> ServiceState {
         let slices: Vec<Arc<Slice>> = self
             .service_slices
             .get(name)
@@ -438,8 +438,7 @@ impl Proxier {
                 Some(port) => self.health_check_ports.insert(name.clone(), port),
                 None => self.health_check_ports.remove(name),
             };
-            let spec = service.as_deref().and_then(|s| s.spec.as_ref());
-            if spec.and_then(|s| s.internal_traffic_policy.as_deref()) == Some("Local") {
+            if service.as_ref().is_some_and(|s| s.internal_local) {
                 self.internal_local.insert(name.clone());
             } else {
                 self.internal_local.remove(name);

@@ -11,6 +11,7 @@ mod endpoints;
 mod join;
 mod model;
 mod service;
+mod service_info;
 mod slice;
 #[cfg(test)]
 mod tests;
@@ -31,8 +32,8 @@ pub use self::{
     },
     service::{
         LocalKey, LocalOnly, ServiceElements, ServiceState, Skipped, service_state, skipped,
-        trim_service,
     },
+    service_info::{Parsed, ServiceInfo, ServiceInfoPort, ServiceType},
     slice::{Slice, SliceEndpoint, SlicePort},
 };
 
@@ -91,12 +92,10 @@ pub fn desired_state<'a>(
     let mut by_service = slices_by_service(&slices, &mut problems);
     let mut join = Join::new();
     for service in services {
-        let key = (
-            service.metadata.namespace.clone().unwrap_or_default(),
-            service.metadata.name.clone().unwrap_or_default(),
-        );
+        let service = ServiceInfo::from(service);
+        let key = (service.namespace.clone(), service.name.clone());
         let slices = by_service.remove(&key).unwrap_or_default();
-        join.set(&key, Some(service_state(service, &slices, node, config)));
+        join.set(&key, Some(service_state(&service, &slices, node, config)));
     }
     join.take_delta();
     let mut desired = join.into_desired();

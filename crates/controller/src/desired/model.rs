@@ -142,6 +142,51 @@ pub enum Exposure {
     LocalOnly,
 }
 
+/// Implements kube-rs's `Lookup` for `$kept`, an API object as kube-ipvs keeps it, with
+/// `name` and `namespace` fields, so that kube-rs's reflector stores hold it as they hold
+/// `$api`, its API type. The resourceVersion and UID are not kept (the watch tracks the
+/// resourceVersion itself).
+macro_rules! lookup_by_name {
+    ($kept:ty, $api:ty) => {
+        impl kube::runtime::reflector::Lookup for $kept {
+            type DynamicType = ();
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::KIND.into()
+            }
+
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::GROUP.into()
+            }
+
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::VERSION.into()
+            }
+
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                <$api as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+            }
+
+            fn name(&self) -> Option<std::borrow::Cow<'_, str>> {
+                Some(self.name.as_str().into())
+            }
+
+            fn namespace(&self) -> Option<std::borrow::Cow<'_, str>> {
+                Some(self.namespace.as_str().into())
+            }
+
+            fn resource_version(&self) -> Option<std::borrow::Cow<'_, str>> {
+                None
+            }
+
+            fn uid(&self) -> Option<std::borrow::Cow<'_, str>> {
+                None
+            }
+        }
+    };
+}
+pub(crate) use lookup_by_name;
+
 /// An item that carries its own key, for [`ByKey`].
 pub trait Keyed {
     /// The key's type.

@@ -7,19 +7,17 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-use ipvs_netlink::{
-    Destination, Family, Protocol, Service as VirtualService, ServiceFlags, ServiceKey,
-};
-use k8s_openapi::api::core::v1::Service;
+use ipvs_netlink::{Destination, Family, Service as VirtualService, ServiceFlags, ServiceKey};
 use netfilter::{Elements, NodePort, ServicePort as NetfilterPort};
 
 use super::{
     endpoints::{self, Endpoint},
     model::{
-        DEFAULT_AFFINITY_TIMEOUT, Destinations, Exposure, HEADLESS_LABEL, NodeInfo, Problem,
-        ProxyConfig, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS,
-        SERVICE_PROXY_NAME_LABEL, ServicePortName, VirtualServer, VirtualServers,
+        DEFAULT_AFFINITY_TIMEOUT, Destinations, Exposure, NodeInfo, Problem, ProxyConfig,
+        SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS, ServicePortName,
+        VirtualServer, VirtualServers,
     },
+    service_info::{Parsed, ServiceInfo, ServiceType},
     slice::Slice,
 };
 
@@ -129,51 +127,25 @@ pub enum Skipped {
 }
 
 /// Whether a Service is one kube-ipvs implements at all.
-pub fn skipped(service: &Service, config: &ProxyConfig) -> Option<Skipped> {
-    let labels = service.metadata.labels.as_ref();
-    let label = |key: &str| labels.and_then(|l| l.get(key));
-    if label(HEADLESS_LABEL).is_some() {
+pub fn skipped(service: &ServiceInfo, config: &ProxyConfig) -> Option<Skipped> {
+    if service.headless_label {
         return Some(Skipped::Headless);
     }
-    if let Some(proxy) = label(SERVICE_PROXY_NAME_LABEL)
+    if let Some(proxy) = &service.proxy_name
         && config.service_proxy_name.as_ref() != Some(proxy)
     {
         return Some(Skipped::OtherProxy);
     }
-    let spec = service.spec.as_ref()?;
-    if spec.type_.as_deref() == Some("ExternalName") {
+    if !service.has_spec {
+        return None;
+    }
+    if service.type_ == ServiceType::ExternalName {
         return Some(Skipped::ExternalName);
     }
-    if spec.cluster_ip.as_deref() == Some("None") {
+    if service.cluster_ip_none {
         return Some(Skipped::Headless);
     }
     None
-}
-
-/// Drops what the desired state never reads from a Service, before it is kept: managed
-/// fields, owner references, finalizers, and annotations other than kube-ipvs's own (such as
-/// `kubectl.kubernetes.io/last-applied-configuration`, a copy of the whole object).
-pub fn trim_service(service: &mut Service) {
-    let meta = &mut service.metadata;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations
-            .retain(|key, _| key == SCHEDULER_ANNOTATION || key == SCHEDULER_FLAGS_ANNOTATION);
-        if annotations.is_empty() {
-            meta.annotations = None;
-        }
-    }
-}
-
-fn protocol(name: &str) -> Option<Protocol> {
-    match name {
-        "TCP" => Some(Protocol::Tcp),
-        "UDP" => Some(Protocol::Udp),
-        "SCTP" => Some(Protocol::Sctp),
-        _ => None,
-    }
 }
 
 struct Context<'a> {
@@ -193,10 +165,9 @@ impl Context<'_> {
 }
 
 /// The scheduler and scheduler flags of a Service: its annotations, or the default.
-fn scheduler(service: &Service, context: &mut Context<'_>) -> (String, ServiceFlags) {
-    let annotations = service.metadata.annotations.as_ref();
+fn scheduler(service: &ServiceInfo, context: &mut Context<'_>) -> (String, ServiceFlags) {
     let default = context.config.scheduler.clone();
-    let name = match annotations.and_then(|a| a.get(SCHEDULER_ANNOTATION)) {
+    let name = match &service.scheduler {
         None => default,
         Some(name) if SCHEDULERS.contains(&name.as_str()) => name.clone(),
         Some(name) => {
@@ -208,11 +179,7 @@ fn scheduler(service: &Service, context: &mut Context<'_>) -> (String, ServiceFl
         }
     };
     let mut flags = ServiceFlags::empty();
-    for flag in annotations
-        .and_then(|a| a.get(SCHEDULER_FLAGS_ANNOTATION))
-        .into_iter()
-        .flat_map(|f| f.split(','))
-    {
+    for flag in service.scheduler_flags.iter().flat_map(|f| f.split(',')) {
         let flag = flag.trim();
         match (name.as_str(), flag) {
             (_, "") => {}
@@ -226,10 +193,10 @@ fn scheduler(service: &Service, context: &mut Context<'_>) -> (String, ServiceFl
     (name, flags)
 }
 
-fn parse_ip(text: &str, what: &str, context: &mut Context<'_>) -> Option<IpAddr> {
-    match text.parse() {
-        Ok(ip) => Some(ip),
-        Err(_) => {
+fn parse_ip(parsed: &Parsed<IpAddr>, what: &str, context: &mut Context<'_>) -> Option<IpAddr> {
+    match parsed {
+        Ok(ip) => Some(*ip),
+        Err(text) => {
             context.problem(format!("{what} {text:?} is not an IP address; skipped"));
             None
         }
@@ -238,13 +205,12 @@ fn parse_ip(text: &str, what: &str, context: &mut Context<'_>) -> Option<IpAddr>
 
 /// What one Service asks of the node, given its EndpointSlices.
 pub fn service_state(
-    service: &Service,
+    service: &ServiceInfo,
     slices: &[&Slice],
     node: &NodeInfo,
     config: &ProxyConfig,
 ) -> ServiceState {
-    let namespace = service.metadata.namespace.clone().unwrap_or_default();
-    let name = service.metadata.name.clone().unwrap_or_default();
+    let (namespace, name) = (service.namespace.clone(), service.name.clone());
     let mut context =
         Context { object: format!("Service {namespace}/{name}"), config, problems: Vec::new() };
     let mut state = ServiceState::default();
@@ -252,64 +218,38 @@ pub fn service_state(
     if skipped(service, config).is_some() {
         return state;
     }
-    let Some(spec) = service.spec.as_ref() else {
+    if !service.has_spec {
         context.problem("has no spec; skipped".into());
         state.problems = context.problems;
         return state;
-    };
+    }
 
     let (scheduler, scheduler_flags) = scheduler(service, &mut context);
-    let affinity = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
-        spec.session_affinity_config
-            .as_ref()
-            .and_then(|c| c.client_ip.as_ref())
-            .and_then(|c| c.timeout_seconds)
-            .and_then(|t| u32::try_from(t).ok())
-            .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+    let affinity = service.affinity.map(|timeout| {
+        timeout.and_then(|t| u32::try_from(t).ok()).unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
-    let external_local = spec.external_traffic_policy.as_deref() == Some("Local");
-    let internal_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let (external_local, internal_local) = (service.external_local, service.internal_local);
 
     // Addresses, by kind.
-    let cluster_ips: Vec<IpAddr> = match &spec.cluster_ips {
-        Some(ips) if !ips.is_empty() => ips.clone(),
-        _ => spec.cluster_ip.iter().cloned().collect(),
-    }
-    .iter()
-    .filter(|ip| !ip.is_empty())
-    .filter_map(|ip| parse_ip(ip, "cluster IP", &mut context))
-    .collect();
-    let external_ips: Vec<IpAddr> = spec
-        .external_ips
-        .iter()
-        .flatten()
+    let cluster_ips: Vec<IpAddr> = (service.cluster_ips.iter())
+        .filter_map(|ip| parse_ip(ip, "cluster IP", &mut context))
+        .collect();
+    let external_ips: Vec<IpAddr> = (service.external_ips.iter())
         .filter_map(|ip| parse_ip(ip, "external IP", &mut context))
         .collect();
-    let is_load_balancer = spec.type_.as_deref() == Some("LoadBalancer");
+    let is_load_balancer = service.type_ == ServiceType::LoadBalancer;
     let load_balancer_ips: Vec<IpAddr> = if is_load_balancer {
-        let ingress = service
-            .status
-            .as_ref()
-            .and_then(|s| s.load_balancer.as_ref())
-            .and_then(|l| l.ingress.as_ref());
-        ingress
-            .into_iter()
-            .flatten()
-            // Traffic to an ipMode Proxy address goes through the load balancer, not to us.
-            .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-            .filter_map(|i| i.ip.as_deref())
+        (service.load_balancer_ips.iter())
             .filter_map(|ip| parse_ip(ip, "load-balancer IP", &mut context))
             .collect()
     } else {
         Vec::new()
     };
     let source_ranges: Vec<IpNetwork> = if is_load_balancer {
-        spec.load_balancer_source_ranges
-            .iter()
-            .flatten()
-            .filter_map(|range| match range.trim().parse() {
-                Ok(range) => Some(range),
-                Err(_) => {
+        (service.source_ranges.iter())
+            .filter_map(|range| match range {
+                Ok(range) => Some(*range),
+                Err(range) => {
                     context.problem(format!(
                         "loadBalancerSourceRanges entry {range:?} is not a CIDR; skipped"
                     ));
@@ -320,27 +260,29 @@ pub fn service_state(
     } else {
         Vec::new()
     };
-    let has_node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    let has_node_ports = matches!(service.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
 
-    for (index, port) in spec.ports.iter().flatten().enumerate() {
-        let port_name = port.name.clone().unwrap_or_default();
+    for (index, port) in service.ports.iter().enumerate() {
+        let port_name = port.name.clone();
         let owner = ServicePortName {
             namespace: namespace.clone(),
             name: name.clone(),
             port: port_name.clone(),
         };
-        let protocol_name = port.protocol.clone().unwrap_or_else(|| "TCP".into());
-        let Some(protocol) = protocol(&protocol_name) else {
-            context
-                .problem(format!("port {index} has unknown protocol {protocol_name:?}; skipped"));
-            continue;
+        let protocol = match &port.protocol {
+            Ok(protocol) => *protocol,
+            Err(name) => {
+                context.problem(format!("port {index} has unknown protocol {name:?}; skipped"));
+                continue;
+            }
         };
+        let protocol_name = protocol.name();
         let Some(number) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
             context.problem(format!("port {index} has invalid port number {}; skipped", port.port));
             continue;
         };
         let endpoints =
-            endpoints::collect(slices, &port_name, &protocol_name, node, &mut context.problems);
+            endpoints::collect(slices, &port_name, protocol_name, node, &mut context.problems);
         let (cluster, local) = endpoints::categorize(&endpoints, node);
         let internal_set = if internal_local { &local } else { &cluster };
         // Virtual servers on external addresses serve in-cluster clients too, so they get every
@@ -473,7 +415,7 @@ pub fn service_state(
         }
     }
     if is_load_balancer && external_local {
-        match spec.health_check_node_port.map(u16::try_from) {
+        match service.health_check_node_port.map(u16::try_from) {
             Some(Ok(port)) if port != 0 => {
                 elements.health_check_node_ports.insert(port);
             }

@@ -7,14 +7,12 @@
 //! stores hold it as they hold the API type, without the 360 bytes of a whole `ObjectMeta`.
 
 use std::{
-    borrow::Cow,
     collections::BTreeSet,
     net::IpAddr,
     sync::{Arc, LazyLock, Mutex, PoisonError},
 };
 
-use k8s_openapi::{Resource, api::discovery::v1::EndpointSlice};
-use kube::runtime::reflector::Lookup;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 use super::model::{SERVICE_NAME_LABEL, TRIGGER_TIME_ANNOTATION};
 
@@ -161,43 +159,7 @@ impl From<&EndpointSlice> for Slice {
     }
 }
 
-/// What kube-rs's reflector store needs to know of a kept slice: its kind and its name. The
-/// resourceVersion and UID are not kept (the watch tracks the resourceVersion itself).
-impl Lookup for Slice {
-    type DynamicType = ();
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        EndpointSlice::KIND.into()
-    }
-
-    fn group(_: &()) -> Cow<'_, str> {
-        EndpointSlice::GROUP.into()
-    }
-
-    fn version(_: &()) -> Cow<'_, str> {
-        EndpointSlice::VERSION.into()
-    }
-
-    fn plural(_: &()) -> Cow<'_, str> {
-        EndpointSlice::URL_PATH_SEGMENT.into()
-    }
-
-    fn name(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(&self.name))
-    }
-
-    fn namespace(&self) -> Option<Cow<'_, str>> {
-        Some(Cow::Borrowed(&self.namespace))
-    }
-
-    fn resource_version(&self) -> Option<Cow<'_, str>> {
-        None
-    }
-
-    fn uid(&self) -> Option<Cow<'_, str>> {
-        None
-    }
-}
+super::model::lookup_by_name!(Slice, EndpointSlice);
 
 #[cfg(test)]
 mod tests {

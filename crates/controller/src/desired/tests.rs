@@ -154,36 +154,6 @@ fn session_affinity_makes_the_virtual_server_persistent() {
 }
 
 #[test]
-fn trimming_a_service_keeps_what_its_state_reads() {
-    let mut service = web(json!({"sessionAffinity": "ClientIP"}));
-    let meta = &mut service.metadata;
-    meta.annotations = Some(
-        [
-            (SCHEDULER_ANNOTATION.to_owned(), "sh".to_owned()),
-            (SCHEDULER_FLAGS_ANNOTATION.to_owned(), "sh-port".to_owned()),
-            ("kubectl.kubernetes.io/last-applied-configuration".to_owned(), "{...}".to_owned()),
-        ]
-        .into(),
-    );
-    meta.finalizers = Some(vec!["example.com/keep".into()]);
-    meta.managed_fields = Some(vec![Default::default()]);
-    let mut trimmed = service.clone();
-    trim_service(&mut trimmed);
-    assert_eq!(
-        trimmed.metadata.annotations.as_ref().unwrap().keys().collect::<Vec<_>>(),
-        [SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION]
-    );
-    assert!(trimmed.metadata.finalizers.is_none() && trimmed.metadata.managed_fields.is_none());
-    assert_eq!(trimmed.metadata.labels, service.metadata.labels);
-    assert_eq!(compute(&[trimmed], &[]), compute(&[service], &[]));
-
-    let mut plain = web(json!({}));
-    plain.metadata.annotations = Some([("other".to_owned(), String::new())].into());
-    trim_service(&mut plain);
-    assert!(plain.metadata.annotations.is_none());
-}
-
-#[test]
 fn the_scheduler_annotation_is_followed_and_a_bad_one_falls_back_and_is_reported() {
     let mut annotated = web(json!({}));
     annotated.metadata.annotations = Some(

@@ -1,7 +1,6 @@
 //! The API server: list and watch with kube-rs's watcher, which relists after 410 Gone and
 //! retries with backoff while the API server is unreachable.
 
-use controller::desired::trim_service;
 use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -61,7 +60,8 @@ pub fn inputs(
             Api::<Service>::all(client.clone()),
             selected.clone(),
             "Service",
-            trim_service,
+            // Kept as a compact `ServiceInfo`: nothing to trim first.
+            |_| {},
             Input::service,
         ),
         // Kept as a compact `Slice`: nothing to trim first.

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use controller::desired::{Slice, trim_service};
+use controller::desired::{ServiceInfo, Slice};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -33,7 +33,7 @@ type Key = (String, String);
 /// its file, the directory's merged view and the last scan: one copy, however many views.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Objects {
-    services: BTreeMap<Key, Arc<Service>>,
+    services: BTreeMap<Key, Arc<ServiceInfo>>,
     slices: BTreeMap<Key, Arc<Slice>>,
     nodes: BTreeMap<Key, Arc<Node>>,
 }
@@ -131,10 +131,9 @@ fn add_document(document: &RawValue, objects: &mut Objects) -> Result<(), String
             }
             if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
         }
-        "Service" => insert(document, &object, &mut objects.services, |mut service: Service| {
-            trim_service(&mut service);
-            service
-        }),
+        "Service" => {
+            insert(document, &object, &mut objects.services, |service: Service| service.into())
+        }
         "EndpointSlice" => {
             insert(document, &object, &mut objects.slices, |slice: EndpointSlice| slice.into())
         }
@@ -265,12 +264,12 @@ impl Manifests {
         let mut out = Vec::new();
         match &self.current {
             None => {
-                listing(&all.services, Input::service, &mut out);
+                listing(&all.services, |e| Input::Service(Box::new(e)), &mut out);
                 listing(&all.slices, |e| Input::Slice(Box::new(e)), &mut out);
                 listing(&all.nodes, Input::node, &mut out);
             }
             Some(old) => {
-                changes(&old.services, &all.services, Input::service, &mut out);
+                changes(&old.services, &all.services, |e| Input::Service(Box::new(e)), &mut out);
                 changes(&old.slices, &all.slices, |e| Input::Slice(Box::new(e)), &mut out);
                 changes(&old.nodes, &all.nodes, Input::node, &mut out);
             }

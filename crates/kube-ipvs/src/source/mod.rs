@@ -5,7 +5,7 @@
 pub mod api;
 pub mod manifests;
 
-use controller::desired::Slice;
+use controller::desired::{ServiceInfo, Slice};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -15,8 +15,8 @@ use kube::runtime::{reflector::Lookup, watcher::Event};
 /// One event from a source.
 #[derive(Debug, Clone)]
 pub enum Input {
-    /// A Service was listed, added, changed or deleted.
-    Service(Box<Event<Service>>),
+    /// A Service was listed, added, changed or deleted; kept as a [`ServiceInfo`].
+    Service(Box<Event<ServiceInfo>>),
     /// An EndpointSlice was listed, added, changed or deleted; kept as a [`Slice`].
     Slice(Box<Event<Slice>>),
     /// The node's own Node object.
@@ -32,25 +32,30 @@ pub enum Input {
 }
 
 impl Input {
-    /// A Service event.
+    /// A Service event, the Service reduced to what the daemon keeps of it.
     pub fn service(event: Event<Service>) -> Self {
-        Self::Service(Box::new(event))
+        Self::Service(Box::new(kept(event)))
     }
 
     /// An EndpointSlice event, the slice reduced to what the daemon keeps of it.
     pub fn slice(event: Event<EndpointSlice>) -> Self {
-        Self::Slice(Box::new(match event {
-            Event::Init => Event::Init,
-            Event::InitApply(slice) => Event::InitApply(slice.into()),
-            Event::InitDone => Event::InitDone,
-            Event::Apply(slice) => Event::Apply(slice.into()),
-            Event::Delete(slice) => Event::Delete(slice.into()),
-        }))
+        Self::Slice(Box::new(kept(event)))
     }
 
     /// A Node event.
     pub fn node(event: Event<Node>) -> Self {
         Self::Node(Box::new(event))
+    }
+}
+
+/// An event of an API object turned into one of the object as kept.
+fn kept<A, K: From<A>>(event: Event<A>) -> Event<K> {
+    match event {
+        Event::Init => Event::Init,
+        Event::InitApply(object) => Event::InitApply(object.into()),
+        Event::InitDone => Event::InitDone,
+        Event::Apply(object) => Event::Apply(object.into()),
+        Event::Delete(object) => Event::Delete(object.into()),
     }
 }
 
