@@ -1,6 +1,6 @@
 //! [`IpvsHandle`]: the async API over one netlink socket.
 
-use std::{collections::HashMap, net::SocketAddr, sync::Arc};
+use std::{collections::HashMap, convert::identity, net::SocketAddr, sync::Arc};
 
 use tokio::sync::Mutex;
 
@@ -135,13 +135,15 @@ impl IpvsHandle {
     /// Reads one virtual service.
     pub async fn get_service(&self, key: &ServiceKey) -> Result<ServiceEntry> {
         let request = Request::GetService(*key);
-        let services = self.connection.lock().await.execute_each(&request, push_services).await?;
+        let mut connection = self.connection.lock().await;
+        let services = connection.execute_each(&request, push_services(identity)).await?;
         services.into_iter().next().ok_or_else(|| malformed(&request, "the reply holds no service"))
     }
 
     /// Lists every virtual service of the namespace (a dump).
     pub async fn list_services(&self) -> Result<Vec<ServiceEntry>> {
-        self.connection.lock().await.execute_each(&Request::ListServices, push_services).await
+        let request = Request::ListServices;
+        self.connection.lock().await.execute_each(&request, push_services(identity)).await
     }
 
     /// Adds a destination to a virtual service.
@@ -198,18 +200,32 @@ impl IpvsHandle {
     /// [`DUMP_SOCKETS`] sockets at once, so on a multi-threaded runtime decoding overlaps the
     /// kernel's work.
     pub async fn dump(&self) -> Result<Vec<(ServiceEntry, Vec<DestinationEntry>)>> {
-        self.dump_with(|service, destinations| (service, destinations)).await
+        let services = self.list_services().await?;
+        self.with_destinations(services, |service, destinations| (service, destinations)).await
     }
 
-    /// As [`IpvsHandle::dump`], each virtual service and its destinations turned into a `T` by
-    /// `f` as soon as they are read: a large table is never held whole in its full form
-    /// (statistics and all).
+    /// As [`IpvsHandle::dump`], without the services' statistics (dropped as each is read),
+    /// and each virtual service and its destinations turned into a `T` by `f` as soon as they
+    /// are read: a large table is never held whole in its full form.
     pub async fn dump_with<T, F>(&self, f: F) -> Result<Vec<T>>
     where
         T: Send + 'static,
-        F: Fn(ServiceEntry, Vec<DestinationEntry>) -> T + Clone + Send + 'static,
+        F: Fn(Service, Vec<DestinationEntry>) -> T + Clone + Send + 'static,
     {
-        let services = self.list_services().await?;
+        let request = Request::ListServices;
+        let keep = push_services(|entry: ServiceEntry| entry.service);
+        let services = self.connection.lock().await.execute_each(&request, keep).await?;
+        self.with_destinations(services, f).await
+    }
+
+    /// Reads the destinations of each of `services`, and turns each service and its
+    /// destinations into a `T` by `f`.
+    async fn with_destinations<S, T, F>(&self, services: Vec<S>, f: F) -> Result<Vec<T>>
+    where
+        S: Listed + Clone + Send + Sync + 'static,
+        T: Send + 'static,
+        F: Fn(S, Vec<DestinationEntry>) -> T + Clone + Send + 'static,
+    {
         let sockets = (1 + self.dump_connections.len())
             .min(services.len().div_ceil(MIN_SERVICES_PER_SOCKET))
             .max(1);
@@ -224,7 +240,7 @@ impl IpvsHandle {
             tasks.push(tokio::spawn(async move {
                 let mut table = Vec::with_capacity(part.len());
                 for service in &services[part] {
-                    let destinations = destinations_on(&connection, &service.service.key).await?;
+                    let destinations = destinations_on(&connection, service.key()).await?;
                     table.push(f(service.clone(), destinations));
                 }
                 Ok::<_, Error>(table)
@@ -308,12 +324,35 @@ fn malformed(request: &Request, reason: &str) -> Error {
     Error::MalformedReply { target: request.target(), reason: reason.to_owned() }
 }
 
-/// Turns one reply message into the services it holds, as they arrive.
-fn push_services(message: IpvsMessage, out: &mut Vec<ServiceEntry>) -> Result<(), String> {
-    for attr in message.attributes {
-        if let IpvsAttribute::Service(attrs) = attr {
-            out.push(ServiceEntry::from_attributes(&attrs).map_err(|e| e.0)?);
+/// What a reply message is turned into, as it arrives: the services it holds, each kept as
+/// `keep` makes it.
+fn push_services<S>(
+    keep: impl Fn(ServiceEntry) -> S,
+) -> impl FnMut(IpvsMessage, &mut Vec<S>) -> Result<(), String> {
+    move |message, out| {
+        for attr in message.attributes {
+            if let IpvsAttribute::Service(attrs) = attr {
+                out.push(keep(ServiceEntry::from_attributes(&attrs).map_err(|e| e.0)?));
+            }
         }
+        Ok(())
     }
-    Ok(())
+}
+
+/// A listed virtual service, as a dump keeps it while it reads the destinations.
+trait Listed {
+    /// The service's key.
+    fn key(&self) -> &ServiceKey;
+}
+
+impl Listed for ServiceEntry {
+    fn key(&self) -> &ServiceKey {
+        &self.service.key
+    }
+}
+
+impl Listed for Service {
+    fn key(&self) -> &ServiceKey {
+        &self.key
+    }
 }

@@ -79,8 +79,7 @@ pub struct Proxier {
     services: Cache<ServiceInfo>,
     slices: Cache<Slice>,
     nodes: Cache<Node>,
-    /// The Service each EndpointSlice belongs to, and the reverse.
-    slice_service: HashMap<ServiceName, String>,
+    /// The EndpointSlices of each Service (each stored slice names its Service).
     service_slices: HashMap<ServiceName, ByKey<String>>,
     unlabelled: BTreeSet<ServiceName>,
     dirty: BTreeSet<ServiceName>,
@@ -143,7 +142,6 @@ impl Proxier {
             services: Cache::new(),
             slices: Cache::new(),
             nodes: Cache::new(),
-            slice_service: HashMap::new(),
             service_slices: HashMap::new(),
             unlabelled: BTreeSet::new(),
             dirty: BTreeSet::new(),
@@ -202,24 +200,26 @@ impl Proxier {
         self.metrics.service_changes_pending.set(self.dirty.len() as i64);
     }
 
-    fn index_slice(&mut self, slice: &Slice) -> Option<ServiceName> {
-        let key = name_of(slice);
-        let service = slice.service.clone();
-        let old = match &service {
-            Some(service) => self.slice_service.insert(key.clone(), service.clone()),
-            None => self.slice_service.remove(&key),
-        };
-        if let Some(old) = old.filter(|old| Some(old) != service.as_ref()) {
-            let old_service = (key.0.clone(), old);
-            if let Some(set) = self.service_slices.get_mut(&old_service) {
-                set.remove(&key.1);
-            }
-            self.mark(old_service);
+    /// The Service the stored version of `slice` belongs to.
+    fn service_of(&self, slice: &Slice) -> Option<String> {
+        let stored = self.slices.store.get(&ObjectRef::new(&slice.name).within(&slice.namespace));
+        stored?.service.clone()
+    }
+
+    /// Files `slice` under its Service; `before` is the Service it belonged to (marked dirty
+    /// if that changed). Returns its Service.
+    fn index_slice(&mut self, slice: &Slice, before: Option<String>) -> Option<ServiceName> {
+        if before.is_some()
+            && before != slice.service
+            && let Some(old) = self.unindex_slice(slice, before)
+        {
+            self.mark(old);
         }
-        match service {
+        let key = name_of(slice);
+        match &slice.service {
             Some(service) => {
                 self.unlabelled.remove(&key);
-                let service = (key.0.clone(), service);
+                let service = (key.0, service.clone());
                 self.service_slices.entry(service.clone()).or_default().insert(key.1);
                 Some(service)
             }
@@ -230,10 +230,12 @@ impl Proxier {
         }
     }
 
-    fn unindex_slice(&mut self, slice: &Slice) -> Option<ServiceName> {
+    /// Takes `slice` out of the slices of `before`, the Service it belonged to. Returns that
+    /// Service.
+    fn unindex_slice(&mut self, slice: &Slice, before: Option<String>) -> Option<ServiceName> {
         let key = name_of(slice);
         self.unlabelled.remove(&key);
-        let service = (key.0.clone(), self.slice_service.remove(&key)?);
+        let service = (key.0, before?);
         if let Some(set) = self.service_slices.get_mut(&service) {
             set.remove(&key.1);
             if set.is_empty() {
@@ -244,11 +246,10 @@ impl Proxier {
     }
 
     fn reindex_slices(&mut self) {
-        self.slice_service.clear();
         self.service_slices.clear();
         self.unlabelled.clear();
         for slice in self.slices.store.state() {
-            self.index_slice(&slice);
+            self.index_slice(&slice, None);
         }
     }
 
@@ -278,18 +279,23 @@ impl Proxier {
                 }
             }
             Input::Slice(event) => {
+                // The Service the slice belonged to, before this event.
+                let before = match &*event {
+                    Event::Apply(slice) | Event::Delete(slice) => self.service_of(slice),
+                    _ => None,
+                };
                 self.slices.writer.apply_watcher_event(&event);
                 match &*event {
                     Event::Apply(slice) => {
                         self.metrics.endpoint_changes.inc();
                         self.triggered(slice);
-                        if let Some(service) = self.index_slice(slice) {
+                        if let Some(service) = self.index_slice(slice, before) {
                             self.mark(service);
                         }
                     }
                     Event::Delete(slice) => {
                         self.metrics.endpoint_changes.inc();
-                        if let Some(service) = self.unindex_slice(slice) {
+                        if let Some(service) = self.unindex_slice(slice, before) {
                             self.mark(service);
                         }
                     }

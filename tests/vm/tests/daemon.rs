@@ -109,6 +109,28 @@ async fn a_service_is_followed_from_creation_to_deletion() {
     api.apply(slice("web", &pods[1..2]));
     eventually(MINUTE, || answered_by(vip, 8, &names(&topology, &[1])));
 
+    // The EndpointSlice is relabelled to another Service: its endpoints move there, and the
+    // first Service is left with none; deleted, it takes them from the second.
+    let late = SocketAddr::from((LATE, 80));
+    api.apply(service("late", LATE, 80, json!({})));
+    let mut moved = slice("web", &pods[2..3]);
+    moved["metadata"]["labels"]["kubernetes.io/service-name"] = json!("late");
+    api.apply(moved);
+    eventually(MINUTE, || answered_by(late, 8, &names(&topology, &[2])));
+    // A removed destination may stay a while at weight 0, for its connections to drain.
+    let serving = |vip: SocketAddr, i: usize| {
+        let listed = ipvsadm(&["-Ln", "-t", &vip.to_string()]);
+        let pod = format!("{}:8080", pods[i].ip);
+        let weight = |line: &str| line.split_whitespace().nth(3).map(str::to_owned);
+        listed.lines().any(|line| line.contains(&pod) && weight(line).as_deref() != Some("0"))
+    };
+    eventually(MINUTE, || (!serving(vip, 1) && !serving(vip, 2)).then_some(()).ok_or("web"));
+    api.delete(Resource::EndpointSlices, "ns", "web-1");
+    eventually(MINUTE, || (!serving(late, 2)).then_some(()).ok_or("late"));
+    api.delete(Resource::Services, "ns", "late");
+    api.apply(slice("web", &pods[1..2]));
+    eventually(MINUTE, || answered_by(vip, 8, &names(&topology, &[1])));
+
     // Deleted: the address, the virtual server and the set elements go.
     assert!(vips().contains(&WEB.to_string()));
     assert!(nft_table().contains(&WEB.to_string()));

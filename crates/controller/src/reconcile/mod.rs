@@ -125,23 +125,23 @@ pub async fn read_kernel(ipvs: &IpvsHandle) -> Result<KernelState, ipvs_netlink:
 /// held whole.
 pub async fn read_digests(ipvs: &IpvsHandle) -> Result<KernelDigests, ipvs_netlink::Error> {
     let digests = ipvs
-        .dump_with(|entry, mut destinations| {
+        .dump_with(|service, mut destinations| {
             // In address order, as the shadow holds them; the kernel has one per address.
             destinations.sort_unstable_by_key(|d| d.destination.address);
-            let digest = config_digest(&entry.service, destinations.iter().map(|d| &d.destination));
-            (entry.service.key, digest)
+            let digest = config_digest(&service, destinations.iter().map(|d| &d.destination));
+            (service.key, digest)
         })
         .await?;
     Ok(digests.into_iter().collect())
 }
 
-/// A virtual server as read from the kernel, its statistics dropped.
+/// A virtual server as read from the kernel, without statistics.
 fn kernel_server(
-    entry: ipvs_netlink::ServiceEntry,
+    service: ipvs_netlink::Service,
     destinations: Vec<ipvs_netlink::DestinationEntry>,
 ) -> KernelServer {
     KernelServer {
-        service: entry.service,
+        service,
         destinations: destinations.into_iter().map(|d| d.destination).collect(),
     }
 }
@@ -351,7 +351,7 @@ impl Reconciler {
         match self.ipvs.get_service(&key).await {
             Ok(entry) => match self.ipvs.list_destinations(&key).await {
                 Ok(destinations) => {
-                    self.shadow.insert(key, kernel_server(entry, destinations));
+                    self.shadow.insert(key, kernel_server(entry.service, destinations));
                 }
                 Err(err) => {
                     warn!(%err, "cannot read the destinations back; forgetting the virtual server")
