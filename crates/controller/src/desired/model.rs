@@ -142,12 +142,18 @@ pub enum Exposure {
     LocalOnly,
 }
 
-/// Implements kube-rs's `Lookup` for `$kept`, an API object as kube-ipvs keeps it, with
-/// `name` and `namespace` fields, so that kube-rs's reflector stores hold it as they hold
-/// `$api`, its API type. The resourceVersion and UID are not kept (the watch tracks the
-/// resourceVersion itself).
-macro_rules! lookup_by_name {
+/// For `$kept`, an API object as kube-ipvs keeps it (made `From` its API type `$api`, with
+/// `name` and `namespace` fields): `From<&$api>`, and kube-rs's `Lookup`, so that kube-rs's
+/// reflector stores hold it as they hold `$api`. The resourceVersion and UID are not kept
+/// (the watch tracks the resourceVersion itself).
+macro_rules! kept_api_object {
     ($kept:ty, $api:ty) => {
+        impl From<&$api> for $kept {
+            fn from(object: &$api) -> Self {
+                Self::from(object.clone())
+            }
+        }
+
         impl kube::runtime::reflector::Lookup for $kept {
             type DynamicType = ();
 
@@ -185,7 +191,7 @@ macro_rules! lookup_by_name {
         }
     };
 }
-pub(crate) use lookup_by_name;
+pub(crate) use kept_api_object;
 
 /// An item that carries its own key, for [`ByKey`].
 pub trait Keyed {

@@ -162,13 +162,7 @@ impl From<Service> for ServiceInfo {
     }
 }
 
-impl From<&Service> for ServiceInfo {
-    fn from(service: &Service) -> Self {
-        Self::from(service.clone())
-    }
-}
-
-super::model::lookup_by_name!(ServiceInfo, Service);
+super::model::kept_api_object!(ServiceInfo, Service);
 
 #[cfg(test)]
 mod tests {

@@ -153,13 +153,7 @@ impl From<EndpointSlice> for Slice {
     }
 }
 
-impl From<&EndpointSlice> for Slice {
-    fn from(slice: &EndpointSlice) -> Self {
-        Self::from(slice.clone())
-    }
-}
-
-super::model::lookup_by_name!(Slice, EndpointSlice);
+super::model::kept_api_object!(Slice, EndpointSlice);
 
 #[cfg(test)]
 mod tests {
