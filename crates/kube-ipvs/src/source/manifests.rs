@@ -66,20 +66,20 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
     (namespace.unwrap_or("default").to_owned(), name.unwrap_or_default().to_owned())
 }
 
-/// Parses a namespaced object as a `P` into `objects`, kept as `keep` makes it (a Service
-/// trimmed, an EndpointSlice as a [`Slice`]), in `default` when it names no namespace.
-fn insert<P: serde::de::DeserializeOwned + kube::Resource, K>(
+/// Parses a namespaced object as its API type `P` into `objects`, kept as a `K` (a Service as
+/// a [`ServiceInfo`], an EndpointSlice as a [`Slice`]), in `default` when it names no
+/// namespace.
+fn insert<P: serde::de::DeserializeOwned + kube::Resource, K: From<P>>(
     document: &RawValue,
     object: &str,
     objects: &mut BTreeMap<Key, Arc<K>>,
-    keep: fn(P) -> K,
 ) -> Result<(), String> {
     let mut parsed: P =
         serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
-    objects.insert(key, Arc::new(keep(parsed)));
+    objects.insert(key, Arc::new(K::from(parsed)));
     Ok(())
 }
 
@@ -131,12 +131,8 @@ fn add_document(document: &RawValue, objects: &mut Objects) -> Result<(), String
             }
             if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
         }
-        "Service" => {
-            insert(document, &object, &mut objects.services, |service: Service| service.into())
-        }
-        "EndpointSlice" => {
-            insert(document, &object, &mut objects.slices, |slice: EndpointSlice| slice.into())
-        }
+        "Service" => insert::<Service, _>(document, &object, &mut objects.services),
+        "EndpointSlice" => insert::<EndpointSlice, _>(document, &object, &mut objects.slices),
         "Node" => {
             let node: Node =
                 serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;

@@ -106,10 +106,14 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// A memory figure of a process from /proc (`VmHWM`: peak resident, `VmRSS`: resident now),
-/// in MiB.
-fn memory(pid: u32, field: &str) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+/// A process's `/proc/PID/status`.
+fn status(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap()
+}
+
+/// A memory figure of a process from its [`status`] (`VmHWM`: peak resident, `VmRSS`:
+/// resident now), in MiB.
+fn memory(status: &str, field: &str) -> f64 {
     let line = status.lines().find(|l| l.starts_with(field)).unwrap();
     line.split_whitespace().nth(1).unwrap().parse::<f64>().unwrap() / 1024.0
 }
@@ -325,11 +329,11 @@ async fn api_phase(args: &Args, rate_estimation: bool) -> Measured {
     tokio::time::sleep(Duration::from_secs(16)).await;
     let idle_writes = ipvs_writes(&daemon.metrics()) - writes;
     let idle_cpu = cpu_time(daemon.pid()) - cpu;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let status = status(daemon.pid());
     let parts = status.lines().filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"));
     eprintln!("bench: memory when idle: {}", parts.collect::<Vec<_>>().join(", "));
-    measured.figures.insert("rss".into(), memory(daemon.pid(), "VmHWM:"));
-    measured.figures.insert("idle_rss".into(), memory(daemon.pid(), "VmRSS:"));
+    measured.figures.insert("rss".into(), memory(&status, "VmHWM:"));
+    measured.figures.insert("idle_rss".into(), memory(&status, "VmRSS:"));
     measured.time("total_cpu", cpu_time(daemon.pid()));
     assert!(daemon.stop().success());
     clean_up(args);
@@ -361,7 +365,7 @@ async fn manifests_phase(args: &Args) -> Measured {
     from_files.wait_synced();
     let cold_manifests = started.elapsed();
     assert_eq!(kernel_size(&ipvs).await, (n, n * m));
-    measured.figures.insert("rss".into(), memory(from_files.pid(), "VmHWM:"));
+    measured.figures.insert("rss".into(), memory(&status(from_files.pid()), "VmHWM:"));
     assert!(from_files.stop().success());
     clean_up(args);
     measured.time("cold", cold_manifests);
