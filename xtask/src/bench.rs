@@ -23,6 +23,7 @@ pub(crate) fn run(
     which: Which,
     services: usize,
     destinations: usize,
+    nodes: usize,
     options: &VmOptions,
 ) -> Result<()> {
     let binary = match which {
@@ -42,8 +43,9 @@ pub(crate) fn run(
         vec![binary.to_string_lossy().into_owned(), "--services".into(), services.to_string()];
     match which {
         Which::Daemon => {
-            let daemon = build_release_daemon()?;
+            let daemon = build_shipped_daemon()?;
             argv.extend(["--endpoints".into(), destinations.to_string()]);
+            argv.extend(["--nodes".into(), nodes.to_string()]);
             argv.extend(["--kube-ipvs".into(), daemon.to_string_lossy().into_owned()]);
         }
         _ => argv.extend(["--destinations".into(), destinations.to_string()]),
@@ -55,15 +57,16 @@ pub(crate) fn run(
     Ok(())
 }
 
-/// Builds `kube-ipvs` in release mode; returns its path.
-fn build_release_daemon() -> Result<std::path::PathBuf> {
+/// Builds `kube-ipvs` as the image ships it (the `dist` profile); returns its path.
+fn build_shipped_daemon() -> Result<std::path::PathBuf> {
     crate::util::run(crate::util::cargo([
         "build",
-        "--release",
+        "--profile",
+        "dist",
         "--package",
         "kube-ipvs",
         "--bin",
         "kube-ipvs",
     ]))?;
-    Ok(crate::util::target_dir().join("release/kube-ipvs"))
+    Ok(crate::util::target_dir().join("dist/kube-ipvs"))
 }

@@ -69,6 +69,10 @@ enum Task {
         /// Destinations per virtual service.
         #[arg(long, default_value_t = 10)]
         destinations: usize,
+        /// The daemon benchmark: the nodes the endpoints are spread over (this node hosts
+        /// every so many; 1 puts them all on it).
+        #[arg(long, default_value_t = 100)]
+        nodes: usize,
         #[command(flatten)]
         vm: vm::VmOptions,
     },
@@ -106,8 +110,8 @@ fn main() -> Result<()> {
         Task::Demo { vm } => demo::run(&vm),
         Task::E2e { keep } => e2e::run_e2e(keep),
         Task::Vmtest { filter, vm } => vmtest::run(filter.as_deref(), &vm),
-        Task::Bench { which, services, destinations, vm } => {
-            bench::run(which, services, destinations, &vm)
+        Task::Bench { which, services, destinations, nodes, vm } => {
+            bench::run(which, services, destinations, nodes, &vm)
         }
         Task::Vm { command, vm } => vm::run_command(command, &vm),
         Task::Guest { plan } => guest::run(&plan),

@@ -27,7 +27,7 @@ type Table = BTreeMap<ServiceKey, Arc<VirtualServer>>;
 fn server(port: u16, destinations: &[SocketAddr]) -> (ServiceKey, Arc<VirtualServer>) {
     let key = ServiceKey::tcp(SocketAddr::from((VIP, port)));
     let server = VirtualServer {
-        service: Service::new(key, "rr"),
+        service: Arc::new(Service::new(key, "rr")),
         destinations: destinations.iter().map(|d| Destination::new(*d)).collect(),
         owner: ServicePortName {
             namespace: "ns".into(),
@@ -130,6 +130,7 @@ async fn the_shadow_shares_the_desired_destinations_and_copies_them_to_change_th
     let (_, mut reconciler, mut table) = programmed(3).await;
     for (key, server) in &table {
         assert!(reconciler.shadow()[key].destinations.shared_with(&server.destinations), "{key}");
+        assert!(Arc::ptr_eq(&reconciler.shadow()[key].service, &server.service), "{key}");
     }
     // The desired state moves on while the old one is still held (the join may hold it).
     let old = table.clone();
@@ -140,6 +141,16 @@ async fn the_shadow_shares_the_desired_destinations_and_copies_them_to_change_th
     assert_eq!(old[&key].destinations.len(), 1, "the old desired destinations are untouched");
     assert_eq!(reconciler.shadow()[&key].destinations.len(), 2);
     assert!(reconciler.shadow()[&key].destinations.shared_with(&table[&key].destinations));
+
+    // A new scheduler: the shadow records the service the kernel accepted, then shares the
+    // desired one again.
+    let mut changed = table[&key].clone();
+    Arc::make_mut(&mut changed).service = Service::new(key, "lc").into();
+    table.insert(key, changed);
+    let report = reconciler.sync(&table, Some(&BTreeSet::from([key]))).await;
+    assert_eq!(report.applied, 1);
+    assert_eq!(reconciler.shadow()[&key].service.scheduler, "lc");
+    assert!(Arc::ptr_eq(&reconciler.shadow()[&key].service, &table[&key].service));
 }
 
 #[tokio::test]
@@ -289,7 +300,7 @@ async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
     let key = ServiceKey::udp(service);
     let dns = |destinations: &[SocketAddr]| {
         let (_, mut server) = server(53, destinations);
-        Arc::make_mut(&mut server).service = Service::new(key, "rr");
+        Arc::make_mut(&mut server).service = Service::new(key, "rr").into();
         desired(vec![(key, server)])
     };
     reconciler.sync(&dns(&[pods[0].addr(5353), pods[1].addr(5353)]), None).await;

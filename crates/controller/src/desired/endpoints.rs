@@ -64,7 +64,7 @@ pub(crate) fn collect(
                 ready: endpoint.ready,
                 serving: endpoint.serving,
                 terminating: endpoint.terminating,
-                local: endpoint.node_name.as_deref() == Some(node.name.as_str()),
+                local: endpoint.node_name.as_deref() == Some(&node.name),
                 zone_hints: endpoint.hints.as_ref().map(|h| h.zones.clone()).unwrap_or_default(),
                 node_hints: endpoint.hints.as_ref().map(|h| h.nodes.clone()).unwrap_or_default(),
             };

@@ -127,11 +127,13 @@ type Claimants = ByKey<ServiceName>;
 /// The Services' contributions, joined.
 #[derive(Debug, Default)]
 pub struct Join {
-    states: BTreeMap<ServiceName, ServiceState>,
-    /// Who claims each virtual server; the first owns it.
+    /// Each Service's contribution, boxed: a B-tree node has room for eleven entries and is
+    /// often half full, and a `ServiceState` is over 200 bytes.
+    states: BTreeMap<ServiceName, Box<ServiceState>>,
+    /// Who claims each virtual server claimed by more than one Service; the first owns it.
+    /// A virtual server claimed once is held by its owner (named by its `owner`) alone: most
+    /// are, and they need no entry.
     claims: BTreeMap<ServiceKey, Claimants>,
-    /// Virtual servers claimed more than once.
-    contested: BTreeSet<ServiceKey>,
     /// Services whose own state has problems.
     troubled: BTreeSet<ServiceName>,
     /// Who claims each local-only key; the first owns it.
@@ -170,17 +172,17 @@ impl Join {
 
     /// One Service's own contribution.
     pub fn state(&self, name: &ServiceName) -> Option<&ServiceState> {
-        self.states.get(name)
+        self.states.get(name).map(AsRef::as_ref)
     }
 
     /// Every Service's contribution, by name.
-    pub fn states(&self) -> &BTreeMap<ServiceName, ServiceState> {
+    pub fn states(&self) -> &BTreeMap<ServiceName, Box<ServiceState>> {
         &self.states
     }
 
     /// Replaces the contribution of the Service `name` (`None`: the Service is gone).
     pub fn set(&mut self, name: &ServiceName, state: Option<ServiceState>) {
-        let old = self.states.remove(name).unwrap_or_default();
+        let old = self.states.remove(name).map(|old| *old).unwrap_or_default();
         let new = state.unwrap_or_default();
         self.virtual_servers(name, &old, &new);
         self.elements(&old.elements, false);
@@ -197,7 +199,7 @@ impl Join {
             || !new.local_only.is_empty()
             || !new.elements.is_empty();
         if keep {
-            self.states.insert(name.clone(), new);
+            self.states.insert(name.clone(), Box::new(new));
         }
         if self.discarding {
             self.delta = Delta::default();
@@ -230,29 +232,47 @@ impl Join {
             if new.virtual_servers.contains_key(key) {
                 continue;
             }
-            let claimants = self.claims.get_mut(key).expect("claimed");
-            let owned = claimants.first() == Some(name);
-            claimants.remove(name);
-            if claimants.len() < 2 {
-                self.contested.remove(key);
-            }
-            if claimants.is_empty() {
-                self.claims.remove(key);
+            let Some(claimants) = self.claims.get_mut(key) else {
+                // Claimed by this Service alone.
                 self.desired.virtual_servers.remove(key);
                 self.delta.keys.insert(*key);
-            } else if owned {
-                let next = self.owner_server(key).expect("the next claimant holds it");
+                continue;
+            };
+            let owned = claimants.first() == Some(name);
+            claimants.remove(name);
+            let next = self.owner_server(key).expect("the next claimant holds it");
+            if self.claims.get(key).is_some_and(|c| c.len() < 2) {
+                self.claims.remove(key);
+            }
+            if owned {
                 self.desired.virtual_servers.insert(*key, next);
                 self.delta.keys.insert(*key);
             }
         }
         for server in &new.virtual_servers {
             let key = &server.service.key;
-            let claimants = self.claims.entry(*key).or_default();
-            claimants.insert(name.clone());
-            if claimants.len() > 1 {
-                self.contested.insert(*key);
+            debug_assert_eq!((&server.owner.namespace, &server.owner.name), (&name.0, &name.1));
+            if !self.claims.contains_key(key) {
+                match self.desired.virtual_servers.get(key) {
+                    // The one who holds it now claims it alone: this Service, or another one
+                    // that the second claim makes contested.
+                    Some(held)
+                        if (&held.owner.namespace, &held.owner.name) != (&name.0, &name.1) =>
+                    {
+                        let holder = (held.owner.namespace.clone(), held.owner.name.clone());
+                        self.claims.insert(*key, [holder].into_iter().collect());
+                    }
+                    _ => {
+                        if self.desired.virtual_servers.get(key) != Some(server) {
+                            self.desired.virtual_servers.insert(*key, server.clone());
+                            self.delta.keys.insert(*key);
+                        }
+                        continue;
+                    }
+                }
             }
+            let claimants = self.claims.get_mut(key).expect("contested");
+            claimants.insert(name.clone());
             if claimants.first() == Some(name)
                 && self.desired.virtual_servers.get(key) != Some(server)
             {
@@ -353,7 +373,7 @@ impl Join {
         service.key = fwmark;
         service.netmask = ipvs_netlink::Netmask::host(key.family());
         Some(Arc::new(VirtualServer {
-            service,
+            service: service.into(),
             destinations: local.destinations.clone(),
             owner: local.owner.clone(),
             exposure: Exposure::LocalOnly,
@@ -432,8 +452,7 @@ impl Join {
             .filter_map(|name| self.states.get(name))
             .flat_map(|state| state.problems.iter().cloned())
             .collect();
-        for key in &self.contested {
-            let Some(claimants) = self.claims.get(key) else { continue };
+        for (key, claimants) in &self.claims {
             let Some(owner) = self.owner_server(key) else { continue };
             for name in claimants.iter().skip(1) {
                 let Some(server) = self.states.get(name).and_then(|s| s.virtual_servers.get(key))
@@ -512,7 +531,7 @@ mod tests {
                 destinations.insert(Destination::new(endpoint));
             }
             let server = VirtualServer {
-                service: VirtualService::new(key, "rr"),
+                service: VirtualService::new(key, "rr").into(),
                 destinations,
                 owner: owner.clone(),
                 exposure: Exposure::ClusterIp,
@@ -587,7 +606,7 @@ mod tests {
             service.key = fwmark;
             service.netmask = ipvs_netlink::Netmask::host(key.family());
             let server = VirtualServer {
-                service,
+                service: service.into(),
                 destinations: l.destinations,
                 owner: l.owner,
                 exposure: Exposure::LocalOnly,

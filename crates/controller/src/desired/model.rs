@@ -401,8 +401,9 @@ impl<'a, T> IntoIterator for &'a ByKey<T> {
 /// One IPVS virtual server and the destinations it must have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtualServer {
-    /// The virtual service as IPVS holds it.
-    pub service: VirtualService,
+    /// The virtual service as IPVS holds it. Shared, as the destinations are, with the
+    /// reconciler's shadow of the kernel wherever the kernel has exactly this service.
+    pub service: Arc<VirtualService>,
     /// Its destinations, by address.
     pub destinations: Destinations,
     /// The Service port it implements.

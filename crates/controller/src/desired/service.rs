@@ -335,7 +335,7 @@ pub fn service_state(
                 .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
                 .collect();
             state.virtual_servers.insert(Arc::new(VirtualServer {
-                service: virtual_service,
+                service: virtual_service.into(),
                 destinations,
                 owner: owner.clone(),
                 exposure,

@@ -47,7 +47,7 @@ pub struct SlicePort {
     pub port: Option<i32>,
 }
 
-/// An endpoint of an EndpointSlice, its conditions defaulted as the API defines them. 48
+/// An endpoint of an EndpointSlice, its conditions defaulted as the API defines them. 40
 /// bytes, and nothing of its own on the heap unless it has topology hints: a cluster holds
 /// one per pod behind a Service.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,8 +61,9 @@ pub struct SliceEndpoint {
     pub serving: bool,
     /// Terminating (unknown: not).
     pub terminating: bool,
-    /// The node it runs on: one allocation per node name, shared by the endpoints on it.
-    pub node_name: Option<Arc<str>>,
+    /// The node it runs on: one allocation per node name, shared by the endpoints on it
+    /// (an `Arc<String>` is one pointer, where an `Arc<str>` is two).
+    pub node_name: Option<Arc<String>>,
     /// Its topology hints, if it has any.
     pub hints: Option<Box<Hints>>,
 }
@@ -79,23 +80,23 @@ pub struct Hints {
 /// Node names, each held once and shared. A name no endpoint holds any more is forgotten
 /// when a new one comes, so nodes that come and go leave nothing behind.
 #[derive(Debug, Default)]
-struct NodeNames(BTreeSet<Arc<str>>);
+struct NodeNames(BTreeSet<Arc<String>>);
 
 impl NodeNames {
     /// `name`, shared with every endpoint on the same node.
-    fn share(&mut self, name: String) -> Arc<str> {
-        if let Some(known) = self.0.get(name.as_str()) {
+    fn share(&mut self, name: String) -> Arc<String> {
+        if let Some(known) = self.0.get(&name) {
             return known.clone();
         }
         self.0.retain(|known| Arc::strong_count(known) > 1);
-        let name: Arc<str> = name.into();
+        let name = Arc::new(name);
         self.0.insert(name.clone());
         name
     }
 }
 
 /// `name` from the process's [`NodeNames`].
-fn shared_node_name(name: String) -> Arc<str> {
+fn shared_node_name(name: String) -> Arc<String> {
     static NAMES: LazyLock<Mutex<NodeNames>> = LazyLock::new(Mutex::default);
     NAMES.lock().unwrap_or_else(PoisonError::into_inner).share(name)
 }
@@ -199,7 +200,7 @@ mod tests {
                     ready: true,
                     serving: true,
                     terminating: false,
-                    node_name: Some("node-a".into()),
+                    node_name: Some(Arc::new("node-a".into())),
                     hints: Some(Box::new(Hints {
                         zones: vec!["z1".into()],
                         nodes: vec!["node-a".into()]
@@ -215,7 +216,7 @@ mod tests {
                 },
             ]
         );
-        assert_eq!(std::mem::size_of::<SliceEndpoint>(), 48);
+        assert_eq!(std::mem::size_of::<SliceEndpoint>(), 40);
     }
 
     #[test]
@@ -226,7 +227,7 @@ mod tests {
         let a = shared_node_name("node-shared");
         let b = shared_node_name("node-shared");
         assert!(Arc::ptr_eq(&a, &b));
-        assert_eq!(&*a, "node-shared");
+        assert_eq!(a.as_str(), "node-shared");
         let weak = Arc::downgrade(&a);
         drop((a, b));
         assert!(weak.upgrade().is_some(), "still known");

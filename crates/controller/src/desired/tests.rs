@@ -304,7 +304,7 @@ fn the_golden_scenario_matches_kube_proxy() {
         .values()
         .map(|server| {
             let entry =
-                ServiceEntry { service: server.service.clone(), stats: None, stats64: None };
+                ServiceEntry { service: (*server.service).clone(), stats: None, stats64: None };
             let destinations =
                 server.destinations.iter().map(|d| DestinationEntry::new(*d)).collect();
             (entry, destinations)

@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     hash::{DefaultHasher, Hash, Hasher},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use ipvs_netlink::{Change, Destination, Protocol, Service, ServiceKey};
@@ -14,8 +15,8 @@ use crate::desired::{Destinations, VirtualServer};
 /// One virtual server as the kernel holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelServer {
-    /// The virtual service.
-    pub service: Service,
+    /// The virtual service (shared with the desired state where the two are equal).
+    pub service: Arc<Service>,
     /// Its destinations, by address.
     pub destinations: Destinations,
 }
@@ -81,7 +82,7 @@ pub fn plan(
     match (current, desired) {
         (None, None) => {}
         (None, Some(desired)) => {
-            plan.changes.push(Change::AddService(desired.service.clone()));
+            plan.changes.push(Change::AddService(Service::clone(&desired.service)));
             for destination in &desired.destinations {
                 plan.changes.push(Change::AddDestination(key, *destination));
             }
@@ -89,7 +90,7 @@ pub fn plan(
         (Some(_), None) => plan.changes.push(Change::DeleteService(key)),
         (Some(current), Some(desired)) => {
             if !current.service.same_config(&desired.service) {
-                plan.changes.push(Change::UpdateService(desired.service.clone()));
+                plan.changes.push(Change::UpdateService(Service::clone(&desired.service)));
             }
             for wanted in &desired.destinations {
                 match current.destinations.get(&wanted.address) {
@@ -138,7 +139,7 @@ mod tests {
 
     fn desired(key: ServiceKey, scheduler: &str, destinations: &[&str]) -> VirtualServer {
         VirtualServer {
-            service: Service::new(key, scheduler),
+            service: Arc::new(Service::new(key, scheduler)),
             destinations: destinations.iter().map(|d| dest(d)).collect(),
             owner: ServicePortName {
                 namespace: "ns".into(),
@@ -151,7 +152,7 @@ mod tests {
 
     fn kernel(key: ServiceKey, scheduler: &str, destinations: &[Destination]) -> KernelServer {
         KernelServer {
-            service: Service::new(key, scheduler),
+            service: Arc::new(Service::new(key, scheduler)),
             destinations: destinations.iter().copied().collect(),
         }
     }
@@ -166,7 +167,7 @@ mod tests {
         assert_eq!(kernel(k, "rr", &[b, a]).config_digest(), digest, "order does not count");
 
         let mut hashed = base.clone();
-        hashed.service.flags |= ipvs_netlink::ServiceFlags::HASHED;
+        Arc::make_mut(&mut hashed.service).flags |= ipvs_netlink::ServiceFlags::HASHED;
         assert_eq!(hashed.config_digest(), digest, "the kernel's own flag does not count");
         let mut tunnel_settings = base.clone();
         let mut with_port = a;
@@ -186,7 +187,7 @@ mod tests {
         through_tunnel.tunnel_port = 6081;
         tunnelled_other_port.destinations.insert(through_tunnel);
         let mut timeout = base.clone();
-        timeout.service.timeout = 10_800;
+        Arc::make_mut(&mut timeout.service).timeout = 10_800;
         for (what, other) in [
             ("a weight", weight),
             ("a destination fewer", kernel(k, "rr", &[a])),

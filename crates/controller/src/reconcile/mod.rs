@@ -92,8 +92,9 @@ pub struct Drift {
     pub servers: Vec<ServiceKey>,
 }
 
-/// How many changes a sync plans and sends at a time.
-const APPLY_CHUNK: usize = 4096;
+/// How many changes a sync plans and sends at a time: eight windows of the socket, and a few
+/// hundred KiB of changes, requests and results held at once, however large the sync.
+const APPLY_CHUNK: usize = 1024;
 
 /// The kernel side of kube-ipvs: a shadow of the owned IPVS table and the changes that move it.
 #[derive(Debug)]
@@ -141,7 +142,7 @@ fn kernel_server(
     destinations: Vec<ipvs_netlink::DestinationEntry>,
 ) -> KernelServer {
     KernelServer {
-        service,
+        service: Arc::new(service),
         destinations: destinations.into_iter().map(|d| d.destination).collect(),
     }
 }
@@ -292,18 +293,24 @@ impl Reconciler {
     }
 
     /// Where the shadow of a virtual server of `keys` has exactly its desired destinations,
-    /// it holds the desired ones rather than its own copy (a change to either copies them).
+    /// or service, it holds the desired ones rather than its own copy (a change to either
+    /// copies them).
     fn share_destinations(
         &mut self,
         keys: &[ServiceKey],
         desired: &BTreeMap<ServiceKey, Arc<VirtualServer>>,
     ) {
         for key in keys {
-            if let (Some(server), Some(wanted)) = (self.shadow.get_mut(key), desired.get(key))
-                && !server.destinations.shared_with(&wanted.destinations)
+            let (Some(server), Some(wanted)) = (self.shadow.get_mut(key), desired.get(key)) else {
+                continue;
+            };
+            if !server.destinations.shared_with(&wanted.destinations)
                 && server.destinations == wanted.destinations
             {
                 server.destinations = wanted.destinations.clone();
+            }
+            if !Arc::ptr_eq(&server.service, &wanted.service) && server.service == wanted.service {
+                server.service = wanted.service.clone();
             }
         }
     }
@@ -315,11 +322,12 @@ impl Reconciler {
         }
         match change {
             Change::AddService(service) | Change::UpdateService(service) => {
+                let service = Arc::new(service.clone());
                 let server = self.shadow.entry(service.key).or_insert_with(|| KernelServer {
                     service: service.clone(),
                     destinations: Destinations::new(),
                 });
-                server.service = service.clone();
+                server.service = service;
             }
             Change::DeleteService(key) => {
                 self.shadow.remove(key);

@@ -7,7 +7,9 @@
 //! server, destination and address programmed), one endpoint change (p50/p99 over 100
 //! changes, daemon-side and until the kernel has it; again with the kernel's rate estimator
 //! off), an idle periodic resync (IPVS writes and CPU time), and the daemon's peak RSS and CPU
-//! time.
+//! time. The endpoints are spread over `--nodes` nodes (100 unless told), as in a cluster: the
+//! node under test hosts every hundredth, which its hairpin set and its local-only virtual
+//! servers hold; `--nodes 1` puts them all on it, more pods than any node runs.
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
@@ -33,23 +35,28 @@ struct Args {
     phase: Option<String>,
     services: usize,
     endpoints: usize,
+    /// The nodes the endpoints are spread over: this node hosts every `nodes`-th endpoint.
+    nodes: usize,
     binary: PathBuf,
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { phase: None, services: 10_000, endpoints: 10, binary: PathBuf::new() };
+    let mut args =
+        Args { phase: None, services: 10_000, endpoints: 10, nodes: 100, binary: PathBuf::new() };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let value = it.next().expect("a value after the flag");
         match flag.as_str() {
             "--services" => args.services = value.parse().expect("a number"),
             "--endpoints" => args.endpoints = value.parse().expect("a number"),
+            "--nodes" => args.nodes = value.parse().expect("a number"),
             "--kube-ipvs" => args.binary = value.into(),
             "--phase" => args.phase = Some(value),
             other => panic!("unknown flag {other}"),
         }
     }
     assert!(args.binary.exists(), "--kube-ipvs PATH is needed");
+    assert!(args.nodes > 0, "--nodes is at least 1");
     args
 }
 
@@ -68,11 +75,19 @@ fn service(i: usize) -> Value {
                     "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}]}})
 }
 
+/// Endpoint `n`, ready, on one of `nodes` nodes: this node (`node-a`) hosts every
+/// `nodes`-th endpoint, as a node of a cluster of that many.
+fn endpoint_object(n: usize, nodes: usize) -> Value {
+    let node = match n % nodes {
+        0 => "node-a".to_owned(),
+        other => format!("node-{other}"),
+    };
+    json!({"addresses": [endpoint(n).to_string()], "nodeName": node, "conditions": {"ready": true}})
+}
+
 /// The EndpointSlice of Service `i`, its endpoints numbered from `first`.
-fn slice(i: usize, endpoints: usize, first: usize) -> Value {
-    let endpoints: Vec<Value> = (0..endpoints)
-        .map(|j| json!({"addresses": [endpoint(first + j).to_string()], "nodeName": "node-a", "conditions": {"ready": true}}))
-        .collect();
+fn slice(i: usize, endpoints: usize, first: usize, nodes: usize) -> Value {
+    let endpoints: Vec<Value> = (0..endpoints).map(|j| endpoint_object(first + j, nodes)).collect();
     json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
            "metadata": {"name": format!("s{i}-1"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("s{i}")}},
            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
@@ -213,12 +228,13 @@ fn main() {
         println!("{}", serde_json::to_string(&measured).unwrap());
         return;
     }
-    let (n, m) = (args.services, args.endpoints);
-    eprintln!("bench: {n} Services x {m} endpoints");
+    let (n, m, nodes) = (args.services, args.endpoints, args.nodes);
+    let local = (0..n * m).filter(|e| e % nodes == 0).count();
+    eprintln!("bench: {n} Services x {m} endpoints on {nodes} nodes, {local} on this one");
     let me = std::env::current_exe().unwrap();
     let phase = |name: &str| -> Measured {
         let command = format!(
-            "ip link set lo up && exec {} --phase {name} --services {n} --endpoints {m} --kube-ipvs {}",
+            "ip link set lo up && exec {} --phase {name} --services {n} --endpoints {m} --nodes {nodes} --kube-ipvs {}",
             me.display(),
             args.binary.display()
         );
@@ -248,7 +264,7 @@ async fn api_phase(args: &Args, rate_estimation: bool) -> Measured {
     let api = FakeApiServer::start().await.unwrap();
     for i in 0..n {
         api.apply(service(i));
-        api.apply(slice(i, m, i * m));
+        api.apply(slice(i, m, i * m, args.nodes));
     }
     let kubeconfig = kubeconfig_file("bench", &api.kubeconfig());
     let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
@@ -276,10 +292,8 @@ async fn api_phase(args: &Args, rate_estimation: bool) -> Measured {
     for change in 0..WARM_UP + 100 {
         let i = (change * 7919) % n;
         let fresh = n * m + change;
-        let mut changed = slice(i, m - 1, i * m);
-        changed["endpoints"].as_array_mut().unwrap().push(
-            json!({"addresses": [endpoint(fresh).to_string()], "nodeName": "node-a", "conditions": {"ready": true}}),
-        );
+        let mut changed = slice(i, m - 1, i * m, args.nodes);
+        changed["endpoints"].as_array_mut().unwrap().push(endpoint_object(fresh, args.nodes));
         let key = ServiceKey::tcp(SocketAddr::from((cluster_ip(i), 80)));
         let wanted = SocketAddr::from((endpoint(fresh), 8080));
         let applied = Instant::now();
@@ -352,7 +366,8 @@ async fn manifests_phase(args: &Args) -> Measured {
     // Through --manifests.
     let dir = std::env::temp_dir().join(format!("bench-manifests-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let objects: Vec<Value> = (0..n).flat_map(|i| [service(i), slice(i, m, i * m)]).collect();
+    let objects: Vec<Value> =
+        (0..n).flat_map(|i| [service(i), slice(i, m, i * m, args.nodes)]).collect();
     std::fs::write(
         dir.join("all.json"),
         json!({"apiVersion": "v1", "kind": "List", "items": objects}).to_string(),
