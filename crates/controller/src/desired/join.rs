@@ -240,42 +240,37 @@ impl Join {
             };
             let owned = claimants.first() == Some(name);
             claimants.remove(name);
-            let next = self.owner_server(key).expect("the next claimant holds it");
-            if self.claims.get(key).is_some_and(|c| c.len() < 2) {
+            let uncontested = claimants.len() < 2;
+            let next = owned.then(|| self.owner_server(key).expect("the next claimant holds it"));
+            if uncontested {
                 self.claims.remove(key);
             }
-            if owned {
+            if let Some(next) = next {
                 self.desired.virtual_servers.insert(*key, next);
                 self.delta.keys.insert(*key);
             }
         }
         for server in &new.virtual_servers {
             let key = &server.service.key;
-            debug_assert_eq!((&server.owner.namespace, &server.owner.name), (&name.0, &name.1));
-            if !self.claims.contains_key(key) {
-                match self.desired.virtual_servers.get(key) {
-                    // The one who holds it now claims it alone: this Service, or another one
-                    // that the second claim makes contested.
-                    Some(held)
-                        if (&held.owner.namespace, &held.owner.name) != (&name.0, &name.1) =>
-                    {
-                        let holder = (held.owner.namespace.clone(), held.owner.name.clone());
-                        self.claims.insert(*key, [holder].into_iter().collect());
-                    }
-                    _ => {
-                        if self.desired.virtual_servers.get(key) != Some(server) {
-                            self.desired.virtual_servers.insert(*key, server.clone());
-                            self.delta.keys.insert(*key);
-                        }
-                        continue;
-                    }
+            debug_assert!(owned_by(server, name));
+            if let Some(claimants) = self.claims.get_mut(key) {
+                claimants.insert(name.clone());
+                if claimants.first() != Some(name) {
+                    continue;
+                }
+            } else if let Some(held) = self.desired.virtual_servers.get(key)
+                && !owned_by(held, name)
+            {
+                // A second claim: the virtual server becomes contested.
+                let holder = (held.owner.namespace.clone(), held.owner.name.clone());
+                let claimants: Claimants = [holder, name.clone()].into_iter().collect();
+                let first = claimants.first() == Some(name);
+                self.claims.insert(*key, claimants);
+                if !first {
+                    continue;
                 }
             }
-            let claimants = self.claims.get_mut(key).expect("contested");
-            claimants.insert(name.clone());
-            if claimants.first() == Some(name)
-                && self.desired.virtual_servers.get(key) != Some(server)
-            {
+            if self.desired.virtual_servers.get(key) != Some(server) {
                 self.desired.virtual_servers.insert(*key, server.clone());
                 self.delta.keys.insert(*key);
             }
@@ -471,6 +466,11 @@ impl Join {
         problems.sort();
         problems
     }
+}
+
+/// Whether `server` is the Service `name`'s (its `owner` names it).
+fn owned_by(server: &VirtualServer, name: &ServiceName) -> bool {
+    server.owner.namespace == name.0 && server.owner.name == name.1
 }
 
 /// A stable hash (FNV-1a): the same key gets the same mark on every start.

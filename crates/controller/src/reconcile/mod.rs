@@ -225,7 +225,7 @@ impl Reconciler {
                 planned.push(*key);
             }
             if changes.is_empty() {
-                self.share_destinations(&planned, desired);
+                self.share_desired(&planned, desired);
                 continue;
             }
             let results = self.ipvs.apply(&changes).await;
@@ -250,7 +250,7 @@ impl Reconciler {
                     }
                 }
             }
-            self.share_destinations(&planned, desired);
+            self.share_desired(&planned, desired);
         }
         let now = Instant::now();
         for entry in draining {
@@ -295,7 +295,7 @@ impl Reconciler {
     /// Where the shadow of a virtual server of `keys` has exactly its desired destinations,
     /// or service, it holds the desired ones rather than its own copy (a change to either
     /// copies them).
-    fn share_destinations(
+    fn share_desired(
         &mut self,
         keys: &[ServiceKey],
         desired: &BTreeMap<ServiceKey, Arc<VirtualServer>>,
