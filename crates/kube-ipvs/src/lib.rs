@@ -2,8 +2,9 @@
 //!
 //! - [`source`]: Services, EndpointSlices and the Node, watched from the API server or read
 //!   from a directory of manifests, as one stream of watch events;
-//! - [`proxier`]: the cache of those objects, which Services changed, and the sync loop that
-//!   turns them into the desired state (crate `controller`) and moves the kernel there;
+//! - [`cache`]: those objects as the last events left them, shared with the source;
+//! - [`proxier`]: which Services changed, and the sync loop that turns them into the desired
+//!   state (crate `controller`) and moves the kernel there;
 //! - [`health`], [`metrics`], [`service_health`]: what the sync loop reports, served over HTTP
 //!   by [`http`] as kube-proxy serves it;
 //! - [`inspect`]: what the daemon programmed, for `kube-ipvs ls` and its `--diff`;
@@ -14,6 +15,7 @@
 //! The data plane and the desired-state computation are the crates `ipvs-netlink`,
 //! `dummy-link`, `netfilter`, `sysctl-settings`, `conntrack` and `controller`.
 
+pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod dumper;

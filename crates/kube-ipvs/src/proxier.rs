@@ -1,7 +1,7 @@
 //! The cache of API objects, which Services changed, and the sync that moves the node there.
 //!
-//! [`Proxier::handle`] feeds each [`Input`] to kube-rs reflector stores and marks the Services
-//! it touches dirty. [`Proxier::sync`] recomputes the desired state of the dirty Services only
+//! [`Proxier::handle`] feeds each [`Input`] to the object caches ([`Cache`]) and marks the
+//! Services it touches dirty. [`Proxier::sync`] recomputes the desired state of the dirty Services only
 //! (`controller::desired::service_state`), updates the join of all Services with them
 //! (`controller::desired::Join`) and applies the difference that yields
 //! (`controller::node::NodeSync`): a sync costs what changed, not the number of Services. Until Services and
@@ -26,14 +26,12 @@ use controller::{
 };
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::{
-    reflector::{self, Lookup, ObjectRef, Store, store::Writer},
-    watcher::Event,
-};
+use kube::runtime::watcher::Event;
 use tracing::{debug, info, warn};
 
 use crate::{
     Error,
+    cache::{Cache, key_of},
     config::NodePortAddresses,
     health::{ProxyHealth, node_eligible},
     inspect::Snapshot,
@@ -55,22 +53,6 @@ pub struct Settings {
     pub node_port_addresses: NodePortAddresses,
     /// The cluster's NodePort range: virtual servers on node addresses in it are kube-ipvs's.
     pub node_port_range: std::ops::RangeInclusive<u16>,
-}
-
-struct Cache<K: Lookup<DynamicType = ()> + Clone + 'static> {
-    store: Store<K>,
-    writer: Writer<K>,
-    listed: bool,
-}
-
-impl<K> Cache<K>
-where
-    K: Lookup<DynamicType = ()> + Clone + 'static,
-{
-    fn new() -> Self {
-        let (store, writer) = reflector::store();
-        Self { store, writer, listed: false }
-    }
 }
 
 /// The daemon's state between syncs.
@@ -110,11 +92,6 @@ impl std::fmt::Debug for Proxier {
     }
 }
 
-fn name_of<K: Lookup>(object: &K) -> ServiceName {
-    let text = |part: Option<std::borrow::Cow<'_, str>>| part.unwrap_or_default().into_owned();
-    (text(object.namespace()), text(object.name()))
-}
-
 fn trigger_time(slice: &Slice) -> Option<Timestamp> {
     slice.trigger_time.as_deref()?.parse().ok()
 }
@@ -139,9 +116,9 @@ impl Proxier {
     ) -> Self {
         Self {
             settings,
-            services: Cache::new(),
-            slices: Cache::new(),
-            nodes: Cache::new(),
+            services: Cache::default(),
+            slices: Cache::default(),
+            nodes: Cache::default(),
             service_slices: HashMap::new(),
             unlabelled: BTreeSet::new(),
             dirty: BTreeSet::new(),
@@ -164,7 +141,7 @@ impl Proxier {
     /// Whether Services and EndpointSlices have both been listed: before that, nothing is
     /// synced, so nothing is removed from the kernel.
     pub fn ready(&self) -> bool {
-        self.services.listed && self.slices.listed
+        self.services.listed() && self.slices.listed()
     }
 
     /// Whether a change waits to be synced.
@@ -202,8 +179,7 @@ impl Proxier {
 
     /// The Service the stored version of `slice` belongs to.
     fn service_of(&self, slice: &Slice) -> Option<String> {
-        let stored = self.slices.store.get(&ObjectRef::new(&slice.name).within(&slice.namespace));
-        stored?.service.clone()
+        self.slices.get(&slice.namespace, &slice.name)?.service.clone()
     }
 
     /// Files `slice` under its Service; `before` is the Service it belonged to (marked dirty
@@ -215,7 +191,7 @@ impl Proxier {
         {
             self.mark(old);
         }
-        let key = name_of(slice);
+        let key = key_of(slice);
         match &slice.service {
             Some(service) => {
                 self.unlabelled.remove(&key);
@@ -233,7 +209,7 @@ impl Proxier {
     /// Takes `slice` out of the slices of `before`, the Service it belonged to. Returns that
     /// Service.
     fn unindex_slice(&mut self, slice: &Slice, before: Option<String>) -> Option<ServiceName> {
-        let key = name_of(slice);
+        let key = key_of(slice);
         self.unlabelled.remove(&key);
         let service = (key.0, before?);
         if let Some(set) = self.service_slices.get_mut(&service) {
@@ -248,7 +224,8 @@ impl Proxier {
     fn reindex_slices(&mut self) {
         self.service_slices.clear();
         self.unlabelled.clear();
-        for slice in self.slices.store.state() {
+        let slices: Vec<Arc<Slice>> = self.slices.objects().cloned().collect();
+        for slice in slices {
             self.index_slice(&slice, None);
         }
     }
@@ -262,17 +239,17 @@ impl Proxier {
     pub fn handle(&mut self, input: Input) {
         match input {
             Input::Service(event) => {
-                self.services.writer.apply_watcher_event(&event);
-                match &*event {
+                let first = !self.services.listed();
+                self.services.apply(&event);
+                match &event {
                     Event::Apply(service) | Event::Delete(service) => {
                         self.metrics.service_changes.inc();
-                        self.mark(name_of(service));
+                        self.mark(key_of(service.as_ref()));
                     }
                     Event::InitDone => {
-                        if !self.services.listed {
-                            info!(services = self.services.store.len(), "Services listed");
+                        if first {
+                            info!(services = self.services.len(), "Services listed");
                         }
-                        self.services.listed = true;
                         self.relisted();
                     }
                     Event::Init | Event::InitApply(_) => {}
@@ -280,12 +257,13 @@ impl Proxier {
             }
             Input::Slice(event) => {
                 // The Service the slice belonged to, before this event.
-                let before = match &*event {
+                let before = match &event {
                     Event::Apply(slice) | Event::Delete(slice) => self.service_of(slice),
                     _ => None,
                 };
-                self.slices.writer.apply_watcher_event(&event);
-                match &*event {
+                let first = !self.slices.listed();
+                self.slices.apply(&event);
+                match &event {
                     Event::Apply(slice) => {
                         self.metrics.endpoint_changes.inc();
                         self.triggered(slice);
@@ -300,10 +278,9 @@ impl Proxier {
                         }
                     }
                     Event::InitDone => {
-                        if !self.slices.listed {
-                            info!(slices = self.slices.store.len(), "EndpointSlices listed");
+                        if first {
+                            info!(slices = self.slices.len(), "EndpointSlices listed");
                         }
-                        self.slices.listed = true;
                         self.reindex_slices();
                         self.relisted();
                     }
@@ -314,10 +291,9 @@ impl Proxier {
             }
             Input::Node(event) => {
                 let before = self.node_info();
-                self.nodes.writer.apply_watcher_event(&event);
-                match &*event {
+                self.nodes.apply(&event);
+                match &event {
                     Event::Apply(_) | Event::Delete(_) | Event::InitDone => {
-                        self.nodes.listed = true;
                         let node = self.own_node();
                         let eligible = node.as_deref().is_none_or(node_eligible);
                         self.health.set_node_eligible(eligible);
@@ -337,7 +313,7 @@ impl Proxier {
     }
 
     fn own_node(&self) -> Option<Arc<Node>> {
-        self.nodes.store.get(&ObjectRef::new(&self.settings.node_name))
+        self.nodes.get("", &self.settings.node_name).cloned()
     }
 
     fn node_info(&self) -> NodeInfo {
@@ -383,14 +359,14 @@ impl Proxier {
     }
 
     fn state_of(&self, name: &ServiceName, service: &ServiceInfo, node: &NodeInfo) -> ServiceState {
-        let slices: Vec<Arc<Slice>> = self
+        let slices: Vec<&Slice> = self
             .service_slices
             .get(name)
             .into_iter()
             .flatten()
-            .filter_map(|slice| self.slices.store.get(&ObjectRef::new(slice).within(&name.0)))
+            .filter_map(|slice| self.slices.get(&name.0, slice))
+            .map(AsRef::as_ref)
             .collect();
-        let slices: Vec<&Slice> = slices.iter().map(AsRef::as_ref).collect();
         service_state(service, &slices, node, &self.settings.proxy)
     }
 
@@ -428,7 +404,7 @@ impl Proxier {
         let names: BTreeSet<ServiceName> = if full {
             // Every Service known, and every one joined (those gone since).
             let mut names: BTreeSet<ServiceName> =
-                self.services.store.state().iter().map(|s| name_of(s.as_ref())).collect();
+                self.services.objects().map(|s| key_of(s.as_ref())).collect();
             names.extend(self.join.states().keys().cloned());
             names.extend(self.health_check_ports.keys().cloned());
             names.extend(self.internal_local.iter().cloned());
@@ -437,7 +413,7 @@ impl Proxier {
             dirty
         };
         for name in &names {
-            let service = self.services.store.get(&ObjectRef::new(&name.1).within(&name.0));
+            let service = self.services.get(&name.0, &name.1).cloned();
             let state = service.as_ref().map(|service| self.state_of(name, service, &node));
             self.join.set(name, state);
             match service.as_deref().and_then(health_check_port) {

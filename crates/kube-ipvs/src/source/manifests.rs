@@ -30,7 +30,8 @@ use crate::Error;
 type Key = (String, String);
 
 /// The objects of one or more files. Each object is parsed once and shared (by `Arc`) between
-/// its file, the directory's merged view and the last scan: one copy, however many views.
+/// its file, the directory's merged view, the last scan and the daemon's cache, to which the
+/// events carry it: one copy, however many views.
 #[derive(Debug, Clone, Default, PartialEq)]
 struct Objects {
     services: BTreeMap<Key, Arc<ServiceInfo>>,
@@ -38,7 +39,23 @@ struct Objects {
     nodes: BTreeMap<Key, Arc<Node>>,
 }
 
+/// Puts `old`'s object in place of each equal one in `new`, so that a file read again keeps
+/// one copy of what did not change (the daemon's cache holds the old one).
+fn reuse<K: PartialEq>(new: &mut BTreeMap<Key, Arc<K>>, old: &BTreeMap<Key, Arc<K>>) {
+    for (key, object) in new {
+        if let Some(kept) = old.get(key).filter(|kept| *kept == object) {
+            *object = kept.clone();
+        }
+    }
+}
+
 impl Objects {
+    fn reuse(&mut self, old: &Objects) {
+        reuse(&mut self.services, &old.services);
+        reuse(&mut self.slices, &old.slices);
+        reuse(&mut self.nodes, &old.nodes);
+    }
+
     fn extend(&mut self, other: &Objects) {
         self.services.extend(other.services.iter().map(|(k, v)| (k.clone(), v.clone())));
         self.slices.extend(other.slices.iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -179,32 +196,32 @@ fn parse(path: &Path, text: &str) -> Objects {
     objects
 }
 
-fn changes<K: Clone + PartialEq>(
+fn changes<K: PartialEq>(
     old: &BTreeMap<Key, Arc<K>>,
     new: &BTreeMap<Key, Arc<K>>,
-    wrap: fn(Event<K>) -> Input,
+    wrap: fn(Event<Arc<K>>) -> Input,
     out: &mut Vec<Input>,
 ) {
     for (key, object) in new {
         // A file read again parses into new objects: compare contents, not pointers.
         if old.get(key).is_none_or(|o| !Arc::ptr_eq(o, object) && o != object) {
-            out.push(wrap(Event::Apply(K::clone(object))));
+            out.push(wrap(Event::Apply(object.clone())));
         }
     }
     for (key, object) in old {
         if !new.contains_key(key) {
-            out.push(wrap(Event::Delete(K::clone(object))));
+            out.push(wrap(Event::Delete(object.clone())));
         }
     }
 }
 
-fn listing<K: Clone>(
+fn listing<K>(
     objects: &BTreeMap<Key, Arc<K>>,
-    wrap: fn(Event<K>) -> Input,
+    wrap: fn(Event<Arc<K>>) -> Input,
     out: &mut Vec<Input>,
 ) {
     out.push(wrap(Event::Init));
-    out.extend(objects.values().map(|o| wrap(Event::InitApply(K::clone(o)))));
+    out.extend(objects.values().map(|o| wrap(Event::InitApply(o.clone()))));
     out.push(wrap(Event::InitDone));
 }
 
@@ -230,12 +247,17 @@ impl Manifests {
                 continue;
             }
             let (modified, len) = (metadata.modified().ok(), metadata.len());
-            let file = match self.files.remove(&path) {
+            let old = self.files.remove(&path);
+            let file = match old {
                 Some(file) if file.modified == modified && file.len == len => file,
                 _ => match std::fs::read_to_string(&path) {
                     Ok(text) => {
                         changed = true;
-                        File { modified, len, objects: parse(&path, &text) }
+                        let mut objects = parse(&path, &text);
+                        if let Some(old) = old {
+                            objects.reuse(&old.objects);
+                        }
+                        File { modified, len, objects }
                     }
                     Err(err) => {
                         warn!(file = %path.display(), %err, "manifest cannot be read");
@@ -260,14 +282,14 @@ impl Manifests {
         let mut out = Vec::new();
         match &self.current {
             None => {
-                listing(&all.services, |e| Input::Service(Box::new(e)), &mut out);
-                listing(&all.slices, |e| Input::Slice(Box::new(e)), &mut out);
-                listing(&all.nodes, Input::node, &mut out);
+                listing(&all.services, Input::Service, &mut out);
+                listing(&all.slices, Input::Slice, &mut out);
+                listing(&all.nodes, Input::Node, &mut out);
             }
             Some(old) => {
-                changes(&old.services, &all.services, |e| Input::Service(Box::new(e)), &mut out);
-                changes(&old.slices, &all.slices, |e| Input::Slice(Box::new(e)), &mut out);
-                changes(&old.nodes, &all.nodes, Input::node, &mut out);
+                changes(&old.services, &all.services, Input::Service, &mut out);
+                changes(&old.slices, &all.slices, Input::Slice, &mut out);
+                changes(&old.nodes, &all.nodes, Input::Node, &mut out);
             }
         }
         self.current = Some(all);
@@ -348,6 +370,14 @@ items:
             ]
         );
         assert!(manifests.scan().unwrap().is_empty(), "nothing changed");
+        let web = manifests.current.as_ref().unwrap().services.values().next().cloned().unwrap();
+
+        // The file read again: what changed is sent, and what did not stays the same object,
+        // the one the first scan sent.
+        std::fs::write(dir.join("web.yaml"), WEB.replace("10.244.0.2", "10.244.0.22")).unwrap();
+        assert_eq!(names(&manifests.scan().unwrap()), ["EndpointSlice apply default/web-1"]);
+        let again = manifests.current.as_ref().unwrap().services.values().next().cloned().unwrap();
+        assert!(Arc::ptr_eq(&web, &again), "one copy of an unchanged Service");
 
         let api = "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: other}\nspec: {clusterIP: 10.96.0.11}\n";
         std::fs::write(dir.join("api.yml"), api).unwrap();

@@ -1,6 +1,7 @@
 //! Where Services, EndpointSlices and the Node come from: the API server ([`api`]) or a
 //! directory of manifests ([`manifests`]). Both send the same [`Input`]s, kube-rs watch
-//! events, so the rest of the daemon does not know which one it runs on.
+//! events, so the rest of the daemon does not know which one it runs on. The objects in them
+//! are shared (`Arc`): a source that keeps its objects and the daemon's cache hold one copy.
 
 pub mod api;
 pub mod manifests;
@@ -10,17 +11,19 @@ use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
+use std::sync::Arc;
+
 use kube::runtime::{reflector::Lookup, watcher::Event};
 
 /// One event from a source.
 #[derive(Debug, Clone)]
 pub enum Input {
     /// A Service was listed, added, changed or deleted; kept as a [`ServiceInfo`].
-    Service(Box<Event<ServiceInfo>>),
+    Service(Event<Arc<ServiceInfo>>),
     /// An EndpointSlice was listed, added, changed or deleted; kept as a [`Slice`].
-    Slice(Box<Event<Slice>>),
+    Slice(Event<Arc<Slice>>),
     /// The node's own Node object.
-    Node(Box<Event<Node>>),
+    Node(Event<Arc<Node>>),
     /// A watch failed (the API server is unreachable, say). The cache keeps what it has and
     /// the kernel keeps its state; the watch retries with backoff.
     WatchFailed {
@@ -34,37 +37,38 @@ pub enum Input {
 impl Input {
     /// A Service event, the Service reduced to what the daemon keeps of it.
     pub fn service(event: Event<Service>) -> Self {
-        Self::Service(Box::new(kept(event)))
+        Self::Service(kept(event))
     }
 
     /// An EndpointSlice event, the slice reduced to what the daemon keeps of it.
     pub fn slice(event: Event<EndpointSlice>) -> Self {
-        Self::Slice(Box::new(kept(event)))
+        Self::Slice(kept(event))
     }
 
     /// A Node event.
     pub fn node(event: Event<Node>) -> Self {
-        Self::Node(Box::new(event))
+        Self::Node(kept(event))
     }
 }
 
-/// An event of an API object turned into one of the object as kept.
-fn kept<A, K: From<A>>(event: Event<A>) -> Event<K> {
+/// An event of an API object turned into one of the object as kept, shared.
+fn kept<A, K: From<A>>(event: Event<A>) -> Event<Arc<K>> {
+    let kept = |object: A| Arc::new(K::from(object));
     match event {
         Event::Init => Event::Init,
-        Event::InitApply(object) => Event::InitApply(object.into()),
+        Event::InitApply(object) => Event::InitApply(kept(object)),
         Event::InitDone => Event::InitDone,
-        Event::Apply(object) => Event::Apply(object.into()),
-        Event::Delete(object) => Event::Delete(object.into()),
+        Event::Apply(object) => Event::Apply(kept(object)),
+        Event::Delete(object) => Event::Delete(kept(object)),
     }
 }
 
 fn describe<K: Lookup>(
     f: &mut std::fmt::Formatter<'_>,
     kind: &str,
-    event: &Event<K>,
+    event: &Event<Arc<K>>,
 ) -> std::fmt::Result {
-    let name = |k: &K| {
+    let name = |k: &Arc<K>| {
         let name = k.name().unwrap_or_default();
         match k.namespace() {
             Some(namespace) => format!("{namespace}/{name}"),
