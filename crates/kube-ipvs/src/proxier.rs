@@ -1,9 +1,9 @@
-//! The cache of API objects, which Services changed, and the sync that moves the node there.
+//! Which Services changed, and the sync that moves the node there.
 //!
 //! [`Proxier::handle`] feeds each [`Input`] to the object caches ([`Cache`]) and marks the
-//! Services it touches dirty. [`Proxier::sync`] recomputes the desired state of the dirty Services only
-//! (`controller::desired::service_state`), updates the join of all Services with them
-//! (`controller::desired::Join`) and applies the difference that yields
+//! Services it touches dirty. [`Proxier::sync`] recomputes the desired state of the dirty
+//! Services only (`controller::desired::service_state`), updates the join of all Services with
+//! them (`controller::desired::Join`) and applies the difference that yields
 //! (`controller::node::NodeSync`): a sync costs what changed, not the number of Services. Until Services and
 //! EndpointSlices have both been listed once, nothing is synced: a restart never empties a
 //! Service for a moment. [`Proxier::finish_check`] compares the whole kernel state with what was
