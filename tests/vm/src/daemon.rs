@@ -90,6 +90,13 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The last `lines` lines of its log.
+    fn log_tail(&self, lines: usize) -> String {
+        let log = self.log();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Whether it still runs.
     pub fn running(&mut self) -> bool {
         self.child.try_wait().expect("waitable").is_none()
@@ -104,12 +111,9 @@ impl Daemon {
                 return status;
             }
             if started.elapsed() > Duration::from_secs(30) {
-                let log = self.log();
-                let tail: Vec<&str> = log.lines().rev().take(30).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 panic!(
                     "kube-ipvs did not stop on SIGTERM; the end of its log:\n{}",
-                    tail.join("\n")
+                    self.log_tail(30)
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -145,10 +149,11 @@ impl Drop for Daemon {
         let _ = self.child.wait();
         // A failed test shows what the daemon said last.
         if std::thread::panicking() {
-            let log = self.log();
-            let lines: Vec<&str> = log.lines().collect();
-            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
-            eprintln!("the daemon's log ({}), last lines:\n{tail}", self.log.display());
+            eprintln!(
+                "the daemon's log ({}), last lines:\n{}",
+                self.log.display(),
+                self.log_tail(80)
+            );
         }
     }
 }

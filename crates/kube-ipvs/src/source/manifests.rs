@@ -25,9 +25,7 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::Input;
-use crate::Error;
-
-type Key = (String, String);
+use crate::{Error, cache::Key};
 
 /// The objects of one or more files. Each object is parsed once and shared (by `Arc`) between
 /// its file, the directory's merged view, the last scan and the daemon's cache, to which the
@@ -203,7 +201,8 @@ fn changes<K: PartialEq>(
     out: &mut Vec<Input>,
 ) {
     for (key, object) in new {
-        // A file read again parses into new objects: compare contents, not pointers.
+        // A file read again keeps its unchanged objects (`reuse`): pointers first, then
+        // contents (an object moved to another file is a new one with the same contents).
         if old.get(key).is_none_or(|o| !Arc::ptr_eq(o, object) && o != object) {
             out.push(wrap(Event::Apply(object.clone())));
         }

@@ -6,13 +6,13 @@
 pub mod api;
 pub mod manifests;
 
+use std::sync::Arc;
+
 use controller::desired::{ServiceInfo, Slice};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
 };
-use std::sync::Arc;
-
 use kube::runtime::{reflector::Lookup, watcher::Event};
 
 /// One event from a source.
