@@ -61,9 +61,16 @@ const WAIT: Duration = Duration::from_secs(20);
 async fn selected_objects_are_listed_then_followed() {
     let server = FakeApiServer::start().await.unwrap();
     server.apply(service("web", json!({})));
-    server.apply(service("headless", json!({"service.kubernetes.io/headless": ""})));
+    // Labelled headless, with a cluster IP: served, as kube-proxy serves it.
+    server.apply(service("labelled", json!({"service.kubernetes.io/headless": ""})));
+    let mut headless = service("headless", json!({}));
+    headless["spec"]["clusterIP"] = json!("None");
+    server.apply(headless);
     server.apply(service("other", json!({"service.kubernetes.io/service-proxy-name": "cilium"})));
     server.apply(slice("web-1", "web"));
+    let mut headless_slice = slice("headless-1", "headless");
+    headless_slice["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    server.apply(headless_slice);
     server.apply(json!({"kind": "Node", "metadata": {"name": "node-a"}}));
     server.apply(json!({"kind": "Node", "metadata": {"name": "node-b"}}));
 
@@ -86,15 +93,18 @@ async fn selected_objects_are_listed_then_followed() {
             "Node list node-a",
             "Service done",
             "Service init",
+            "Service list ns/labelled",
             "Service list ns/web",
         ]
     );
 
     server.apply(service("api", json!({})));
     assert_eq!(until(&mut inputs, "Service apply ns/api", WAIT).await, ["Service apply ns/api"]);
-    // A Service that gets the headless label leaves the selection: deleted, as the real
-    // watch cache sends it.
-    server.apply(service("api", json!({"service.kubernetes.io/headless": ""})));
+    // A Service that becomes headless leaves the selection: deleted, as the real watch
+    // cache sends it.
+    let mut api = service("api", json!({}));
+    api["spec"]["clusterIP"] = json!("None");
+    server.apply(api);
     until(&mut inputs, "Service delete ns/api", WAIT).await;
     assert!(server.delete(Resource::EndpointSlices, "ns", "web-1"));
     until(&mut inputs, "EndpointSlice delete ns/web-1", WAIT).await;

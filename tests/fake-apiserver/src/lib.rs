@@ -9,8 +9,8 @@
 //!   `DELETED` (or `ADDED`), as the real watch cache does;
 //! - `BOOKMARK` events when `allowWatchBookmarks` is set;
 //! - watches end after `timeoutSeconds`, or after the server's own limit;
-//! - label selectors (`k`, `!k`, `k=v`, `k!=v`) and the `metadata.name` and
-//!   `metadata.namespace` field selectors;
+//! - label selectors (`k`, `!k`, `k=v`, `k!=v`) and the `metadata.name`,
+//!   `metadata.namespace` and `spec.clusterIP` field selectors;
 //! - and failures on demand: every open watch dropped, the history compacted so resumed
 //!   watches get `410 Gone` and must list again, or the whole server stopped (connections
 //!   refused) and started again on the same address, or one resource refused with 403.
@@ -168,7 +168,8 @@ pub fn labels_match(selector: &str, object: &Value) -> bool {
     })
 }
 
-/// Whether `object` matches a field selector (`metadata.name=…`, `metadata.namespace=…`).
+/// Whether `object` matches a field selector (`metadata.name`, `metadata.namespace` and, for
+/// Services, `spec.clusterIP`; `=`, `==` or `!=`, comma-separated).
 pub fn fields_match(selector: &str, object: &Value) -> bool {
     selector.split(',').map(str::trim).filter(|t| !t.is_empty()).all(|term| {
         let (field, value, equal) = match term.split_once("!=") {
@@ -181,6 +182,10 @@ pub fn fields_match(selector: &str, object: &Value) -> bool {
         let actual = match field.trim() {
             "metadata.name" => meta(object, "name"),
             "metadata.namespace" => meta(object, "namespace"),
+            // Services only, as the real server: `spec.clusterIP!=None` keeps headless ones out.
+            "spec.clusterIP" => {
+                object.pointer("/spec/clusterIP").and_then(Value::as_str).unwrap_or_default()
+            }
             _ => return false,
         };
         (actual == value.trim()) == equal
@@ -564,6 +569,21 @@ mod tests {
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();
         text
+    }
+
+    #[test]
+    fn selectors_are_kube_proxys_selectors() {
+        let service = |cluster_ip: &str, labels: Value| json!({"metadata": {"name": "s", "labels": labels}, "spec": {"clusterIP": cluster_ip}});
+        let headless = service("None", json!({}));
+        let labelled = service("10.96.0.1", json!({"service.kubernetes.io/headless": ""}));
+        let other = service("10.96.0.2", json!({"service.kubernetes.io/service-proxy-name": "x"}));
+        assert!(!fields_match("spec.clusterIP!=None", &headless));
+        assert!(fields_match("spec.clusterIP!=None", &labelled));
+        assert!(fields_match("spec.clusterIP=None", &headless));
+        assert!(labels_match("!service.kubernetes.io/service-proxy-name", &labelled));
+        assert!(!labels_match("!service.kubernetes.io/service-proxy-name", &other));
+        assert!(!labels_match("!service.kubernetes.io/headless", &labelled));
+        assert!(!fields_match("spec.unknown=x", &labelled), "an unknown field matches nothing");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use controller::desired::HEADLESS_LABEL;
 use fake_apiserver::{FakeApiServer, Resource};
 use serde_json::json;
 use vm_tests::{
@@ -24,6 +25,7 @@ use vm_tests::{
 
 const WEB: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const LATE: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 11);
+const LABELLED: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 12);
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn node(pods: u8) -> Topology {
@@ -130,6 +132,39 @@ async fn a_service_is_followed_from_creation_to_deletion() {
     api.delete(Resource::Services, "ns", "late");
     api.apply(slice("web", &pods[1..2]));
     eventually(MINUTE, || answered_by(vip, 8, &names(&topology, &[1])));
+
+    // A Service labelled `service.kubernetes.io/headless` that has a cluster IP is served as
+    // kube-proxy serves it: its slices (labelled too) are not watched, so it gets a virtual
+    // server with no destinations and its address, and a client is refused at once instead of
+    // waiting for a time-out. A Service with `clusterIP: None` gets nothing.
+    let mut labelled = service("labelled", LABELLED, 80, json!({}));
+    labelled["metadata"]["labels"] = json!({HEADLESS_LABEL: ""});
+    api.apply(labelled);
+    let mut labelled_slice = slice("labelled", &pods[..1]);
+    labelled_slice["metadata"]["labels"][HEADLESS_LABEL] = json!("");
+    api.apply(labelled_slice);
+    let mut headless = service("headless", LATE, 80, json!({}));
+    headless["spec"]["clusterIP"] = json!("None");
+    headless["spec"]["clusterIPs"] = json!(["None"]);
+    api.apply(headless);
+    api.apply(slice("headless", &pods[..1]));
+    let labelled = SocketAddr::from((LABELLED, 80));
+    eventually(MINUTE, || {
+        let listed = ipvsadm(&["-Ln", "-t", &labelled.to_string()]);
+        let destination = |line: &str| line.contains("-> 10.");
+        let programmed = listed.contains(&labelled.to_string())
+            && !listed.lines().any(destination)
+            && vips().contains(&LABELLED.to_string());
+        programmed.then_some(()).ok_or(listed)
+    });
+    daemon.wait_synced();
+    let started = std::time::Instant::now();
+    let refused = tcp_ask(labelled).expect_err("a Service with no endpoints refuses");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    println!("labelled headless: refused in {:?}", started.elapsed());
+    assert!(!ipvsadm(&["-Sn"]).contains(&LATE.to_string()), "clusterIP: None gets nothing");
+    api.delete(Resource::Services, "ns", "labelled");
+    api.delete(Resource::Services, "ns", "headless");
 
     // Deleted: the address, the virtual server and the set elements go.
     assert!(vips().contains(&WEB.to_string()));

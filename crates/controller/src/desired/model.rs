@@ -23,7 +23,8 @@ pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// Services with this label belong to another proxy (unless it names ours).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
-/// Services with this label are headless as far as proxies go.
+/// The EndpointSlice controller puts this label on the slices of headless Services; proxies
+/// do not watch such slices.
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// The Node label with its zone, for topology hints.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";

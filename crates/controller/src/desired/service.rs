@@ -120,7 +120,9 @@ pub struct LocalOnly {
 pub enum Skipped {
     /// `type: ExternalName`.
     ExternalName,
-    /// `clusterIP: None`, or labelled `service.kubernetes.io/headless`.
+    /// `clusterIP: None`. (A Service labelled `service.kubernetes.io/headless` that has a
+    /// cluster IP is served like any other, as kube-proxy serves it: the label only keeps
+    /// its EndpointSlices out of the watch.)
     Headless,
     /// Labelled for another proxy (`service.kubernetes.io/service-proxy-name`).
     OtherProxy,
@@ -128,9 +130,6 @@ pub enum Skipped {
 
 /// Whether a Service is one kube-ipvs implements at all.
 pub fn skipped(service: &ServiceInfo, config: &ProxyConfig) -> Option<Skipped> {
-    if service.headless_label {
-        return Some(Skipped::Headless);
-    }
     if let Some(proxy) = &service.proxy_name
         && config.service_proxy_name.as_ref() != Some(proxy)
     {

@@ -11,9 +11,7 @@ use ipnetwork::IpNetwork;
 use ipvs_netlink::Protocol;
 use k8s_openapi::api::core::v1::Service;
 
-use super::model::{
-    HEADLESS_LABEL, SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SERVICE_PROXY_NAME_LABEL,
-};
+use super::model::{SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SERVICE_PROXY_NAME_LABEL};
 
 /// A value parsed from the text the Service holds, or that text when it does not parse (it is
 /// reported when the Service is used).
@@ -32,8 +30,6 @@ pub struct ServiceInfo {
     pub type_: ServiceType,
     /// `clusterIP: None`.
     pub cluster_ip_none: bool,
-    /// Labelled `service.kubernetes.io/headless`.
-    pub headless_label: bool,
     /// Its `service.kubernetes.io/service-proxy-name` label.
     pub proxy_name: Option<String>,
     /// Its scheduler annotation, as written.
@@ -109,7 +105,6 @@ impl From<Service> for ServiceInfo {
             name: metadata.name.unwrap_or_default(),
             namespace: metadata.namespace.unwrap_or_default(),
             has_spec: spec.is_some(),
-            headless_label: labels.contains_key(HEADLESS_LABEL),
             proxy_name: labels.remove(SERVICE_PROXY_NAME_LABEL),
             scheduler: annotations.remove(SCHEDULER_ANNOTATION),
             scheduler_flags: annotations.remove(SCHEDULER_FLAGS_ANNOTATION),
@@ -191,7 +186,7 @@ mod tests {
         let info = ServiceInfo::from(service);
         let ip = |text: &str| Ok(text.parse().unwrap());
         assert_eq!((info.name.as_str(), info.namespace.as_str()), ("web", "ns"));
-        assert!(info.has_spec && !info.cluster_ip_none && !info.headless_label);
+        assert!(info.has_spec && !info.cluster_ip_none);
         assert_eq!(info.type_, ServiceType::LoadBalancer);
         assert_eq!(info.proxy_name.as_deref(), Some("kube-ipvs"));
         assert_eq!((info.scheduler.as_deref(), info.scheduler_flags), (Some("sh"), None));

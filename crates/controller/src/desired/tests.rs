@@ -194,15 +194,21 @@ fn headless_external_name_and_other_proxies_produce_nothing() {
     let mut other_proxy = web(json!({}));
     other_proxy.metadata.labels =
         Some([(SERVICE_PROXY_NAME_LABEL.to_owned(), "cilium".to_owned())].into());
-    let mut labelled_headless = web(json!({}));
-    labelled_headless.metadata.labels = Some([(HEADLESS_LABEL.to_owned(), String::new())].into());
-    for service in [headless, external_name, other_proxy, labelled_headless] {
+    for service in [headless, external_name, other_proxy] {
         let state = compute(&[service], &[]);
         assert!(
             state.virtual_servers.is_empty() && state.elements == netfilter::Elements::default()
         );
         assert!(state.problems.is_empty());
     }
+    // A Service labelled headless that has a cluster IP is served as kube-proxy serves it: a
+    // virtual server (with no destinations until endpoints come) and its address.
+    let mut labelled_headless = web(json!({}));
+    labelled_headless.metadata.labels = Some([(HEADLESS_LABEL.to_owned(), String::new())].into());
+    let state = compute(&[labelled_headless], &[]);
+    let (_, server) = state.virtual_servers.first_key_value().expect("a virtual server");
+    assert!(server.destinations.is_empty());
+    assert_eq!(state.elements.vips, ["10.96.0.10".parse().unwrap()].into());
     // Our own proxy name is served.
     let mut ours = web(json!({}));
     ours.metadata.labels =

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::{Input, label_selector};
+use super::{Input, Selectors, service_selectors, slice_selectors};
 
 fn watch<K>(
     api: Api<K>,
@@ -54,11 +54,15 @@ pub fn inputs(
     node: &str,
     service_proxy_name: Option<&str>,
 ) -> impl Stream<Item = Input> + Send + 'static {
-    let selected = watcher::Config::default().labels(&label_selector(service_proxy_name));
+    let config = |Selectors { labels, fields }: Selectors| {
+        let config = watcher::Config::default();
+        let config = if labels.is_empty() { config } else { config.labels(&labels) };
+        if fields.is_empty() { config } else { config.fields(&fields) }
+    };
     futures::stream::select_all([
         watch(
             Api::<Service>::all(client.clone()),
-            selected.clone(),
+            config(service_selectors(service_proxy_name)),
             "Service",
             // Kept as a compact `ServiceInfo`: nothing to trim first.
             |_| {},
@@ -67,7 +71,7 @@ pub fn inputs(
         // Kept as a compact `Slice`: nothing to trim first.
         watch(
             Api::<EndpointSlice>::all(client.clone()),
-            selected,
+            config(slice_selectors()),
             "EndpointSlice",
             |_| {},
             Input::slice,

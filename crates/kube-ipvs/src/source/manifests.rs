@@ -14,17 +14,14 @@ use std::{
 };
 
 use controller::desired::{ServiceInfo, Slice};
-use k8s_openapi::api::{
-    core::v1::{Node, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::core::v1::Node;
 use kube::runtime::watcher::Event;
 use serde::Deserialize;
 use serde_json::{Value, value::RawValue};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use super::Input;
+use super::{Input, service_watched, slice_watched};
 use crate::{Error, cache::Key};
 
 /// The objects of one or more files. Each object is parsed once and shared (by `Arc`) between
@@ -83,14 +80,19 @@ fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
 
 /// Parses a namespaced object as its API type `P` into `objects`, kept as a `K` (a Service as
 /// a [`ServiceInfo`], an EndpointSlice as a [`Slice`]), in `default` when it names no
-/// namespace.
+/// namespace. An object the API server's watch would not send (`watched` says which, by the
+/// watch's selectors) is left out, as it would be.
 fn insert<P: serde::de::DeserializeOwned + kube::Resource, K: From<P>>(
     document: &RawValue,
     object: &str,
+    watched: fn(&P) -> bool,
     objects: &mut BTreeMap<Key, Arc<K>>,
 ) -> Result<(), String> {
     let mut parsed: P =
         serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
+    if !watched(&parsed) {
+        return Ok(());
+    }
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
     meta.namespace = Some(key.0.clone());
@@ -146,8 +148,8 @@ fn add_document(document: &RawValue, objects: &mut Objects) -> Result<(), String
             }
             if problems.is_empty() { Ok(()) } else { Err(problems.join("; ")) }
         }
-        "Service" => insert::<Service, _>(document, &object, &mut objects.services),
-        "EndpointSlice" => insert::<EndpointSlice, _>(document, &object, &mut objects.slices),
+        "Service" => insert(document, &object, service_watched, &mut objects.services),
+        "EndpointSlice" => insert(document, &object, slice_watched, &mut objects.slices),
         "Node" => {
             let node: Node =
                 serde_json::from_str(document.get()).map_err(|e| format!("{object}: {e}"))?;
@@ -404,6 +406,18 @@ items:
         let objects = parse(path, &text);
         let names: Vec<&str> = objects.services.keys().map(|(_, n)| n.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
+        // What the API server's watches would not send is left out, as they leave it: a
+        // headless Service, and the slices labelled headless.
+        let mut headless = service("h");
+        headless["spec"]["clusterIP"] = "None".into();
+        let mut headless_slice = serde_json::json!({"apiVersion": "discovery.k8s.io/v1",
+            "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": "h-1", "namespace": "ns",
+                         "labels": {"service.kubernetes.io/headless": ""}}});
+        let objects = parse(path, &format!("{headless}\n{headless_slice}"));
+        assert!(objects.services.is_empty() && objects.slices.is_empty());
+        headless_slice["metadata"]["labels"] = serde_json::json!({});
+        assert_eq!(parse(path, &headless_slice.to_string()).slices.len(), 1);
         // A syntax error keeps what came before it.
         let objects = parse(path, &format!("{}\n{{\"kind\": ", service("d")));
         assert_eq!(objects.services.len(), 1);

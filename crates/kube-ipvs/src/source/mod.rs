@@ -96,28 +96,99 @@ impl std::fmt::Display for Input {
     }
 }
 
-/// The label selector for Services and EndpointSlices, as kube-proxy's: no headless ones,
-/// and none that belong to another proxy. With a proxy name of its own, Services labelled
-/// with a proxy name are filtered after the watch (absent or equal is served), since a label
-/// selector cannot say "absent or equal".
-pub fn label_selector(service_proxy_name: Option<&str>) -> String {
-    let headless = format!("!{}", controller::desired::HEADLESS_LABEL);
-    match service_proxy_name {
-        Some(_) => headless,
-        None => format!("!{},{headless}", controller::desired::SERVICE_PROXY_NAME_LABEL),
-    }
+/// What a watch asks the API server for: a label selector and a field selector (either may be
+/// empty).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Selectors {
+    /// The label selector.
+    pub labels: String,
+    /// The field selector.
+    pub fields: String,
+}
+
+/// The Service watch's selectors, as kube-proxy's (`cmd/kube-proxy/app/server.go`): no
+/// headless Services (`spec.clusterIP!=None`), and none labelled for another proxy. With a
+/// proxy name of its own, Services labelled with a proxy name are filtered after the watch
+/// (absent or equal is served), since a label selector cannot say "absent or equal".
+///
+/// The `service.kubernetes.io/headless` label does not keep a Service out: a Service with a
+/// cluster IP that carries it is served like any other, as kube-proxy serves it.
+pub fn service_selectors(service_proxy_name: Option<&str>) -> Selectors {
+    let labels = match service_proxy_name {
+        Some(_) => String::new(),
+        None => format!("!{}", controller::desired::SERVICE_PROXY_NAME_LABEL),
+    };
+    Selectors { labels, fields: "spec.clusterIP!=None".into() }
+}
+
+/// The EndpointSlice watch's selectors, as kube-proxy's: none of a headless Service (the
+/// EndpointSlice controller labels those `service.kubernetes.io/headless`).
+pub fn slice_selectors() -> Selectors {
+    Selectors { labels: format!("!{}", controller::desired::HEADLESS_LABEL), fields: String::new() }
+}
+
+/// Whether a Service is one the Service watch would send: the rule of [`service_selectors`],
+/// for sources that have no API server to apply it (the proxy-name label is left to the
+/// controller, as with the API server).
+pub fn service_watched(service: &Service) -> bool {
+    let cluster_ip = service.spec.as_ref().and_then(|spec| spec.cluster_ip.as_deref());
+    cluster_ip != Some("None")
+}
+
+/// Whether an EndpointSlice is one the EndpointSlice watch would send: the rule of
+/// [`slice_selectors`].
+pub fn slice_watched(slice: &EndpointSlice) -> bool {
+    let labels = slice.metadata.labels.as_ref();
+    !labels.is_some_and(|labels| labels.contains_key(controller::desired::HEADLESS_LABEL))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::label_selector;
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    use serde_json::json;
+
+    use super::*;
 
     #[test]
     fn selectors_are_kube_proxys() {
         assert_eq!(
-            label_selector(None),
-            "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless"
+            service_selectors(None),
+            Selectors {
+                labels: "!service.kubernetes.io/service-proxy-name".into(),
+                fields: "spec.clusterIP!=None".into()
+            }
         );
-        assert_eq!(label_selector(Some("kube-ipvs")), "!service.kubernetes.io/headless");
+        assert_eq!(
+            service_selectors(Some("kube-ipvs")),
+            Selectors { labels: String::new(), fields: "spec.clusterIP!=None".into() }
+        );
+        assert_eq!(
+            slice_selectors(),
+            Selectors { labels: "!service.kubernetes.io/headless".into(), fields: String::new() }
+        );
+    }
+
+    #[test]
+    fn the_manifests_rules_are_the_selectors() {
+        let service = |spec: serde_json::Value, labels: serde_json::Value| -> Service {
+            serde_json::from_value(
+                json!({"metadata": {"name": "s", "labels": labels}, "spec": spec}),
+            )
+            .unwrap()
+        };
+        let headless_label = json!({"service.kubernetes.io/headless": ""});
+        assert!(service_watched(&service(
+            json!({"clusterIP": "10.96.0.1"}),
+            headless_label.clone()
+        )));
+        assert!(service_watched(&service(json!({}), json!({}))));
+        assert!(!service_watched(&service(json!({"clusterIP": "None"}), json!({}))));
+        let slice = |labels: serde_json::Value| -> EndpointSlice {
+            serde_json::from_value(json!({"metadata": {"name": "s-1", "labels": labels},
+                                          "addressType": "IPv4", "endpoints": []}))
+            .unwrap()
+        };
+        assert!(slice_watched(&slice(json!({"kubernetes.io/service-name": "s"}))));
+        assert!(!slice_watched(&slice(headless_label)));
     }
 }
