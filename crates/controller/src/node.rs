@@ -163,9 +163,10 @@ pub struct CleanedUp {
 }
 
 /// Removes everything kube-ipvs owns from the node (`kube-ipvs cleanup`): the virtual servers
-/// on kube-ipvs0's addresses, those on the node's addresses within `node_port_range`, the
-/// firewall-mark ones of `externalTrafficPolicy: Local`, then kube-ipvs0 and the netfilter
-/// table. Virtual servers in `exclude_cidrs`, and everything else, are left alone.
+/// [`Owned`] claims (those on the Service ports its netfilter table lists, and outside
+/// `exclude_cidrs` those on kube-ipvs0's addresses, on the node's addresses within
+/// `node_port_range`, and the firewall-mark ones of `externalTrafficPolicy: Local`), then
+/// kube-ipvs0 and the netfilter table. Everything else is left alone.
 pub async fn clean_up(
     node_port_range: std::ops::RangeInclusive<u16>,
     exclude_cidrs: Vec<ipnetwork::IpNetwork>,
@@ -179,7 +180,15 @@ pub async fn clean_up(
     let mut node_port_addresses: BTreeSet<_> =
         dummy_link::local_addresses(handle, dummy_link::KUBE_IPVS0).await?.into_iter().collect();
     node_port_addresses.insert(std::net::Ipv4Addr::LOCALHOST.into());
-    let owned = Owned { service_addresses, node_port_addresses, node_port_range, exclude_cidrs };
+    let mut netfilter = Netfilter::new(netfilter::Config::default());
+    let service_ports = netfilter.programmed_service_ports()?;
+    let owned = Owned {
+        service_ports,
+        service_addresses,
+        node_port_addresses,
+        node_port_range,
+        exclude_cidrs,
+    };
     let ipvs = ipvs_netlink::IpvsHandle::new()?;
     let deletions: Vec<Change> = ipvs
         .list_services()
@@ -200,6 +209,6 @@ pub async fn clean_up(
         link.delete().await?;
         report.link = true;
     }
-    Netfilter::new(netfilter::Config::default()).remove().await?;
+    netfilter.remove().await?;
     Ok(report)
 }

@@ -78,6 +78,8 @@ pub struct Metrics {
     /// `kube_ipvs_drift_repairs_total{kind}`: state found changed behind kube-ipvs's back and
     /// repaired (`ipvs`, `address`, `netfilter`).
     pub drift_repairs: Family<Kind, Counter>,
+    /// `kube_ipvs_full_checks_total`: periodic full checks of the kernel state completed.
+    pub full_checks: Counter,
     /// `kube_ipvs_draining_destinations`.
     pub draining: Gauge,
     /// `kube_ipvs_skipped_objects`: objects, or parts of them, that cannot be used.
@@ -140,6 +142,7 @@ impl Metrics {
             netlink_messages: Family::default(),
             netlink_errors: Family::default(),
             drift_repairs: Family::default(),
+            full_checks: Counter::default(),
             draining: Gauge::default(),
             skipped_objects: Gauge::default(),
             watch_errors: Family::default(),
@@ -221,6 +224,11 @@ impl Metrics {
                 "drift_repairs",
                 "Kernel state changed behind kube-ipvs's back and repaired",
                 m.drift_repairs.clone(),
+            );
+            own.register(
+                "full_checks",
+                "Periodic full checks of the kernel state completed",
+                m.full_checks.clone(),
             );
             own.register(
                 "draining_destinations",

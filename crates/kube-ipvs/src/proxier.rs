@@ -53,6 +53,8 @@ pub struct Settings {
     pub node_port_addresses: NodePortAddresses,
     /// The cluster's NodePort range: virtual servers on node addresses in it are kube-ipvs's.
     pub node_port_range: std::ops::RangeInclusive<u16>,
+    /// `--ipvs-exclude-cidrs`: virtual servers there are kube-ipvs's only if it created them.
+    pub exclude_cidrs: Vec<ipnetwork::IpNetwork>,
 }
 
 /// The daemon's state between syncs.
@@ -379,11 +381,19 @@ impl Proxier {
             self.local_addresses.iter().copied().collect();
         node_port_addresses.extend(node.node_port_addresses.iter().copied());
         node_port_addresses.insert(Ipv4Addr::LOCALHOST.into());
+        let elements = &self.join.desired().elements;
+        let service_ports =
+            [&elements.cluster_ips, &elements.external_ips, &elements.local_external_ips]
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect();
         Ok(Owned {
+            service_ports,
             service_addresses,
             node_port_addresses,
             node_port_range: self.settings.node_port_range.clone(),
-            exclude_cidrs: self.settings.proxy.exclude_cidrs.clone(),
+            exclude_cidrs: self.settings.exclude_cidrs.clone(),
         })
     }
 
@@ -579,6 +589,7 @@ impl Proxier {
             }
         }
         self.metrics.sent_messages(&self.node.reconciler.ipvs().sent_messages().await);
+        self.metrics.full_checks.inc();
         Ok(())
     }
 

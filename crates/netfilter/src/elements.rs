@@ -46,6 +46,20 @@ pub(crate) enum Item {
     Bucket(NodePort, u32),
 }
 
+impl std::fmt::Display for Item {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let node_port = |p: &NodePort| format!("{}/{}", p.port, p.protocol);
+        match self {
+            Self::Address(a) | Self::Hairpin(a) => write!(f, "{a}"),
+            Self::ServicePort(port) => write!(f, "{port}"),
+            Self::SourceRange(port, range) => write!(f, "{port} from {range}"),
+            Self::NodePort(port) => f.write_str(&node_port(port)),
+            Self::Port(port) => write!(f, "{port}"),
+            Self::Bucket(port, mark) => write!(f, "{} bucket {mark:#x}", node_port(port)),
+        }
+    }
+}
+
 /// The value a map element maps its key to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Value {

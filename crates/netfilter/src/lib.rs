@@ -302,6 +302,66 @@ impl Netfilter {
         Ok(true)
     }
 
+    /// The ClusterIP, external-IP and load-balancer ports the table in the kernel holds,
+    /// whoever wrote it last (empty when there is no table). The table lives as long as the
+    /// virtual servers kube-ipvs programmed for them, so it is kube-ipvs's record of which
+    /// virtual servers it created, across restarts.
+    pub fn programmed_service_ports(&mut self) -> Result<std::collections::BTreeSet<ServicePort>> {
+        use elements::SetKind;
+        let mut ports = std::collections::BTreeSet::new();
+        for family in [Family::Ipv4, Family::Ipv6] {
+            for kind in [SetKind::ClusterIps, SetKind::ExternalIps, SetKind::LocalExternalIps] {
+                let set = elements::set_name(kind, Some(family));
+                let keys = self
+                    .netlink(|socket| socket.keys(&set))
+                    .map_err(|err| Error::Netlink { operation: "read", reason: err.to_string() })?;
+                for key in keys.unwrap_or_default() {
+                    ports.extend(message::service_port_of_key(&key));
+                }
+            }
+        }
+        Ok(ports)
+    }
+
+    /// How the sets and maps in the kernel differ from `elements`, one line per element
+    /// missing or extra (`set cluster-ips-v4: missing 10.96.0.10:80/TCP`); empty when they
+    /// hold exactly those elements. Compares the keys, as the kernel stores them.
+    pub fn differences(&mut self, elements: &Elements) -> Result<Vec<String>> {
+        let mut wanted: Vec<(String, Vec<elements::Item>)> = elements::contents(elements)
+            .into_iter()
+            .map(|(set, items)| (set, items.into_iter().collect()))
+            .collect();
+        wanted.extend(
+            elements::mark_maps(elements)
+                .into_iter()
+                .map(|(map, entries)| (map, entries.into_iter().map(|(item, _)| item).collect())),
+        );
+        let mut differences = Vec::new();
+        for (set, items) in wanted {
+            let kernel = self
+                .netlink(|socket| socket.keys(&set))
+                .map_err(|err| Error::Netlink { operation: "read", reason: err.to_string() })?;
+            let Some(kernel) = kernel else {
+                differences.push(format!("set {set}: missing from the kernel"));
+                continue;
+            };
+            let mut kernel: std::collections::BTreeSet<Vec<u8>> = kernel.into_iter().collect();
+            for item in items {
+                if !kernel.remove(&message::key(&item)) {
+                    differences.push(format!("set {set}: missing {item}"));
+                }
+            }
+            for key in kernel {
+                let extra = match message::service_port_of_key(&key) {
+                    Some(port) => port.to_string(),
+                    None => key.iter().map(|b| format!("{b:02x}")).collect(),
+                };
+                differences.push(format!("set {set}: extra {extra}"));
+            }
+        }
+        Ok(differences)
+    }
+
     /// Deletes the table, if it exists.
     pub async fn remove(&mut self) -> Result<()> {
         self.run("remove", &ruleset::remove()).await?;

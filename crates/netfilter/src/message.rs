@@ -168,6 +168,51 @@ pub(crate) fn element_count(payload: &[u8]) -> Result<usize, SocketError> {
     Ok(count)
 }
 
+/// `NFTA_SET_ELEM_KEY`: an element's key, holding an `NFTA_DATA_VALUE`.
+const NFTA_SET_ELEM_KEY: u16 = 1;
+
+/// The keys of the elements a dump answer carries, as the kernel stores them (the bytes
+/// [`key`] builds). `payload` is the message after its netlink header.
+pub(crate) fn element_keys(payload: &[u8]) -> Result<Vec<Vec<u8>>, SocketError> {
+    let invalid = |e: DecodeError| SocketError::Decode(format!("set element dump: {e}"));
+    let attributes = payload.get(4..).unwrap_or_default();
+    let mut keys = Vec::new();
+    for attribute in NlasIterator::new(attributes) {
+        let attribute = attribute.map_err(invalid)?;
+        if attribute.kind() & NLA_TYPE_MASK != NFTA_SET_ELEM_LIST_ELEMENTS {
+            continue;
+        }
+        for element in NlasIterator::new(attribute.value()) {
+            let element = element.map_err(invalid)?;
+            for part in NlasIterator::new(element.value()) {
+                let part = part.map_err(invalid)?;
+                if part.kind() & NLA_TYPE_MASK != NFTA_SET_ELEM_KEY {
+                    continue;
+                }
+                for data in NlasIterator::new(part.value()) {
+                    let data = data.map_err(invalid)?;
+                    if data.kind() & NLA_TYPE_MASK == NFTA_DATA_VALUE {
+                        keys.push(data.value().to_vec());
+                    }
+                }
+            }
+        }
+    }
+    Ok(keys)
+}
+
+/// The service port a `cluster-ips`, `external-ips` or `local-external-ips` key holds (the
+/// reverse of [`key`] for [`Item::ServicePort`]); `None` for bytes of another shape.
+pub(crate) fn service_port_of_key(key: &[u8]) -> Option<ServicePort> {
+    let (address, rest): (IpAddr, &[u8]) = match key.len() {
+        12 => (<[u8; 4]>::try_from(&key[..4]).ok()?.into(), &key[4..]),
+        24 => (<[u8; 16]>::try_from(&key[..16]).ok()?.into(), &key[16..]),
+        _ => return None,
+    };
+    let protocol = crate::model::Protocol::from_number(rest[0].into()).ok()?;
+    Some(ServicePort::new(address, protocol, u16::from_be_bytes([rest[4], rest[5]])))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

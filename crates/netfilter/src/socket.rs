@@ -1,12 +1,14 @@
 //! The nf_tables netlink socket: sends element changes as one batch (one transaction), and
-//! lists how many elements a set holds. Calls are short and run in the kernel as they are
-//! sent, so they are made directly on a blocking socket.
+//! reads a set's elements (or only counts them). Calls are short and run in the kernel as they
+//! are sent, so they are made directly on a blocking socket. A dump the kernel flags as
+//! interrupted (`NLM_F_DUMP_INTR`: the table changed while it was read) is read again, and
+//! never taken as the truth.
 
 use std::io;
 
 use netlink_packet_core::{
-    ErrorBuffer, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NLMSG_DONE, NLMSG_ERROR,
-    NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
+    ErrorBuffer, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NLMSG_DONE,
+    NLMSG_ERROR, NetlinkBuffer, NetlinkHeader, NetlinkMessage, NetlinkPayload,
 };
 use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
@@ -19,6 +21,8 @@ const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const ENOENT: i32 = 2;
 /// `NFT_MSG_NEWSETELEM` of the nf_tables subsystem: what a dump of elements answers with.
 const NEWSETELEM: u16 = (NFNL_SUBSYS_NFTABLES << 8) | 12;
+/// How many times a dump is read before an interrupted one is given up on.
+const DUMP_TRIES: usize = 5;
 
 /// What went wrong on the socket or in the kernel.
 #[derive(Debug, thiserror::Error)]
@@ -32,12 +36,47 @@ pub(crate) enum SocketError {
     /// The kernel answered something this code cannot read.
     #[error("unreadable netlink answer: {0}")]
     Decode(String),
+    /// Every try of a dump was interrupted by concurrent changes; what was read is not used.
+    #[error("the dump of set {0} was interrupted {DUMP_TRIES} times by concurrent changes")]
+    DumpInterrupted(String),
+}
+
+/// What the socket is sent over: the netlink socket, or a scripted kernel in tests.
+pub(crate) trait Transport {
+    /// Sends one datagram.
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Receives one datagram into `buffer`; with `MSG_DONTWAIT` in `flags`, fails with
+    /// `WouldBlock` when none is queued.
+    fn recv(&mut self, buffer: &mut Vec<u8>, flags: i32) -> io::Result<usize>;
+    /// Makes the send buffer at least `length` bytes.
+    fn reserve(&mut self, length: usize) -> io::Result<()>;
+}
+
+impl Transport for Socket {
+    fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        Socket::send(self, bytes, 0).map(drop)
+    }
+
+    fn recv(&mut self, buffer: &mut Vec<u8>, flags: i32) -> io::Result<usize> {
+        Socket::recv(self, &mut &mut buffer[..], flags)
+    }
+
+    fn reserve(&mut self, length: usize) -> io::Result<()> {
+        use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+        let current = getsockopt(&*self, sockopt::SndBuf).unwrap_or(0);
+        if current >= length {
+            return Ok(());
+        }
+        setsockopt(&*self, sockopt::SndBufForce, &length)
+            .or_else(|_| setsockopt(&*self, sockopt::SndBuf, &length))
+            .map_err(io::Error::from)
+    }
 }
 
 /// A netfilter netlink socket.
 #[derive(Debug)]
-pub(crate) struct NfSocket {
-    socket: Socket,
+pub(crate) struct NfSocket<T = Socket> {
+    socket: T,
     sequence: u32,
 }
 
@@ -51,7 +90,9 @@ impl NfSocket {
         socket.set_cap_ack(true).map_err(SocketError::Io)?;
         Ok(Self { socket, sequence: 0 })
     }
+}
 
+impl<T: Transport> NfSocket<T> {
     fn frame(
         &mut self,
         inner: NetfilterMessageInner,
@@ -104,9 +145,9 @@ impl NfSocket {
         let last = self.sequence;
         let end = self.batch_marker(ControlMessage::BatchEnd);
         append(&mut bytes, end);
-        let length = bytes.len();
-        self.reserve(length)?;
-        self.socket.send(&bytes, 0).map_err(SocketError::Io)?;
+        // A batch must be sent in one piece to be one transaction.
+        self.socket.reserve(bytes.len() + 4096).map_err(SocketError::Io)?;
+        self.socket.send(&bytes).map_err(SocketError::Io)?;
         // The kernel handled the whole batch during the send: each message's answer is queued.
         let expected = last.wrapping_sub(first).wrapping_add(1) as usize;
         let mut answered = 0;
@@ -136,61 +177,79 @@ impl NfSocket {
     /// How many elements the set or map `set` holds; `None` if it (or the table) does not
     /// exist.
     pub(crate) fn count(&mut self, set: &str) -> Result<Option<usize>, SocketError> {
-        let frame = self.frame(
-            NetfilterMessageInner::NfTables(crate::message::list_elements(set)),
-            NetfilterProtoFamily::Inet,
-            0,
-            // No ACK asked: a dump ends with NLMSG_DONE, and an error is answered anyway.
-            NLM_F_REQUEST | NLM_F_DUMP,
-        );
-        let mut bytes = vec![0; frame.buffer_len()];
-        frame.serialize(&mut bytes);
-        self.socket.send(&bytes, 0).map_err(SocketError::Io)?;
-        let sequence = self.sequence;
-        let mut count = 0;
-        let mut missing = false;
-        let mut failure = None;
-        self.receive(0, |frame| {
-            if frame.sequence != sequence {
-                return Ok(true);
-            }
-            match frame.error {
-                Some(0) => Ok(false),
-                Some(code) if -code == ENOENT => {
-                    missing = true;
-                    Ok(false)
-                }
-                Some(code) => {
-                    failure = Some(io::Error::from_raw_os_error(-code));
-                    Ok(false)
-                }
-                None if frame.message_type == NLMSG_DONE => Ok(false),
-                None if frame.message_type == NEWSETELEM => {
-                    count += crate::message::element_count(frame.payload)?;
-                    Ok(true)
-                }
-                None => Ok(true),
-            }
-        })?;
-        match failure {
-            Some(err) => Err(SocketError::Kernel(err)),
-            None if missing => Ok(None),
-            None => Ok(Some(count)),
-        }
+        self.dump(set, |count: &mut usize, payload| {
+            *count += crate::message::element_count(payload)?;
+            Ok(())
+        })
     }
 
-    /// Makes the send buffer large enough for one batch of `length` bytes (a batch must be
-    /// sent in one piece to be one transaction).
-    fn reserve(&self, length: usize) -> Result<(), SocketError> {
-        use nix::sys::socket::{getsockopt, setsockopt, sockopt};
-        let wanted = length + 4096;
-        let current = getsockopt(&self.socket, sockopt::SndBuf).unwrap_or(0);
-        if current >= wanted {
-            return Ok(());
+    /// The keys of the elements of the set or map `set`, as the kernel stores them; `None`
+    /// if it (or the table) does not exist.
+    pub(crate) fn keys(&mut self, set: &str) -> Result<Option<Vec<Vec<u8>>>, SocketError> {
+        self.dump(set, |keys: &mut Vec<Vec<u8>>, payload| {
+            keys.extend(crate::message::element_keys(payload)?);
+            Ok(())
+        })
+    }
+
+    /// Dumps the elements of `set`, folding each answer's payload into an `A`; `None` if the
+    /// set (or the table) does not exist. An interrupted dump starts again from a fresh `A`.
+    fn dump<A: Default>(
+        &mut self,
+        set: &str,
+        mut fold: impl FnMut(&mut A, &[u8]) -> Result<(), SocketError>,
+    ) -> Result<Option<A>, SocketError> {
+        for _ in 0..DUMP_TRIES {
+            let frame = self.frame(
+                NetfilterMessageInner::NfTables(crate::message::list_elements(set)),
+                NetfilterProtoFamily::Inet,
+                0,
+                // No ACK asked: a dump ends with NLMSG_DONE, and an error is answered anyway.
+                NLM_F_REQUEST | NLM_F_DUMP,
+            );
+            let mut bytes = vec![0; frame.buffer_len()];
+            frame.serialize(&mut bytes);
+            self.socket.send(&bytes).map_err(SocketError::Io)?;
+            let sequence = self.sequence;
+            let mut folded = A::default();
+            let mut missing = false;
+            let mut interrupted = false;
+            let mut failure = None;
+            self.receive(0, |frame| {
+                if frame.sequence != sequence {
+                    return Ok(true);
+                }
+                interrupted |= frame.flags & NLM_F_DUMP_INTR != 0;
+                match frame.error {
+                    Some(0) => Ok(false),
+                    Some(code) if -code == ENOENT => {
+                        missing = true;
+                        Ok(false)
+                    }
+                    Some(code) => {
+                        failure = Some(io::Error::from_raw_os_error(-code));
+                        Ok(false)
+                    }
+                    None if frame.message_type == NLMSG_DONE => Ok(false),
+                    None if frame.message_type == NEWSETELEM => {
+                        // The rest of an interrupted dump is read (and dropped) all the same,
+                        // so the socket is left clean for the next try.
+                        if !interrupted {
+                            fold(&mut folded, frame.payload)?;
+                        }
+                        Ok(true)
+                    }
+                    None => Ok(true),
+                }
+            })?;
+            match failure {
+                Some(err) => return Err(SocketError::Kernel(err)),
+                None if missing => return Ok(None),
+                None if interrupted => continue,
+                None => return Ok(Some(folded)),
+            }
         }
-        setsockopt(&self.socket, sockopt::SndBufForce, &wanted)
-            .or_else(|_| setsockopt(&self.socket, sockopt::SndBuf, &wanted))
-            .map_err(|errno| SocketError::Io(errno.into()))
+        Err(SocketError::DumpInterrupted(set.to_owned()))
     }
 
     /// Reads answers, handing each message to `each`, while `each` returns true. With
@@ -202,7 +261,7 @@ impl NfSocket {
     ) -> Result<(), SocketError> {
         let mut buffer = vec![0u8; 1 << 16];
         loop {
-            let length = match self.socket.recv(&mut &mut buffer[..], flags) {
+            let length = match self.socket.recv(&mut buffer, flags) {
                 Ok(length) => length,
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(err) => return Err(SocketError::Io(err)),
@@ -222,6 +281,7 @@ impl NfSocket {
                 };
                 let frame = Frame {
                     message_type,
+                    flags: frame.flags(),
                     sequence: frame.sequence_number(),
                     error,
                     payload: frame.payload(),
@@ -239,6 +299,7 @@ impl NfSocket {
 /// answer (`Some(0)`: an acknowledgement), and its payload.
 struct Frame<'a> {
     message_type: u16,
+    flags: u16,
     sequence: u32,
     error: Option<i32>,
     payload: &'a [u8],
@@ -246,4 +307,113 @@ struct Frame<'a> {
 
 fn nix_dontwait() -> i32 {
     nix::sys::socket::MsgFlags::MSG_DONTWAIT.bits()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+
+    use netlink_packet_core::{NLM_F_MULTIPART, NLMSG_DONE};
+    use netlink_packet_netfilter::nftables::{SetElementList, SetElementMessage};
+
+    use super::*;
+    use crate::{elements::Item, model::Protocol};
+
+    /// A kernel that answers each dump with the next of its scripted answers: the keys, and
+    /// whether the dump was interrupted.
+    #[derive(Default)]
+    struct Scripted {
+        dumps: VecDeque<(Vec<Item>, bool)>,
+        queued: VecDeque<Vec<u8>>,
+    }
+
+    fn answer(sequence: u32, items: &[Item], flags: u16) -> Vec<u8> {
+        let elements = items
+            .iter()
+            .map(|item| {
+                netlink_packet_netfilter::nftables::ListAttribute::Element(vec![
+                    netlink_packet_netfilter::nftables::SetElementAttribute::Key(
+                        netlink_packet_netfilter::nftables::DataAttribute::Value(
+                            crate::message::key(item),
+                        ),
+                    ),
+                ])
+            })
+            .collect();
+        let message = NfTablesMessage::NewSetElement(SetElementMessage {
+            attributes: vec![
+                SetElementList::Table("kube-ipvs".into()),
+                SetElementList::Set("cluster-ips-v4".into()),
+                SetElementList::Elements(elements),
+            ],
+        });
+        let mut header = NetlinkHeader::default();
+        header.flags = flags;
+        header.sequence_number = sequence;
+        let payload = NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::Inet, 0, 0),
+            NetfilterMessageInner::NfTables(message),
+        );
+        let mut message = NetlinkMessage::new(header, NetlinkPayload::from(payload));
+        message.finalize();
+        let mut bytes = vec![0; message.buffer_len()];
+        message.serialize(&mut bytes);
+        // NLMSG_DONE, carrying the interruption flag too, as the kernel's does.
+        let mut done = vec![0u8; 20];
+        done[..4].copy_from_slice(&20u32.to_ne_bytes());
+        done[4..6].copy_from_slice(&NLMSG_DONE.to_ne_bytes());
+        done[6..8].copy_from_slice(&flags.to_ne_bytes());
+        done[8..12].copy_from_slice(&sequence.to_ne_bytes());
+        bytes.extend(done);
+        bytes
+    }
+
+    impl Transport for Scripted {
+        fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+            let sequence = u32::from_ne_bytes(bytes[8..12].try_into().unwrap());
+            let (items, interrupted) = self.dumps.pop_front().expect("a scripted dump");
+            let flags = NLM_F_MULTIPART | if interrupted { NLM_F_DUMP_INTR } else { 0 };
+            self.queued.push_back(answer(sequence, &items, flags));
+            Ok(())
+        }
+
+        fn recv(&mut self, buffer: &mut Vec<u8>, _: i32) -> io::Result<usize> {
+            let datagram = self.queued.pop_front().ok_or(io::ErrorKind::WouldBlock)?;
+            buffer[..datagram.len()].copy_from_slice(&datagram);
+            Ok(datagram.len())
+        }
+
+        fn reserve(&mut self, _: usize) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn port(text: &str) -> Item {
+        Item::ServicePort(crate::model::port(text, Protocol::Tcp, 80))
+    }
+
+    #[test]
+    fn an_interrupted_dump_is_read_again_and_never_taken_as_the_truth() {
+        let partial = vec![port("10.96.0.10")];
+        let whole = vec![port("10.96.0.10"), port("10.96.0.11")];
+        let dumps = [(partial.clone(), true), (whole.clone(), false)].into();
+        let mut socket = NfSocket { socket: Scripted { dumps, ..Default::default() }, sequence: 0 };
+        let keys = socket.keys("cluster-ips-v4").unwrap().unwrap();
+        assert_eq!(keys, whole.iter().map(crate::message::key).collect::<Vec<_>>());
+        let ports: Vec<String> = keys
+            .iter()
+            .filter_map(|k| crate::message::service_port_of_key(k))
+            .map(|p| p.to_string())
+            .collect();
+        assert_eq!(ports, ["10.96.0.10:80/TCP", "10.96.0.11:80/TCP"]);
+
+        let dumps = [(partial.clone(), true), (whole.clone(), false)].into();
+        let mut socket = NfSocket { socket: Scripted { dumps, ..Default::default() }, sequence: 0 };
+        assert_eq!(socket.count("cluster-ips-v4").unwrap(), Some(2), "counts too");
+
+        let dumps = std::iter::repeat_n((partial, true), DUMP_TRIES).collect();
+        let mut socket = NfSocket { socket: Scripted { dumps, ..Default::default() }, sequence: 0 };
+        let err = socket.keys("cluster-ips-v4").unwrap_err();
+        assert!(matches!(err, SocketError::DumpInterrupted(_)), "{err}");
+    }
 }

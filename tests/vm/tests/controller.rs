@@ -106,6 +106,7 @@ impl Node {
 
 fn ownership() -> Owned {
     Owned {
+        service_ports: Default::default(),
         service_addresses: ["10.96.0.10".parse().unwrap(), LB_IP.into()].into(),
         node_port_addresses: [NODE_IP.into()].into(),
         node_port_range: 30000..=32767,

@@ -380,6 +380,14 @@ async fn every_service_type_health_metrics_and_ls() {
     let body: serde_json::Value = serde_json::from_str(&health.1).unwrap();
     assert_eq!(body["localEndpoints"], 1);
     assert_eq!(body["service"], json!({"namespace": "ns", "name": "local"}));
+    // And over IPv6, as dual-stack load balancers check it.
+    sh("ip", &["addr", "add", "fd00:99::2/64", "dev", "eth-node", "nodad"]);
+    topology.client.ip(&["addr", "add", "fd00:99::10/64", "dev", "eth0", "nodad"]);
+    let node_v6: std::net::IpAddr = "fd00:99::2".parse().unwrap();
+    let health =
+        topology.client.run(|| http_get(SocketAddr::new(node_v6, 32100), "/healthz")).unwrap();
+    assert_eq!(health.0, 200, "{health:?}");
+    assert!(health.1.contains("\"localEndpoints\": 1"), "{health:?}");
     // The endpoint leaves this node; the EndpointSlice says when that happened, for
     // kubeproxy_network_programming_duration_seconds.
     let mut moved = placed("local", &[(pods[1], "node-b")]);
@@ -390,6 +398,8 @@ async fn every_service_type_health_metrics_and_ls() {
         Ok((503, body)) if body.contains("\"localEndpoints\": 0") => Ok(()),
         other => Err(format!("{other:?}")),
     });
+    let health = http_get(SocketAddr::new(node_v6, 32100), "/healthz").unwrap();
+    assert_eq!(health.0, 503, "{health:?}");
 
     // kube-proxy's health and metrics endpoints.
     let (code, body) = http_get(HEALTHZ.parse().unwrap(), "/healthz").unwrap();
@@ -593,4 +603,120 @@ async fn udp_external_ips_source_ranges_and_internal_policy() {
         .run(|| tcp_ask_from(Some(IpAddr::from(OTHER_CLIENT_IP)), SocketAddr::from((lb, 80))));
     assert!(refused.is_err(), "a source outside loadBalancerSourceRanges: {refused:?}");
     assert_eq!(answering(SocketAddr::from((internal, 80)), 6).unwrap(), names(&topology, &[0]));
+}
+
+/// Every Service of the golden scenario, as the API server served them.
+fn golden_objects() -> Vec<serde_json::Value> {
+    let text = include_str!("../../../crates/controller/tests/golden/golden-objects-server.yaml");
+    let list: serde_json::Value = serde_norway::from_str(text).expect("the golden objects");
+    list["items"].as_array().expect("a List").clone()
+}
+
+/// Waits until the daemon has completed `n` more full checks than it had.
+fn full_checks(daemon: &mut Daemon, n: f64) {
+    let before = daemon.metric("kube_ipvs_full_checks_total");
+    eventually(2 * MINUTE, || {
+        assert!(daemon.running(), "kube-ipvs exited:\n{}", daemon.log());
+        let done = daemon.metric("kube_ipvs_full_checks_total");
+        (done >= before + n).then_some(()).ok_or(format!("{done} full checks"))
+    });
+}
+
+/// What must stay 0 on a node that nobody changes: drift repairs and refused IPVS changes.
+fn repairs_and_errors(daemon: &Daemon) -> (f64, f64) {
+    let metrics = daemon.metrics();
+    (
+        vm_tests::daemon::metric(&metrics, "kube_ipvs_drift_repairs_total"),
+        vm_tests::daemon::metric(&metrics, "kube_ipvs_netlink_errors_total"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_service_shape_is_owned_restarts_write_nothing_and_checks_find_no_drift() {
+    let topology = node(3);
+    let pods: Vec<_> = topology.pods.iter().collect();
+    let api = FakeApiServer::start().await.unwrap();
+    for object in golden_objects() {
+        api.apply(object);
+    }
+    // The node's own address as an external IP and as a load-balancer address (as k3s's
+    // ServiceLB sets it), on ports outside the NodePort range.
+    let node_ip = NODE_IP.to_string();
+    api.apply(service("node-external", WEB, 8080, json!({"externalIPs": [node_ip]})));
+    api.apply(slice("node-external", &pods));
+    let mut lb = service(
+        "node-lb",
+        LATE,
+        8081,
+        json!({"type": "LoadBalancer", "ports": [{"name": "http", "port": 8081,
+               "protocol": "TCP", "targetPort": 8080, "nodePort": 30091}]}),
+    );
+    lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": node_ip}]}});
+    api.apply(lb);
+    api.apply(slice("node-lb", &pods));
+    // Shapes the other tests use: NodePort, session affinity, UDP, local policies.
+    api.apply(service(
+        "shapes",
+        LABELLED,
+        80,
+        json!({"type": "NodePort", "sessionAffinity": "ClientIP",
+               "externalTrafficPolicy": "Local", "internalTrafficPolicy": "Local",
+               "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": 30092},
+                         {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 5353, "nodePort": 30093}]}),
+    ));
+    let mut shapes = slice("shapes", &pods);
+    shapes["ports"] = json!([{"name": "http", "port": 8080, "protocol": "TCP"},
+                             {"name": "dns", "port": 5353, "protocol": "UDP"}]);
+    api.apply(shapes);
+
+    // The golden Services' addresses are in an excluded CIDR: kube-ipvs programs them and
+    // owns what it programmed, and leaves alone what it did not create there, though on a
+    // Service address (kube-proxy's meaning of the flag).
+    ipvsadm(&["-A", "-t", "10.96.10.1:9999", "-s", "rr"]);
+    let args = ["--ipvs-sync-period", "2s", "--ipvs-exclude-cidrs", "10.96.10.0/24"];
+    let mut first = Daemon::with_api("shapes-1", &api.kubeconfig(), &args);
+    first.wait_synced();
+    for port in [8080, 8081] {
+        let address = SocketAddr::from((NODE_IP, port));
+        eventually(MINUTE, || answered_by(address, 6, &topology.pod_names()));
+    }
+    // Two full checks: no drift, no change, no refused write.
+    let writes = ipvs_writes(&first.metrics());
+    full_checks(&mut first, 2.0);
+    assert_eq!(repairs_and_errors(&first), (0.0, 0.0), "{}", first.log());
+    assert_eq!(ipvs_writes(&first.metrics()), writes, "the checks changed nothing");
+    let table = ipvsadm(&["-Sn"]);
+    assert!(
+        table.contains(&format!("{NODE_IP}:8080")) && table.contains(&format!("{NODE_IP}:8081"))
+    );
+    let addresses = vips();
+    assert!(first.stop().success());
+
+    // A restart writes nothing, and its checks find nothing either.
+    let mut second = Daemon::with_api("shapes-2", &api.kubeconfig(), &args);
+    second.wait_synced();
+    full_checks(&mut second, 2.0);
+    let metrics = second.metrics();
+    assert_eq!(ipvs_writes(&metrics), 0.0, "the restart wrote to IPVS:\n{metrics}");
+    assert_eq!(repairs_and_errors(&second), (0.0, 0.0), "{}", second.log());
+    assert_eq!(ipvsadm(&["-Sn"]), table);
+    assert_eq!(vips(), addresses);
+    assert!(second.stop().success());
+
+    // The Services on the node's address deleted while kube-ipvs was away: the next start
+    // knows their virtual servers for its own (its netfilter table lists their ports), and
+    // removes them.
+    api.delete(Resource::Services, "ns", "node-external");
+    api.delete(Resource::Services, "ns", "node-lb");
+    let mut third = Daemon::with_api("shapes-3", &api.kubeconfig(), &args);
+    third.wait_synced();
+    let listed = ipvsadm(&["-Sn"]);
+    for port in [8080, 8081] {
+        assert!(!listed.contains(&format!("{NODE_IP}:{port}")), "{port} left behind:\n{listed}");
+    }
+    assert!(listed.contains(&format!("{LABELLED}:80")), "the others stay:\n{listed}");
+    assert!(listed.contains("10.96.10.1:80"), "an excluded Service's own:\n{listed}");
+    assert!(listed.contains("10.96.10.1:9999"), "not kube-ipvs's:\n{listed}");
+    assert_eq!(repairs_and_errors(&third), (0.0, 0.0), "{}", third.log());
+    assert!(third.stop().success());
 }

@@ -40,8 +40,6 @@ pub struct ProxyConfig {
     pub service_proxy_name: Option<String>,
     /// Serve NodePorts on 127.0.0.1 too.
     pub localhost_node_ports: bool,
-    /// `--ipvs-exclude-cidrs`: virtual servers on these addresses are never touched.
-    pub exclude_cidrs: Vec<IpNetwork>,
 }
 
 impl Default for ProxyConfig {
@@ -50,7 +48,6 @@ impl Default for ProxyConfig {
             scheduler: DEFAULT_SCHEDULER.to_owned(),
             service_proxy_name: None,
             localhost_node_ports: false,
-            exclude_cidrs: Vec::new(),
         }
     }
 }

@@ -157,10 +157,6 @@ impl Context<'_> {
     fn problem(&mut self, reason: String) {
         self.problems.push(Problem { object: self.object.clone(), reason });
     }
-
-    fn excluded(&self, address: IpAddr) -> bool {
-        self.config.exclude_cidrs.iter().any(|cidr| cidr.contains(address))
-    }
 }
 
 /// The scheduler and scheduler flags of a Service: its annotations, or the default.
@@ -313,42 +309,29 @@ pub fn service_state(
             elements.hairpin.insert(endpoint.address);
         }
 
-        let add = |state: &mut ServiceState,
-                   context: &mut Context<'_>,
-                   exposure,
-                   address: SocketAddr,
-                   chosen: &Vec<&Endpoint>| {
-            if context.excluded(address.ip()) {
-                context.problem(format!("{address} is in --ipvs-exclude-cidrs; no virtual server"));
-                return;
-            }
-            let key = ServiceKey::Inet { protocol, address };
-            let mut virtual_service =
-                VirtualService::new(key, scheduler.clone()).with_flags(scheduler_flags);
-            if let Some(timeout) = affinity {
-                virtual_service = virtual_service.persistent(timeout);
-            }
-            let destinations = chosen
-                .iter()
-                .filter(|e| e.address.is_ipv4() == address.is_ipv4())
-                .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
-                .collect();
-            state.virtual_servers.insert(Arc::new(VirtualServer {
-                service: virtual_service.into(),
-                destinations,
-                owner: owner.clone(),
-                exposure,
-            }));
-        };
+        let add =
+            |state: &mut ServiceState, exposure, address: SocketAddr, chosen: &Vec<&Endpoint>| {
+                let key = ServiceKey::Inet { protocol, address };
+                let mut virtual_service =
+                    VirtualService::new(key, scheduler.clone()).with_flags(scheduler_flags);
+                if let Some(timeout) = affinity {
+                    virtual_service = virtual_service.persistent(timeout);
+                }
+                let destinations = chosen
+                    .iter()
+                    .filter(|e| e.address.is_ipv4() == address.is_ipv4())
+                    .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
+                    .collect();
+                state.virtual_servers.insert(Arc::new(VirtualServer {
+                    service: virtual_service.into(),
+                    destinations,
+                    owner: owner.clone(),
+                    exposure,
+                }));
+            };
 
         for ip in &cluster_ips {
-            add(
-                &mut state,
-                &mut context,
-                Exposure::ClusterIp,
-                SocketAddr::new(*ip, number),
-                internal_set,
-            );
+            add(&mut state, Exposure::ClusterIp, SocketAddr::new(*ip, number), internal_set);
             elements.vips.insert(*ip);
             elements.cluster_ips.insert(NetfilterPort::new(*ip, protocol, number));
         }
@@ -356,7 +339,7 @@ pub fn service_state(
             [(Exposure::ExternalIp, &external_ips), (Exposure::LoadBalancer, &load_balancer_ips)]
         {
             for ip in ips {
-                add(&mut state, &mut context, exposure, SocketAddr::new(*ip, number), external_set);
+                add(&mut state, exposure, SocketAddr::new(*ip, number), external_set);
                 if !node.local_addresses.contains(ip) {
                     elements.vips.insert(*ip);
                 }
@@ -380,7 +363,6 @@ pub fn service_state(
                     for ip in &node.node_port_addresses {
                         add(
                             &mut state,
-                            &mut context,
                             Exposure::NodePort,
                             SocketAddr::new(*ip, node_port),
                             external_set,

@@ -274,16 +274,6 @@ fn two_services_claiming_one_virtual_server_keep_the_first_by_name_and_report_th
     }
 }
 
-#[test]
-fn excluded_cidrs_get_no_virtual_server() {
-    let config = ProxyConfig {
-        exclude_cidrs: vec!["10.96.0.0/24".parse().unwrap()],
-        ..ProxyConfig::default()
-    };
-    let state = desired_state([&web(json!({}))], [], &node(), &config);
-    assert!(state.virtual_servers.is_empty());
-}
-
 /// Reads every object of a `kind: List` YAML file.
 fn golden_objects() -> (Vec<Service>, Vec<EndpointSlice>) {
     let text = include_str!("../../tests/golden/golden-objects-server.yaml");

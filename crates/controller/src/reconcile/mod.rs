@@ -39,11 +39,19 @@ impl<F: Fn(&ServiceKey) -> bool> Ownership for F {
     }
 }
 
-/// kube-ipvs's own virtual servers: those on Service addresses (kube-ipvs0's), those on
-/// NodePort addresses within the NodePort range, and the firewall-mark ones of
-/// `externalTrafficPolicy: Local`; never those in `--ipvs-exclude-cidrs`.
+/// kube-ipvs's own virtual servers: those on a Service port kube-ipvs programmed (its netfilter
+/// table lists them, whatever the address: a ClusterIP, an external IP or load-balancer
+/// address that is one of the node's own); and, outside `--ipvs-exclude-cidrs`, those on
+/// Service addresses (kube-ipvs0's), those on NodePort addresses within the NodePort range,
+/// and the firewall-mark ones of `externalTrafficPolicy: Local`.
+///
+/// So `--ipvs-exclude-cidrs` means what it means to kube-proxy: the virtual servers in those
+/// CIDRs that kube-ipvs did not create are never touched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owned {
+    /// The Service ports kube-ipvs programmed: at start, those its netfilter table in the
+    /// kernel lists (`Netfilter::programmed_service_ports`); later, the desired ones.
+    pub service_ports: BTreeSet<netfilter::ServicePort>,
     /// Addresses bound to kube-ipvs0, and those about to be.
     pub service_addresses: BTreeSet<std::net::IpAddr>,
     /// Addresses NodePorts are served on.
@@ -57,12 +65,14 @@ pub struct Owned {
 impl Ownership for Owned {
     fn owns(&self, key: &ServiceKey) -> bool {
         match key {
-            ServiceKey::Inet { address, .. } => {
+            ServiceKey::Inet { protocol, address } => {
                 let ip = address.ip();
-                !self.exclude_cidrs.iter().any(|cidr| cidr.contains(ip))
-                    && (self.service_addresses.contains(&ip)
-                        || (self.node_port_addresses.contains(&ip)
-                            && self.node_port_range.contains(&address.port())))
+                let port = netfilter::ServicePort::new(ip, *protocol, address.port());
+                self.service_ports.contains(&port)
+                    || !self.exclude_cidrs.iter().any(|cidr| cidr.contains(ip))
+                        && (self.service_addresses.contains(&ip)
+                            || (self.node_port_addresses.contains(&ip)
+                                && self.node_port_range.contains(&address.port())))
             }
             ServiceKey::Fwmark { mark, .. } => {
                 (LOCAL_MARK_BASE..LOCAL_MARK_BASE + LOCAL_MARK_SPACE).contains(mark)
@@ -474,9 +484,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ownership_covers_service_addresses_node_ports_and_our_marks_only() {
+    fn ownership_covers_programmed_ports_service_addresses_node_ports_and_our_marks_only() {
+        let programmed = |text: &str| {
+            let address: std::net::SocketAddr = text.parse().unwrap();
+            netfilter::ServicePort::new(address.ip(), Protocol::Tcp, address.port())
+        };
         let owned = Owned {
-            service_addresses: ["10.96.0.10".parse().unwrap()].into(),
+            // An external IP that is the node's address, and a ClusterIP in an excluded CIDR,
+            // both programmed by kube-ipvs.
+            service_ports: [programmed("192.168.99.2:8080"), programmed("10.96.0.11:53")].into(),
+            service_addresses: ["10.96.0.10".parse().unwrap(), "10.96.0.11".parse().unwrap()]
+                .into(),
             node_port_addresses: ["192.168.99.2".parse().unwrap()].into(),
             node_port_range: 30000..=32767,
             exclude_cidrs: vec!["10.96.0.0/28".parse().unwrap()],
@@ -484,7 +502,14 @@ mod tests {
         let tcp = |s: &str| ServiceKey::tcp(s.parse().unwrap());
         assert!(owned.owns(&tcp("192.168.99.2:30080")));
         assert!(!owned.owns(&tcp("192.168.99.2:22")), "outside the NodePort range");
-        assert!(!owned.owns(&tcp("10.96.0.10:80")), "excluded");
+        assert!(owned.owns(&tcp("192.168.99.2:8080")), "a node address programmed as a VIP");
+        assert!(!owned.owns(&tcp("192.168.99.2:8081")), "the same address, another port");
+        assert!(!owned.owns(&tcp("10.96.0.10:80")), "excluded, not programmed by kube-ipvs");
+        assert!(owned.owns(&tcp("10.96.0.11:53")), "excluded, but programmed by kube-ipvs");
+        assert!(!owned.owns(&ServiceKey::Inet {
+            protocol: Protocol::Udp,
+            address: "10.96.0.11:53".parse().unwrap()
+        }));
         assert!(!owned.owns(&tcp("192.0.2.1:80")), "someone else's");
         let mark = |mark| ServiceKey::Fwmark { family: ipvs_netlink::Family::Ipv4, mark };
         assert!(owned.owns(&mark(LOCAL_MARK_BASE + 7)));
