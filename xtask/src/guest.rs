@@ -22,11 +22,14 @@ const IN_FRESH_NETNS: &[&str] =
 pub(crate) fn run(plan_file: &Path) -> Result<()> {
     println!("{GUEST_MARKER}");
     let plan: Plan = serde_json::from_slice(&fs::read(plan_file)?)?;
-    load_modules(&plan.modules);
-    let results = match plan.task {
+    let unloaded = load_modules(&plan.modules);
+    let mut results = match plan.task {
         GuestTask::Tests { binaries, filter } => run_tests(&binaries, filter.as_deref())?,
         GuestTask::Command { argv, fresh_netns } => run_one_command(&argv, fresh_netns)?,
     };
+    // A module that did not load fails the run, whatever the tests said: a test that passed
+    // without it may not have tested what it claims.
+    results.failed.extend(unloaded.into_iter().map(|module| format!("modprobe {module}")));
     fs::write(&plan.results, serde_json::to_vec(&results)?)?;
     Ok(())
 }
@@ -39,12 +42,13 @@ fn command(program: &str) -> Command {
     command
 }
 
-fn load_modules(modules: &[String]) {
+/// Loads the kernel modules; returns those that did not load.
+fn load_modules(modules: &[String]) -> Vec<String> {
     let mut failed = Vec::new();
     for module in modules {
         let ok = command("modprobe").arg(module).status().is_ok_and(|s| s.success());
         if !ok {
-            failed.push(module.as_str());
+            failed.push(module.clone());
         }
     }
     let release = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -55,8 +59,9 @@ fn load_modules(modules: &[String]) {
         ipvs.lines().next().unwrap_or("IPVS NOT AVAILABLE")
     );
     if !failed.is_empty() {
-        println!("guest: could not load modules: {}", failed.join(", "));
+        println!("guest: FAILED to load modules: {}", failed.join(", "));
     }
+    failed
 }
 
 fn list_tests(binary: &Path) -> Result<Vec<String>> {
@@ -64,6 +69,14 @@ fn list_tests(binary: &Path) -> Result<Vec<String>> {
         .args(["--list", "--format", "terse"])
         .output()
         .with_context(|| format!("cannot list the tests of {}", binary.display()))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{} --list failed ({}): {}",
+            binary.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|line| line.strip_suffix(": test"))
@@ -79,6 +92,7 @@ fn in_fresh_netns(argv: &[String]) -> Command {
 
 fn run_tests(binaries: &[std::path::PathBuf], filter: Option<&str>) -> Result<Results> {
     let mut results = Results::default();
+    let mut matched = 0;
     for binary in binaries {
         let suite = binary
             .file_name()
@@ -86,11 +100,20 @@ fn run_tests(binaries: &[std::path::PathBuf], filter: Option<&str>) -> Result<Re
             .map(|n| n.rsplit_once('-').map_or(n, |(name, _hash)| name))
             .unwrap_or("tests")
             .to_owned();
-        for name in list_tests(binary)? {
+        let names = match list_tests(binary) {
+            Ok(names) => names,
+            Err(err) => {
+                println!("---- {suite}: FAILED: {err:#}");
+                results.failed.push(format!("{suite} (its tests could not be listed)"));
+                continue;
+            }
+        };
+        for name in names {
             let full_name = format!("{suite}::{name}");
             if filter.is_some_and(|f| !full_name.contains(f)) {
                 continue;
             }
+            matched += 1;
             println!("\n---- {full_name}");
             let argv = [
                 binary.to_string_lossy().into_owned(),
@@ -119,6 +142,13 @@ fn run_tests(binaries: &[std::path::PathBuf], filter: Option<&str>) -> Result<Re
                 }
             }
         }
+    }
+    if matched == 0 {
+        let what = filter.map_or("no tests were found".to_owned(), |f| {
+            format!("no test matches --filter {f:?}")
+        });
+        println!("guest: FAILED: {what}");
+        results.failed.push(what);
     }
     Ok(results)
 }
@@ -150,5 +180,44 @@ fn wait_with_timeout(mut child: Child, timeout: Duration) -> Result<Option<ExitS
             return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    /// A test binary that answers `--list` with `script`'s behaviour.
+    fn fake_binary(name: &str, script: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("xtask-guest-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(format!("{name}-0123abcd"));
+        fs::write(&path, format!("#!/bin/sh\n{script}\n")).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_binary_that_cannot_list_its_tests_fails_the_run() {
+        let broken = fake_binary("broken", "echo 'cannot start' >&2; exit 3");
+        let results = run_tests(&[broken], None).unwrap();
+        assert_eq!(results.passed, 0);
+        assert!(results.failed.iter().any(|f| f.starts_with("broken")), "{:?}", results.failed);
+    }
+
+    #[test]
+    fn a_filter_that_matches_no_test_fails_the_run() {
+        let listing = fake_binary("listing", "echo 'one: test'; echo 'two: test'");
+        let results = run_tests(&[listing], Some("three")).unwrap();
+        assert_eq!(results.passed, 0);
+        assert_eq!(results.failed, ["no test matches --filter \"three\""]);
+    }
+
+    #[test]
+    fn a_module_that_does_not_load_is_reported() {
+        let unloaded = load_modules(&["kube_ipvs_no_such_module".to_owned()]);
+        assert_eq!(unloaded, ["kube_ipvs_no_such_module"]);
     }
 }

@@ -32,10 +32,12 @@ use std::{
     net::IpAddr,
 };
 
-use futures::{StreamExt, TryStreamExt, stream};
+use futures::{Stream, StreamExt, TryStreamExt, stream};
 use rtnetlink::{
     AddressMessageBuilder, Handle, LinkDummy,
+    packet_core::{NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload},
     packet_route::{
+        RouteNetlinkMessage,
         address::{AddressAttribute, AddressMessage},
         link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
     },
@@ -47,6 +49,8 @@ pub const KUBE_IPVS0: &str = "kube-ipvs0";
 
 /// How many address requests are in flight at once during a sync.
 const IN_FLIGHT: usize = 64;
+/// How many times an address dump is read before an interrupted one is given up on.
+const DUMP_TRIES: usize = 5;
 
 const ENODEV: i32 = 19;
 const EEXIST: i32 = 17;
@@ -83,6 +87,14 @@ pub enum Error {
         /// The kernel's answer.
         #[source]
         source: rtnetlink::Error,
+    },
+    /// Every try of an address dump was interrupted by concurrent changes
+    /// (`NLM_F_DUMP_INTR`); what was read is not used (kubernetes#129562: a partial dump taken
+    /// as the truth).
+    #[error("{link}: the address dump was interrupted {DUMP_TRIES} times by concurrent changes")]
+    DumpInterrupted {
+        /// The link name (`*` for every link).
+        link: String,
     },
 }
 
@@ -202,17 +214,18 @@ impl DummyLink {
     }
 
     async fn address_messages(&self) -> Result<BTreeMap<IpAddr, u8>> {
-        let messages: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(self.index)
-            .execute()
-            .try_collect()
+        let mut handle = self.handle.clone();
+        let messages = dump_addresses(|request| handle.request(request), &self.name)
             .await
-            .map_err(|source| self.netlink_error("list addresses".into(), source))?;
+            .map_err(|err| match err {
+                Error::Netlink { source, .. } => {
+                    self.netlink_error("list addresses".into(), source)
+                }
+                other => other,
+            })?;
         Ok(messages
             .iter()
+            .filter(|message| message.header.index == self.index)
             .filter_map(|message| {
                 message.attributes.iter().find_map(|attr| match attr {
                     AddressAttribute::Address(ip) => Some((*ip, message.header.prefix_len)),
@@ -320,16 +333,55 @@ impl DummyLink {
     }
 }
 
+/// Dumps every address of the host through `request` (the handle's, or a scripted kernel's in
+/// tests). A dump the kernel flags as interrupted (`NLM_F_DUMP_INTR`: an address came or went
+/// while it was read) is read again, and never taken as the truth.
+async fn dump_addresses<S>(
+    mut request: impl FnMut(NetlinkMessage<RouteNetlinkMessage>) -> Result<S, rtnetlink::Error>,
+    link: &str,
+) -> Result<Vec<AddressMessage>>
+where
+    S: Stream<Item = NetlinkMessage<RouteNetlinkMessage>>,
+{
+    let failed = |source| Error::Netlink {
+        link: link.to_owned(),
+        operation: "list addresses".into(),
+        source,
+    };
+    for _ in 0..DUMP_TRIES {
+        let mut message =
+            NetlinkMessage::from(RouteNetlinkMessage::GetAddress(AddressMessage::default()));
+        message.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        let mut answers = std::pin::pin!(request(message).map_err(failed)?);
+        let mut addresses = Vec::new();
+        let mut interrupted = false;
+        while let Some(answer) = answers.next().await {
+            interrupted |= answer.header.flags & NLM_F_DUMP_INTR != 0;
+            match answer.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(address)) => {
+                    addresses.push(address);
+                }
+                NetlinkPayload::Error(err) => {
+                    return Err(failed(rtnetlink::Error::NetlinkError(err)));
+                }
+                _ => {}
+            }
+        }
+        if !interrupted {
+            return Ok(addresses);
+        }
+        debug!(link, "the address dump was interrupted; reading it again");
+    }
+    Err(Error::DumpInterrupted { link: link.to_owned() })
+}
+
 /// Every address of the host outside the link `except` (IPv6 link-local ones aside), from one
 /// dump: the addresses NodePorts may be served on, and those that need no binding to be local.
-pub async fn local_addresses(handle: Handle, except: &str) -> Result<Vec<IpAddr>> {
-    let skip = DummyLink::find(handle.clone(), except).await.ok().flatten().map(|link| link.index);
-    let messages: Vec<AddressMessage> =
-        handle.address().get().execute().try_collect().await.map_err(|source| Error::Netlink {
-            link: "*".into(),
-            operation: "list addresses".into(),
-            source,
-        })?;
+/// A failed look-up of `except` is an error: taken as absent, its addresses (the Service
+/// addresses, for kube-ipvs0) would count as the node's, and NodePorts would open on them.
+pub async fn local_addresses(mut handle: Handle, except: &str) -> Result<Vec<IpAddr>> {
+    let skip = DummyLink::find(handle.clone(), except).await?.map(|link| link.index);
+    let messages = dump_addresses(|request| handle.request(request), "*").await?;
     let mut addresses: Vec<IpAddr> = messages
         .iter()
         .filter(|message| Some(message.header.index) != skip)
@@ -383,6 +435,52 @@ mod tests {
         assert!(is_ipv6_link_local("fe80::1".parse().unwrap()));
         assert!(!is_ipv6_link_local("fd00::1".parse().unwrap()));
         assert!(!is_ipv6_link_local("10.0.0.1".parse().unwrap()));
+    }
+
+    /// An address message of interface `index`, as a dump answers it, with `flags`.
+    fn answer(index: u32, address: &str, flags: u16) -> NetlinkMessage<RouteNetlinkMessage> {
+        let ip: IpAddr = address.parse().unwrap();
+        let mut message = AddressMessage::default();
+        message.header.index = index;
+        message.header.prefix_len = host_prefix(ip);
+        message.attributes.push(AddressAttribute::Address(ip));
+        let mut answer = NetlinkMessage::from(RouteNetlinkMessage::NewAddress(message));
+        answer.header.flags = flags;
+        answer
+    }
+
+    /// A kernel that answers each dump with the next of `dumps`.
+    fn scripted(
+        dumps: Vec<Vec<NetlinkMessage<RouteNetlinkMessage>>>,
+    ) -> impl FnMut(
+        NetlinkMessage<RouteNetlinkMessage>,
+    ) -> Result<
+        stream::Iter<std::vec::IntoIter<NetlinkMessage<RouteNetlinkMessage>>>,
+        rtnetlink::Error,
+    > {
+        let mut dumps = dumps.into_iter();
+        move |request| {
+            assert_eq!(request.header.flags, NLM_F_REQUEST | NLM_F_DUMP);
+            Ok(stream::iter(dumps.next().expect("a scripted dump")))
+        }
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_address_dump_is_read_again_and_never_taken_as_the_truth() {
+        const MULTI: u16 = rtnetlink::packet_core::NLM_F_MULTIPART;
+        let partial = vec![answer(2, "192.168.99.2", MULTI | NLM_F_DUMP_INTR)];
+        let whole = vec![answer(2, "192.168.99.2", MULTI), answer(7, "10.96.0.10", MULTI)];
+        let found = dump_addresses(scripted(vec![partial.clone(), whole]), "*").await.unwrap();
+        let indexes: Vec<u32> = found.iter().map(|m| m.header.index).collect();
+        assert_eq!(indexes, [2, 7], "the second, whole dump");
+
+        let always = vec![partial; DUMP_TRIES];
+        let err = dump_addresses(scripted(always), "kube-ipvs0").await.unwrap_err();
+        assert!(matches!(err, Error::DumpInterrupted { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "kube-ipvs0: the address dump was interrupted 5 times by concurrent changes"
+        );
     }
 
     #[test]

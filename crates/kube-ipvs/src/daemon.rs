@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -109,6 +109,20 @@ async fn dumped(
     answer.as_mut().expect("polled only while a check runs").await
 }
 
+/// What the metrics server tells anyone who reaches it, when it listens beyond loopback
+/// (`metricsBindAddress: 0.0.0.0:10249` is common in kube-proxy ConfigMaps): `None` on
+/// loopback.
+fn exposure(metrics: SocketAddr, traffic_metrics: bool) -> Option<&'static str> {
+    if metrics.ip().is_loopback() {
+        return None;
+    }
+    Some(if traffic_metrics {
+        "/virtualservers (every Service's virtual servers and endpoints) and /metrics with the traffic of every virtual server (--traffic-metrics)"
+    } else {
+        "/virtualservers (every Service's virtual servers and endpoints) and /metrics"
+    })
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let node_name = node_name(&config);
@@ -123,19 +137,21 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let local = local_addresses().await?;
     let mut node_port_addresses: BTreeSet<IpAddr> = local.iter().copied().collect();
     node_port_addresses.insert(Ipv4Addr::LOCALHOST.into());
+    let mut netfilter = Netfilter::new(netfilter::Config {
+        cluster_cidrs: config.cluster_cidrs.clone(),
+        masquerade_all: config.masquerade_all,
+        masquerade_bit: config.masquerade_bit,
+        localhost_node_ports: config.localhost_node_ports,
+    });
     let owned = Owned {
+        // The Service ports the last run programmed, as its netfilter table records them.
+        service_ports: netfilter.programmed_service_ports().map_err(controller::Error::from)?,
         service_addresses: link.addresses().await.map_err(controller::Error::from)?,
         node_port_addresses,
         node_port_range: options.node_port_range.clone(),
         exclude_cidrs: config.exclude_cidrs.clone(),
     };
     let reconciler = Reconciler::adopt(ipvs.clone(), &owned, config.drain_bound).await?;
-    let netfilter = Netfilter::new(netfilter::Config {
-        cluster_cidrs: config.cluster_cidrs.clone(),
-        masquerade_all: config.masquerade_all,
-        masquerade_bit: config.masquerade_bit,
-        localhost_node_ports: config.localhost_node_ports,
-    });
     let node = NodeSync { reconciler, link, netfilter };
 
     let metrics = Arc::new(Metrics::new());
@@ -154,14 +170,17 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let bound =
         http::serve("/metrics", config.metrics_bind_address, http::metrics_router(shared)).await?;
     info!(address = %bound, "serving /metrics and /proxyMode");
+    if let Some(exposed) = exposure(bound, options.traffic_metrics) {
+        warn!(address = %bound, exposed, "the metrics address is not loopback: anyone who reaches it can read these, unauthenticated");
+    }
 
     let settings = Settings {
         proxy: ProxyConfig {
             scheduler: config.scheduler.clone(),
             service_proxy_name: config.service_proxy_name.clone(),
             localhost_node_ports: config.localhost_node_ports,
-            exclude_cidrs: config.exclude_cidrs.clone(),
         },
+        exclude_cidrs: config.exclude_cidrs.clone(),
         node_name: node_name.clone(),
         node_port_addresses: config.node_port_addresses.clone(),
         node_port_range: options.node_port_range.clone(),
@@ -249,4 +268,19 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exposure;
+
+    #[test]
+    fn a_metrics_address_beyond_loopback_says_what_it_exposes() {
+        assert_eq!(exposure("127.0.0.1:10249".parse().unwrap(), true), None);
+        assert_eq!(exposure("[::1]:10249".parse().unwrap(), true), None);
+        let wide = exposure("0.0.0.0:10249".parse().unwrap(), false).unwrap();
+        assert!(wide.contains("/virtualservers") && !wide.contains("traffic"), "{wide}");
+        let traffic = exposure("[::]:10249".parse().unwrap(), true).unwrap();
+        assert!(traffic.contains("--traffic-metrics"), "{traffic}");
+    }
 }

@@ -4,7 +4,8 @@
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddr},
+    io,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
     sync::{Arc, Mutex},
 };
 
@@ -61,6 +62,40 @@ impl std::fmt::Debug for ServiceHealth {
     }
 }
 
+/// A listener on `port` of every address of the node, IPv6 and IPv4 alike (one dual-stack
+/// socket, as Go's listeners are, so dual-stack load balancers can check over either), or of
+/// every IPv4 address where the node has no IPv6.
+fn listen(port: u16) -> io::Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let bind = |domain: Domain, address: SocketAddr| -> io::Result<Socket> {
+        let socket = Socket::new(domain, Type::STREAM, None)?;
+        if domain == Domain::IPV6 {
+            socket.set_only_v6(false)?;
+        }
+        socket.set_reuse_address(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&address.into())?;
+        socket.listen(1024)?;
+        Ok(socket)
+    };
+    let socket = match bind(Domain::IPV6, SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(socket) => socket,
+        // No IPv6 on this node (disabled, or the module absent).
+        Err(err) if no_ipv6(&err) => {
+            bind(Domain::IPV4, SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))?
+        }
+        Err(err) => return Err(err),
+    };
+    tokio::net::TcpListener::from_std(socket.into())
+}
+
+fn no_ipv6(err: &io::Error) -> bool {
+    use nix::errno::Errno;
+    [Errno::EAFNOSUPPORT, Errno::EADDRNOTAVAIL]
+        .iter()
+        .any(|e| err.raw_os_error() == Some(*e as i32))
+}
+
 fn current(target: &Mutex<Target>) -> Target {
     target.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
 }
@@ -93,8 +128,7 @@ impl ServiceHealth {
                 *server.target.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = target;
                 continue;
             }
-            let address = SocketAddr::from((Ipv4Addr::UNSPECIFIED, port));
-            let listener = match tokio::net::TcpListener::bind(address).await {
+            let listener = match listen(port) {
                 Ok(listener) => listener,
                 Err(err) => {
                     warn!(port, service = %format!("{}/{}", target.namespace, target.name), %err,
@@ -161,8 +195,15 @@ mod tests {
         let get = move || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
-            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
             let mut text = String::new();
+            // Over IPv6 too, where the host has it: one dual-stack socket.
+            if let Ok(mut v6) = std::net::TcpStream::connect(("::1", port)) {
+                v6.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                v6.read_to_string(&mut text)?;
+                assert!(text.contains("\"localEndpoints\""), "{text}");
+                text.clear();
+            }
+            s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
             s.read_to_string(&mut text)?;
             Ok::<_, std::io::Error>(text)
         };
