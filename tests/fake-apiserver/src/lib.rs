@@ -13,7 +13,12 @@
 //!   `metadata.namespace` and `spec.clusterIP` field selectors;
 //! - and failures on demand: every open watch dropped, the history compacted so resumed
 //!   watches get `410 Gone` and must list again, or the whole server stopped (connections
-//!   refused) and started again on the same address, or one resource refused with 403.
+//!   refused) and started again on the same address, or one resource refused with 403;
+//! - and a restart as a real kube-apiserver does one ([`FakeApiServer::shut_down`],
+//!   [`FakeApiServer::restart`]): on SIGTERM it removes its own address from the `kubernetes`
+//!   Service's endpoints, closes every watch and stops listening; started again, it adds its
+//!   address back, and its new watch cache answers a watch from before the restart with
+//!   `410 Expired` (`too old resource version: 144 (145)`).
 
 use std::{
     collections::BTreeMap,
@@ -111,6 +116,8 @@ struct Store {
     uid: u64,
     /// Resources whose requests are refused with 403 Forbidden.
     failing: std::collections::BTreeSet<Resource>,
+    /// The server's own endpoints in `default/kubernetes`, while it is shut down.
+    own_endpoints: Option<Value>,
 }
 
 /// Server-side settings.
@@ -269,7 +276,7 @@ impl Shared {
         let mut generation = self.generation.subscribe();
         let (sender, receiver) = mpsc::channel::<String>(256);
         let from: u64 = params.resource_version.as_deref().unwrap_or("0").parse().unwrap_or(0);
-        let (backlog, gone, mut version) = {
+        let (backlog, gone, compacted, mut version) = {
             let mut store = lock(&self.store);
             store.requests.push(format!("WATCH {} from {from}", resource.plural()));
             let gone = from != 0 && from < store.compacted;
@@ -281,7 +288,7 @@ impl Shared {
                 .collect();
             // The watch has seen everything up to now: the backlog of its resource, and the
             // other resources' changes, which later bookmarks count too.
-            (backlog, gone, from.max(store.version))
+            (backlog, gone, store.compacted, from.max(store.version))
         };
         let timeout = params
             .timeout_seconds
@@ -293,7 +300,7 @@ impl Shared {
                 format!("{}\n", json!({"type": kind, "object": object}))
             };
             if gone {
-                let message = format!("too old resource version: {from}");
+                let message = format!("too old resource version: {from} ({compacted})");
                 let _ = sender.send(line("ERROR", &status(410, "Expired", message))).await;
                 return;
             }
@@ -493,12 +500,51 @@ impl FakeApiServer {
         true
     }
 
-    /// Forgets the history: a watch resumed from an older version gets `410 Gone` and the
-    /// client has to list again.
+    /// Forgets the history: a watch resumed from an older version than the current one gets
+    /// `410 Gone` and the client has to list again.
     pub fn compact(&self) {
         let mut store = lock(&self.shared.store);
-        store.compacted = store.version + 1;
+        store.compacted = store.version;
         store.history.clear();
+    }
+
+    /// Shuts down as a kube-apiserver does on SIGTERM: its own address leaves the
+    /// `kubernetes` Service's endpoints (the `default/kubernetes` EndpointSlice's endpoints
+    /// are emptied, when there is one), every watch is closed (after that change has gone out
+    /// to them), and it stops listening: connections are refused until
+    /// [`FakeApiServer::restart`].
+    pub async fn shut_down(&self) {
+        let key = (Resource::EndpointSlices, "default".to_owned(), "kubernetes".to_owned());
+        let slice = lock(&self.shared.store).objects.get(&key).cloned();
+        if let Some(mut slice) = slice {
+            let own = slice["endpoints"].take();
+            slice["endpoints"] = json!([]);
+            self.apply(slice);
+            lock(&self.shared.store).own_endpoints = Some(own);
+            // The watches send what they have before they are closed.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.stop().await;
+    }
+
+    /// Starts again after [`FakeApiServer::shut_down`], as a restarted kube-apiserver: its
+    /// address is back in the `kubernetes` Service's endpoints, and its new watch cache holds
+    /// no history, so a watch from a resourceVersion before the restart gets `410 Expired`.
+    pub async fn restart(&self) -> std::io::Result<()> {
+        let own = lock(&self.shared.store).own_endpoints.take();
+        let key = (Resource::EndpointSlices, "default".to_owned(), "kubernetes".to_owned());
+        let slice = lock(&self.shared.store).objects.get(&key).cloned();
+        match (own, slice) {
+            (Some(own), Some(mut slice)) => {
+                slice["endpoints"] = own;
+                self.apply(slice);
+            }
+            // A restarted server writes (leases, its endpoints) before it serves: its
+            // resourceVersion is newer than any a client saw.
+            _ => lock(&self.shared.store).version += 1,
+        }
+        self.compact();
+        self.resume().await
     }
 
     /// Ends every open watch (the connections stay up).
@@ -584,6 +630,32 @@ mod tests {
         assert!(!labels_match("!service.kubernetes.io/service-proxy-name", &other));
         assert!(!labels_match("!service.kubernetes.io/headless", &labelled));
         assert!(!fields_match("spec.unknown=x", &labelled), "an unknown field matches nothing");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_restart_removes_its_endpoint_refuses_connections_and_expires_old_watches() {
+        let server = FakeApiServer::start().await.unwrap();
+        let own = json!([{"addresses": ["192.168.99.1"], "conditions": {"ready": true}}]);
+        server.apply(json!({"kind": "EndpointSlice", "addressType": "IPv4", "endpoints": own,
+            "metadata": {"name": "kubernetes", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "kubernetes"}}}));
+        let before = server.version();
+        let address = server.address();
+        let path = "/apis/discovery.k8s.io/v1/endpointslices";
+        server.shut_down().await;
+        let get_now = move |path: String| {
+            tokio::task::spawn_blocking(move || {
+                std::net::TcpStream::connect(address).map(|_| ()).map(|()| get(address, &path))
+            })
+        };
+        assert!(get_now(path.into()).await.unwrap().is_err(), "connections refused");
+        server.restart().await.unwrap();
+        let list = get_now(path.into()).await.unwrap().unwrap();
+        assert!(list.contains("192.168.99.1"), "its endpoint is back: {list}");
+        let watch = get_now(format!("{path}?watch=1&resourceVersion={before}")).await.unwrap();
+        let watch = watch.unwrap();
+        assert!(watch.contains("\"code\":410") && watch.contains("Expired"), "{watch}");
+        assert!(watch.contains(&format!("too old resource version: {before} (")), "{watch}");
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -2,6 +2,7 @@
 //! HTTP (or a manifests directory), with pods in network namespaces and real connections.
 
 use std::{
+    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     sync::{
         Arc,
@@ -215,37 +216,117 @@ async fn a_restart_drops_no_connection_and_writes_nothing() {
     assert_eq!(vips(), addresses);
 }
 
+/// The weights of a virtual server's destinations, read over netlink.
+async fn weights(ipvs: &ipvs_netlink::IpvsHandle, vip: SocketAddr) -> BTreeMap<String, u32> {
+    let key = ipvs_netlink::ServiceKey::tcp(vip);
+    let destinations = ipvs.list_destinations(&key).await.unwrap_or_default();
+    destinations
+        .into_iter()
+        .map(|d| (d.destination.address.ip().to_string(), d.destination.weight))
+        .collect()
+}
+
+/// The kernel serves exactly `pods` through `vip` (others may drain at weight 0).
+async fn serving(
+    ipvs: &ipvs_netlink::IpvsHandle,
+    vip: SocketAddr,
+    pods: &[&vm_tests::Pod],
+) -> bool {
+    let weights = weights(ipvs, vip).await;
+    let serving: Vec<String> =
+        weights.iter().filter(|(_, w)| **w > 0).map(|(a, _)| a.clone()).collect();
+    let wanted: Vec<String> = pods.iter().map(|p| p.ip.to_string()).collect();
+    serving == wanted
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_api_server_outage_keeps_traffic_and_changes_land_after_it() {
+async fn an_api_server_restart_keeps_traffic_and_changes_flow_within_seconds() {
     let topology = node(4);
     let pods: Vec<_> = topology.pods.iter().collect();
-    let (api, mut daemon) = watched("outage", &["--ipvs-sync-period", "5s"]).await;
-    let vip = publish_web(&api, &mut daemon, &pods[..3]);
-    let table = ipvsadm(&["-Sn"]);
+    let (api, mut daemon) = watched("restart-api", &["--ipvs-sync-period", "5s"]).await;
+    // The `kubernetes` Service, whose endpoint is the API server's own address (pod4 plays
+    // it): a real API server takes it out on shutdown and puts it back when it starts.
+    let kubernetes = Ipv4Addr::new(10, 96, 0, 1);
+    let mut own = service("kubernetes", kubernetes, 443, json!({}));
+    own["metadata"]["namespace"] = json!("default");
+    api.apply(own);
+    let mut own_slice = slice("kubernetes", &pods[3..4]);
+    own_slice["metadata"]["namespace"] = json!("default");
+    api.apply(own_slice);
+    let vip = publish_web(&api, &mut daemon, &pods[..2]);
+    let ipvs = ipvs_netlink::IpvsHandle::new().unwrap();
+    let api_vip = SocketAddr::from((kubernetes, 443));
+    eventually(MINUTE, || answered_by(api_vip, 2, &names(&topology, &[3])));
 
     let client = Client::start(vip);
-    api.stop().await;
-    // Changes while kube-ipvs cannot see them, and a compacted history: its watches get
-    // 410 Gone when they come back, and it must list again.
-    api.apply(slice("web", &[pods[0], pods[1], pods[3]]));
+    // Down while objects change: the changes land after it, from a fresh list (410 Expired).
+    api.shut_down().await;
+    api.apply(slice("web", &[pods[0], pods[1], pods[2]]));
     api.apply(service("late", LATE, 80, json!({})));
     api.apply(slice("late", &pods[2..3]));
-    api.compact();
-    thread::sleep(Duration::from_secs(30));
-    assert_eq!(ipvsadm(&["-Sn"]), table, "nothing changes while the API server is away");
+    thread::sleep(Duration::from_secs(5));
     assert!(daemon.running(), "{}", daemon.log());
-    api.resume().await.unwrap();
+    assert!(serving(&ipvs, vip, &pods[..2]).await, "nothing changes while it is away");
+    assert_eq!(http_get(HEALTHZ.parse().unwrap(), "/healthz").unwrap().0, 200);
+    api.restart().await.unwrap();
+    eventually(MINUTE, || answered_by(SocketAddr::from((LATE, 80)), 2, &names(&topology, &[2])));
+    eventually(MINUTE, || answered_by(vip, 12, &names(&topology, &[0, 1, 2])));
 
-    eventually(2 * MINUTE, || {
-        answered_by(SocketAddr::from((LATE, 80)), 2, &names(&topology, &[2]))
-    });
-    eventually(MINUTE, || answered_by(vip, 12, &names(&topology, &[0, 1, 3])));
+    // Ten restarts, down for 1 to 5 s: the first change written after each reaches the kernel
+    // soon after the API server is back. The time is printed, not asserted (a benchmark's job).
+    let mut latencies = Vec::new();
+    for (attempt, down) in [3, 1, 4, 2, 5, 3, 1, 4, 2, 3].into_iter().enumerate() {
+        api.shut_down().await;
+        thread::sleep(Duration::from_secs(down));
+        api.restart().await.unwrap();
+        let wanted: Vec<&vm_tests::Pod> =
+            if attempt % 2 == 0 { vec![pods[0], pods[1]] } else { vec![pods[0], pods[1], pods[2]] };
+        let written = std::time::Instant::now();
+        api.apply(slice("web", &wanted));
+        let deadline = written + MINUTE;
+        while !serving(&ipvs, vip, &wanted).await {
+            assert!(std::time::Instant::now() < deadline, "the change never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        latencies.push(written.elapsed());
+        // Its own endpoint is back in the `kubernetes` Service.
+        let api_served =
+            || async { weights(&ipvs, api_vip).await.get(&pods[3].ip.to_string()) == Some(&1) };
+        let until = std::time::Instant::now() + MINUTE;
+        while !api_served().await {
+            assert!(std::time::Instant::now() < until, "the kubernetes endpoint never came back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    latencies.sort();
+    let ms = |d: &Duration| d.as_secs_f64() * 1000.0;
+    let all: Vec<String> = latencies.iter().map(|d| format!("{:.0}", ms(d))).collect();
+    println!(
+        "API server restarts: first change to the kernel after the restart, over {} tries: \
+         p50 {:.0} ms, p99 {:.0} ms (each: {} ms)",
+        latencies.len(),
+        ms(&latencies[latencies.len() / 2]),
+        ms(latencies.last().unwrap()),
+        all.join(", ")
+    );
+
+    // A restart with no change: the fresh lists write nothing, and remove nothing.
+    thread::sleep(Duration::from_secs(2));
+    let writes = ipvs_writes(&daemon.metrics());
+    let lists = |api: &FakeApiServer| {
+        api.requests().iter().filter(|r| r.starts_with("LIST endpointslices")).count()
+    };
+    let listed = lists(&api);
+    api.stop().await;
+    thread::sleep(Duration::from_secs(1));
+    api.restart().await.unwrap();
+    eventually(MINUTE, || (lists(&api) > listed).then_some(()).ok_or("no relist"));
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(ipvs_writes(&daemon.metrics()), writes, "a relist of unchanged objects wrote");
+
     let (ok, failed, errors) = client.finish();
     assert_eq!(failed, 0, "{errors:?}");
     assert!(ok > 100, "{ok} connections");
-    let requests = api.requests();
-    let lists = requests.iter().filter(|r| *r == "LIST services").count();
-    assert!(lists >= 2, "relisted after 410 Gone: {requests:?}");
     assert!(daemon.metric("kube_ipvs_watch_errors_total") > 0.0);
 }
 
