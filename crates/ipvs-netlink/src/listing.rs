@@ -202,7 +202,7 @@ pub fn destination_line(
 }
 
 /// The scheduler flags set on the service, by the names ipvsadm gives them.
-fn scheduler_flags(service: &crate::types::Service) -> Vec<&'static str> {
+pub fn scheduler_flags(service: &crate::types::Service) -> Vec<&'static str> {
     [ServiceFlags::SCHED1, ServiceFlags::SCHED2, ServiceFlags::SCHED3]
         .into_iter()
         .zip(scheduler_flag_names(&service.scheduler))

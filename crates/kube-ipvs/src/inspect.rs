@@ -5,7 +5,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use controller::desired::{DesiredState, Exposure};
-use ipvs_netlink::{ServiceKey, listing::TableEntry};
+use ipvs_netlink::{
+    Destination, ServiceFlags, ServiceKey,
+    listing::{self, TableEntry},
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
@@ -21,8 +24,44 @@ pub struct VirtualServerView {
     pub kind: String,
     /// Its scheduler.
     pub scheduler: String,
-    /// Its destinations (`address:port`) and their weights.
-    pub destinations: BTreeMap<String, u32>,
+    /// What `ls --diff` compares of the virtual service, by name: scheduler, scheduler
+    /// flags, persistence timeout, netmask, one-packet scheduling, persistence engine.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+    /// Its destinations (`address:port`): weight and forwarding method.
+    pub destinations: BTreeMap<String, DestinationView>,
+}
+
+/// One destination of a [`VirtualServerView`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DestinationView {
+    /// Its weight.
+    pub weight: u32,
+    /// Its forwarding method, as `ipvsadm -Ln` names it (`Masq`).
+    pub forward: String,
+}
+
+impl From<&Destination> for DestinationView {
+    fn from(destination: &Destination) -> Self {
+        Self { weight: destination.weight, forward: destination.forward.name().to_owned() }
+    }
+}
+
+/// The properties of a virtual service that `ls --diff` compares, each with a name (the
+/// scheduler's is `scheduler`; the others as `ipvsadm -Ln` names them).
+pub fn properties(service: &ipvs_netlink::Service) -> BTreeMap<String, String> {
+    let persistent = service.flags.contains(ServiceFlags::PERSISTENT);
+    [
+        ("scheduler", service.scheduler.clone()),
+        ("scheduler-flags", listing::scheduler_flags(service).join(",")),
+        ("persistent", if persistent { service.timeout.to_string() } else { "no".into() }),
+        ("mask", service.netmask.to_string()),
+        ("ops", service.flags.contains(ServiceFlags::ONE_PACKET).to_string()),
+        ("pe", service.persistence_engine.clone().unwrap_or_default()),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value))
+    .collect()
 }
 
 /// Everything the daemon programs, by virtual server (`TCP 10.96.0.1:443`, `FWM 1048577`,
@@ -37,6 +76,12 @@ pub struct Programmed {
     /// Destinations draining before they are deleted: `TCP 10.96.0.1:443 -> 10.0.0.1:6443`.
     #[serde(default)]
     pub draining: BTreeSet<String>,
+    /// The addresses bound to kube-ipvs0.
+    #[serde(default)]
+    pub addresses: BTreeSet<String>,
+    /// The elements of the nftables table's sets, as `netfilter::expected_keys` gives them.
+    #[serde(default)]
+    pub netfilter: netfilter::ExpectedKeys,
 }
 
 /// What the sync loop last programmed, copied when asked.
@@ -115,10 +160,11 @@ impl Programmed {
                     service: server.owner.to_string(),
                     kind: kind_name(server.exposure).to_owned(),
                     scheduler: server.service.scheduler.clone(),
+                    properties: properties(&server.service),
                     destinations: server
                         .destinations
                         .iter()
-                        .map(|d| (d.address.to_string(), d.weight))
+                        .map(|d| (d.address.to_string(), d.into()))
                         .collect(),
                 };
                 (key.to_string(), view)
@@ -131,6 +177,8 @@ impl Programmed {
                 .into_iter()
                 .map(|(key, address)| format!("{key} -> {address}"))
                 .collect(),
+            addresses: desired.elements.vips.iter().map(ToString::to_string).collect(),
+            netfilter: netfilter::expected_keys(&desired.elements),
         }
     }
 
@@ -152,31 +200,46 @@ impl Programmed {
                 lines.push(format!("+ {key} {}  # {} {}", view.scheduler, view.service, view.kind));
                 continue;
             };
-            if service.service.scheduler != view.scheduler {
-                lines.push(format!(
-                    "~ {key} scheduler {} (desired {})  # {}",
-                    service.service.scheduler, view.scheduler, view.service
-                ));
-            }
-            let found: BTreeMap<String, u32> = destinations
-                .iter()
-                .map(|d| (d.destination.address.to_string(), d.destination.weight))
-                .collect();
-            for (address, weight) in &view.destinations {
-                match found.get(address) {
-                    None => lines
-                        .push(format!("+ {key} -> {address} weight {weight}  # {}", view.service)),
-                    Some(w) if w != weight => lines.push(format!(
-                        "~ {key} -> {address} weight {w} (desired {weight})  # {}",
+            let found = properties(&service.service);
+            for (name, desired) in &view.properties {
+                let actual = found.get(name).map_or("", String::as_str);
+                if actual != desired {
+                    lines.push(format!(
+                        "~ {key} {name} {actual} (desired {desired})  # {}",
                         view.service
-                    )),
-                    Some(_) => {}
+                    ));
                 }
             }
-            for (address, weight) in &found {
+            let found: BTreeMap<String, DestinationView> = destinations
+                .iter()
+                .map(|d| (d.destination.address.to_string(), (&d.destination).into()))
+                .collect();
+            for (address, wanted) in &view.destinations {
+                let weight = wanted.weight;
+                let Some(actual) = found.get(address) else {
+                    lines.push(format!("+ {key} -> {address} weight {weight}  # {}", view.service));
+                    continue;
+                };
+                if actual.weight != weight {
+                    lines.push(format!(
+                        "~ {key} -> {address} weight {} (desired {weight})  # {}",
+                        actual.weight, view.service
+                    ));
+                }
+                if actual.forward != wanted.forward {
+                    lines.push(format!(
+                        "~ {key} -> {address} forward {} (desired {})  # {}",
+                        actual.forward, wanted.forward, view.service
+                    ));
+                }
+            }
+            for (address, actual) in &found {
                 let draining = self.draining.contains(&format!("{key} -> {address}"));
                 if !view.destinations.contains_key(address) && !draining {
-                    lines.push(format!("- {key} -> {address} weight {weight}  # {}", view.service));
+                    lines.push(format!(
+                        "- {key} -> {address} weight {}  # {}",
+                        actual.weight, view.service
+                    ));
                 }
             }
         }
@@ -186,6 +249,15 @@ impl Programmed {
             }
         }
         lines
+    }
+
+    /// What differs between the desired kube-ipvs0 addresses and those bound: `+ address`
+    /// missing, `- address` not desired.
+    pub fn diff_addresses(&self, bound: &BTreeSet<std::net::IpAddr>) -> Vec<String> {
+        let bound: BTreeSet<String> = bound.iter().map(ToString::to_string).collect();
+        let missing = self.addresses.difference(&bound).map(|a| format!("+ kube-ipvs0 {a}"));
+        let extra = bound.difference(&self.addresses).map(|a| format!("- kube-ipvs0 {a}"));
+        missing.chain(extra).collect()
     }
 }
 
@@ -214,16 +286,30 @@ mod tests {
     }
 
     fn view(scheduler: &str, destinations: &[(&str, u32)]) -> VirtualServerView {
+        let key = ServiceKey::tcp("10.96.0.1:80".parse().unwrap());
         VirtualServerView {
             service: "ns/web:http".into(),
             kind: "ClusterIP".into(),
             scheduler: scheduler.into(),
-            destinations: destinations.iter().map(|(a, w)| ((*a).to_owned(), *w)).collect(),
+            properties: properties(&ipvs_netlink::Service::new(key, scheduler)),
+            destinations: destinations
+                .iter()
+                .map(|(a, w)| {
+                    ((*a).to_owned(), DestinationView { weight: *w, forward: "Masq".into() })
+                })
+                .collect(),
         }
     }
 
     #[test]
     fn the_diff_names_every_difference() {
+        let mut sticky = view("rr", &[("10.244.0.2:8080", 1)]);
+        let key = ServiceKey::tcp("10.96.0.13:80".parse().unwrap());
+        let wanted = ipvs_netlink::Service::new(key, "sh")
+            .with_flags(ServiceFlags::SH_FALLBACK)
+            .persistent(600);
+        sticky.properties = properties(&wanted);
+        sticky.scheduler = "sh".into();
         let programmed = Programmed {
             virtual_servers: [
                 (
@@ -232,14 +318,24 @@ mod tests {
                 ),
                 ("TCP 10.96.0.11:80".to_owned(), view("lc", &[])),
                 ("TCP 10.96.0.12:80".to_owned(), view("rr", &[("10.244.0.2:8080", 1)])),
+                ("TCP 10.96.0.13:80".to_owned(), sticky),
             ]
             .into(),
             owned: ["TCP 10.96.0.10:80", "TCP 10.96.0.99:80"].map(String::from).into(),
             draining: ["TCP 10.96.0.12:80 -> 10.244.0.9:8080"].map(String::from).into(),
+            addresses: ["10.96.0.10", "10.96.0.11"].map(String::from).into(),
+            netfilter: Default::default(),
         };
+        // The sticky one by hand: sh without its flag, persistence 300 with a /24 mask, and a
+        // destination forwarded by direct routing.
+        let mut routed = entry("TCP 10.96.0.13:80", "sh", &[("10.244.0.2:8080", 1)]);
+        routed.0.service = ipvs_netlink::Service::new(key, "sh").persistent(300);
+        routed.0.service.netmask = ipvs_netlink::Netmask::Ipv4("255.255.255.0".parse().unwrap());
+        routed.1[0].destination.forward = ipvs_netlink::ForwardMethod::DirectRoute;
         let kernel = [
             entry("TCP 10.96.0.10:80", "wrr", &[("10.244.0.2:8080", 2), ("10.244.0.4:8080", 0)]),
             entry("TCP 10.96.0.12:80", "rr", &[("10.244.0.2:8080", 1), ("10.244.0.9:8080", 0)]),
+            routed,
             entry("TCP 10.96.0.99:80", "rr", &[]),
             entry("TCP 192.0.2.1:80", "rr", &[]),
         ];
@@ -251,8 +347,17 @@ mod tests {
                 "+ TCP 10.96.0.10:80 -> 10.244.0.3:8080 weight 1  # ns/web:http",
                 "- TCP 10.96.0.10:80 -> 10.244.0.4:8080 weight 0  # ns/web:http",
                 "+ TCP 10.96.0.11:80 lc  # ns/web:http ClusterIP",
+                "~ TCP 10.96.0.13:80 mask 255.255.255.0 (desired 255.255.255.255)  # ns/web:http",
+                "~ TCP 10.96.0.13:80 persistent 300 (desired 600)  # ns/web:http",
+                "~ TCP 10.96.0.13:80 scheduler-flags  (desired sh-fallback)  # ns/web:http",
+                "~ TCP 10.96.0.13:80 -> 10.244.0.2:8080 forward Route (desired Masq)  # ns/web:http",
                 "- TCP 10.96.0.99:80",
             ]
+        );
+        let bound = ["10.96.0.10".parse().unwrap(), "10.96.0.50".parse().unwrap()].into();
+        assert_eq!(
+            programmed.diff_addresses(&bound),
+            ["+ kube-ipvs0 10.96.0.11", "- kube-ipvs0 10.96.0.50"]
         );
         let in_sync = Programmed {
             virtual_servers: [(
@@ -262,6 +367,8 @@ mod tests {
             .into(),
             owned: Default::default(),
             draining: programmed.draining.clone(),
+            addresses: Default::default(),
+            netfilter: Default::default(),
         };
         assert!(in_sync.diff(&kernel).is_empty(), "a foreign virtual server is no difference");
         let key = kernel[1].0.service.key;

@@ -168,7 +168,10 @@ async fn ls(columns: Columns, json: bool, diff: bool, daemon: Option<SocketAddr>
         },
     };
     if diff {
-        let lines = programmed.as_ref().map(|p| p.diff(&table)).unwrap_or_default();
+        let lines = match &programmed {
+            Some(programmed) => differences(programmed, &table).await?,
+            None => Vec::new(),
+        };
         for line in &lines {
             println!("{line}");
         }
@@ -191,6 +194,26 @@ async fn ls(columns: Columns, json: bool, diff: bool, daemon: Option<SocketAddr>
         print!("{}", listing::render_annotated(&info, &table, columns.into(), annotate));
     }
     Ok(true)
+}
+
+/// Everything that differs between what the daemon programs and the kernel: the IPVS table,
+/// kube-ipvs0's addresses and the nftables table's elements.
+async fn differences(
+    programmed: &Programmed,
+    table: &[listing::TableEntry],
+) -> Result<Vec<String>> {
+    let mut lines = programmed.diff(table);
+    let handle = dummy_link::connect()?;
+    let bound = match dummy_link::DummyLink::find(handle, dummy_link::KUBE_IPVS0).await? {
+        Some(link) => link.addresses().await?,
+        None => Default::default(),
+    };
+    lines.extend(programmed.diff_addresses(&bound));
+    let mut netfilter = netfilter::Netfilter::new(netfilter::Config::default());
+    lines.extend(
+        netfilter.differences(&programmed.netfilter)?.into_iter().map(|d| format!("~ {d}")),
+    );
+    Ok(lines)
 }
 
 /// The configuration from the flags and `--config`; logging is set up, and the warnings

@@ -323,39 +323,31 @@ impl Netfilter {
         Ok(ports)
     }
 
-    /// How the sets and maps in the kernel differ from `elements`, one line per element
-    /// missing or extra (`set cluster-ips-v4: missing 10.96.0.10:80/TCP`); empty when they
-    /// hold exactly those elements. Compares the keys, as the kernel stores them.
-    pub fn differences(&mut self, elements: &Elements) -> Result<Vec<String>> {
-        let mut wanted: Vec<(String, Vec<elements::Item>)> = elements::contents(elements)
-            .into_iter()
-            .map(|(set, items)| (set, items.into_iter().collect()))
-            .collect();
-        wanted.extend(
-            elements::mark_maps(elements)
-                .into_iter()
-                .map(|(map, entries)| (map, entries.into_iter().map(|(item, _)| item).collect())),
-        );
+    /// How the sets and maps in the kernel differ from `expected` (as [`expected_keys`]
+    /// gives it), one line per element missing or extra
+    /// (`set cluster-ips-v4: missing 10.96.0.10:80/TCP`) or set missing; empty when they hold
+    /// exactly those elements. Compares the keys, as the kernel stores them.
+    pub fn differences(&mut self, expected: &ExpectedKeys) -> Result<Vec<String>> {
         let mut differences = Vec::new();
-        for (set, items) in wanted {
+        for (set, items) in expected {
             let kernel = self
-                .netlink(|socket| socket.keys(&set))
+                .netlink(|socket| socket.keys(set))
                 .map_err(|err| Error::Netlink { operation: "read", reason: err.to_string() })?;
             let Some(kernel) = kernel else {
                 differences.push(format!("set {set}: missing from the kernel"));
                 continue;
             };
-            let mut kernel: std::collections::BTreeSet<Vec<u8>> = kernel.into_iter().collect();
-            for item in items {
-                if !kernel.remove(&message::key(&item)) {
+            let kernel: std::collections::BTreeSet<String> =
+                kernel.iter().map(|key| hex(key)).collect();
+            for (key, item) in items {
+                if !kernel.contains(key) {
                     differences.push(format!("set {set}: missing {item}"));
                 }
             }
-            for key in kernel {
-                let extra = match message::service_port_of_key(&key) {
-                    Some(port) => port.to_string(),
-                    None => key.iter().map(|b| format!("{b:02x}")).collect(),
-                };
+            for key in kernel.iter().filter(|key| !items.contains_key(*key)) {
+                let extra = unhex(key)
+                    .and_then(|bytes| message::service_port_of_key(&bytes))
+                    .map_or_else(|| key.clone(), |port| port.to_string());
                 differences.push(format!("set {set}: extra {extra}"));
             }
         }
@@ -368,6 +360,35 @@ impl Netfilter {
         self.applied = None;
         Ok(())
     }
+}
+
+/// The elements of each set and map of the table (the localhost endpoint maps aside), by
+/// set name: each element's key as the kernel stores it, in hex, with the element as people
+/// read it. What [`Netfilter::differences`] compares the kernel with.
+pub type ExpectedKeys =
+    std::collections::BTreeMap<String, std::collections::BTreeMap<String, String>>;
+
+/// The [`ExpectedKeys`] of `elements`.
+pub fn expected_keys(elements: &Elements) -> ExpectedKeys {
+    let keyed = |items: &mut dyn Iterator<Item = elements::Item>| {
+        items.map(|item| (hex(&message::key(&item)), item.to_string())).collect()
+    };
+    let mut expected: ExpectedKeys = elements::contents(elements)
+        .into_iter()
+        .map(|(set, items)| (set, keyed(&mut items.into_iter())))
+        .collect();
+    for (map, entries) in elements::mark_maps(elements) {
+        expected.insert(map, keyed(&mut entries.into_iter().map(|(item, _)| item)));
+    }
+    expected
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// The table as `nft list table inet kube-ipvs` prints it, for people to read.

@@ -801,3 +801,130 @@ async fn every_service_shape_is_owned_restarts_write_nothing_and_checks_find_no_
     assert_eq!(repairs_and_errors(&third), (0.0, 0.0), "{}", third.log());
     assert!(third.stop().success());
 }
+
+/// `kube-ipvs ls --diff`: its exit code and what it printed.
+fn ls_diff() -> (Option<i32>, String) {
+    let out = std::process::Command::new(vm_tests::daemon::binary())
+        .args(["ls", "--diff"])
+        .output()
+        .expect("kube-ipvs ls runs");
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_diff_names_everything_changed_behind_kube_ipvss_back() {
+    let topology = node(2);
+    let pods: Vec<_> = topology.pods.iter().collect();
+    // No full check during the test: what is broken stays broken until it is put back.
+    let (api, mut daemon) = watched("diff", &["--ipvs-sync-period", "1h"]).await;
+    // Port 8080 to 8080, so a destination can be switched to direct routing (which takes the
+    // service's port).
+    let mut sticky = service(
+        "sticky",
+        WEB,
+        8080,
+        json!({"sessionAffinity": "ClientIP",
+               "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}),
+    );
+    sticky["metadata"]["annotations"] = json!({"kube-ipvs.io/scheduler": "sh",
+                                                "kube-ipvs.io/scheduler-flags": "sh-fallback"});
+    api.apply(sticky);
+    api.apply(slice("sticky", &pods[..1]));
+    let vip = format!("{WEB}:8080");
+    let pod = format!("{}:8080", pods[0].ip);
+    eventually(MINUTE, || {
+        let listed = ipvsadm(&["-Sn"]);
+        listed.contains(&format!("-t {vip} -r {pod}")).then_some(()).ok_or(listed)
+    });
+    daemon.wait_synced();
+    assert_eq!(ls_diff(), (Some(0), String::new()));
+
+    let key = format!("TCP {vip}");
+    let address = format!("{WEB}/32");
+    let element = format!("{{ {WEB} . tcp . 8080 }}");
+    // What is broken, how, how it is put back, and the line `ls --diff` prints for it.
+    let cases: [(&str, Vec<&str>, Vec<&str>, String); 7] = [
+        (
+            "scheduler",
+            vec!["ipvsadm", "-E", "-t", &vip, "-s", "wrr", "-p", "600"],
+            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "600"],
+            format!("~ {key} scheduler wrr (desired sh)"),
+        ),
+        (
+            "scheduler flags",
+            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-p", "600"],
+            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "600"],
+            format!("~ {key} scheduler-flags  (desired sh-fallback)"),
+        ),
+        (
+            "persistence timeout",
+            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "300"],
+            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "600"],
+            format!("~ {key} persistent 300 (desired 600)"),
+        ),
+        (
+            "persistence netmask",
+            vec![
+                "ipvsadm",
+                "-E",
+                "-t",
+                &vip,
+                "-s",
+                "sh",
+                "-b",
+                "sh-fallback",
+                "-p",
+                "600",
+                "-M",
+                "255.255.255.0",
+            ],
+            vec![
+                "ipvsadm",
+                "-E",
+                "-t",
+                &vip,
+                "-s",
+                "sh",
+                "-b",
+                "sh-fallback",
+                "-p",
+                "600",
+                "-M",
+                "255.255.255.255",
+            ],
+            format!("~ {key} mask 255.255.255.0 (desired 255.255.255.255)"),
+        ),
+        (
+            "forwarding method",
+            vec!["ipvsadm", "-e", "-t", &vip, "-r", &pod, "-g", "-w", "1"],
+            vec!["ipvsadm", "-e", "-t", &vip, "-r", &pod, "-m", "-w", "1"],
+            format!("~ {key} -> {pod} forward Route (desired Masq)"),
+        ),
+        (
+            "kube-ipvs0 address",
+            vec!["ip", "addr", "del", &address, "dev", "kube-ipvs0"],
+            vec!["ip", "addr", "add", &address, "dev", "kube-ipvs0"],
+            format!("+ kube-ipvs0 {WEB}"),
+        ),
+        (
+            "nftables element",
+            vec!["nft", "delete", "element", "inet", "kube-ipvs", "cluster-ips-v4", &element],
+            vec!["nft", "add", "element", "inet", "kube-ipvs", "cluster-ips-v4", &element],
+            format!("~ set cluster-ips-v4: missing {vip}/TCP"),
+        ),
+    ];
+    for (what, break_it, mend_it, expected) in cases {
+        sh(break_it[0], &break_it[1..]);
+        let (code, text) = ls_diff();
+        assert_eq!(code, Some(1), "{what}: {text}");
+        assert!(
+            text.lines().any(|line| line.starts_with(&expected)),
+            "{what}: expected {expected:?} in:\n{text}"
+        );
+        sh(mend_it[0], &mend_it[1..]);
+        assert_eq!(ls_diff(), (Some(0), String::new()), "{what} put back");
+    }
+    assert!(daemon.running(), "{}", daemon.log());
+}
