@@ -40,6 +40,7 @@ pub(crate) const MODULES: &[&str] = &[
     "nft_reject_inet",
     "ipip",
     "br_netfilter",
+    "sctp",
 ];
 
 /// Printed by the guest runner before its own output; everything before it is boot noise.

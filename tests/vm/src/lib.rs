@@ -9,7 +9,7 @@
 use std::{
     fs::File,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     process::Command,
     sync::atomic::{AtomicUsize, Ordering},
     thread,
@@ -192,8 +192,65 @@ impl Pod {
         self.serve_tcp_with(port, true);
     }
 
+    /// The pod's IPv6 address on the bridge, `fd00:244::<index + 1>`, when it has one
+    /// ([`Pod::add_ipv6`]).
+    pub fn ipv6(&self) -> Ipv6Addr {
+        let index = self.ip.octets()[3];
+        Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, index.into())
+    }
+
+    /// Gives a bridge pod its IPv6 address ([`Pod::ipv6`], /64) and a default route through
+    /// the bridge's [`BRIDGE_IP6`], and serves TCP on `tcp_port` and UDP on `udp_port` over
+    /// IPv6 too, answering as over IPv4.
+    pub fn add_ipv6(&self, tcp_port: u16, udp_port: u16) {
+        let address = format!("{}/64", self.ipv6());
+        self.netns.ip(&["addr", "add", &address, "dev", "eth0", "nodad"]);
+        self.netns.ip(&["-6", "route", "add", "default", "via", &BRIDGE_IP6.to_string()]);
+        let v6 = |kind: Type| {
+            let socket = Socket::new(Domain::IPV6, kind, None).expect("an IPv6 socket");
+            socket.set_only_v6(true).expect("IPv6 only");
+            socket
+        };
+        let tcp = self.netns.run(|| {
+            let socket = v6(Type::STREAM);
+            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, tcp_port)).into()).expect("bind");
+            socket.listen(128).expect("listen");
+            TcpListener::from(socket)
+        });
+        self.serve_tcp_listener(tcp, false);
+        let udp = self.netns.run(|| {
+            let socket = v6(Type::DGRAM);
+            socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, udp_port)).into()).expect("bind");
+            UdpSocket::from(socket)
+        });
+        self.serve_udp_socket(udp);
+    }
+
+    /// Serves SCTP (one-to-one style) on `port` in the pod: every association gets an
+    /// [`Answer`] and is closed.
+    pub fn serve_sctp(&self, port: u16) {
+        let listener = self.netns.run(|| {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(socket2::Protocol::SCTP))
+                .expect("an SCTP socket (is the sctp module loaded?)");
+            socket.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).expect("bind");
+            socket.listen(128).expect("listen");
+            socket
+        });
+        let name = self.name.clone();
+        thread::spawn(move || {
+            while let Ok((mut association, peer)) = listener.accept() {
+                let peer = peer.as_socket().map(|p| p.ip().to_string()).unwrap_or_default();
+                let _ = association.write_all(format!("{name} {peer}").as_bytes());
+            }
+        });
+    }
+
     fn serve_tcp_with(&self, port: u16, hold: bool) {
         let listener = self.netns.run(|| TcpListener::bind(("0.0.0.0", port)).expect("bind"));
+        self.serve_tcp_listener(listener, hold);
+    }
+
+    fn serve_tcp_listener(&self, listener: TcpListener, hold: bool) {
         let name = self.name.clone();
         thread::spawn(move || {
             for stream in listener.incoming() {
@@ -213,6 +270,10 @@ impl Pod {
     /// Serves UDP on `port` in the pod: every datagram is answered with an [`Answer`].
     pub fn serve_udp(&self, port: u16) {
         let socket = self.netns.run(|| UdpSocket::bind(("0.0.0.0", port)).expect("bind"));
+        self.serve_udp_socket(socket);
+    }
+
+    fn serve_udp_socket(&self, socket: UdpSocket) {
         let name = self.name.clone();
         thread::spawn(move || {
             let mut buf = [0; 1500];
@@ -242,9 +303,22 @@ pub fn tcp_ask_from(source: Option<IpAddr>, address: SocketAddr) -> std::io::Res
     Answer::parse(&answer)
 }
 
+/// Opens an SCTP association (one-to-one style) and returns what the server said.
+pub fn sctp_ask(address: SocketAddr) -> std::io::Result<Answer> {
+    let socket =
+        Socket::new(Domain::for_address(address), Type::STREAM, Some(socket2::Protocol::SCTP))?;
+    socket.connect_timeout(&address.into(), Duration::from_secs(3))?;
+    socket.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut answer = [0; 128];
+    let n = std::io::Read::read(&mut &socket, &mut answer)?;
+    Answer::parse(&String::from_utf8_lossy(&answer[..n]))
+}
+
 /// Sends one UDP datagram and returns the answer.
 pub fn udp_ask(address: SocketAddr) -> std::io::Result<Answer> {
-    let socket = UdpSocket::bind("0.0.0.0:0")?;
+    let unspecified: IpAddr =
+        if address.is_ipv4() { Ipv4Addr::UNSPECIFIED.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+    let socket = UdpSocket::bind((unspecified, 0))?;
     socket.set_read_timeout(Some(Duration::from_secs(3)))?;
     socket.send_to(b"who", address)?;
     let mut buf = [0; 1500];
@@ -263,6 +337,14 @@ pub fn bind_vip(address: IpAddr) {
 pub const BRIDGE: &str = "cbr0";
 /// The node's address on the pod bridge.
 pub const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The node's IPv6 address on the pod bridge, once [`Topology::add_ipv6`] gave it one.
+pub const BRIDGE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 1);
+/// The pod network's IPv6 range.
+pub const CLUSTER_CIDR6: &str = "fd00:244::/64";
+/// The node's IPv6 address on its external link, once [`Topology::add_ipv6`] gave it one.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 2);
+/// The external client's IPv6 address.
+pub const CLIENT_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x99, 0, 0, 0, 0, 0, 0x10);
 /// The pod network.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The node's address on its external link.
@@ -299,6 +381,22 @@ impl Topology {
             client.ip(&["route", "add", range, "via", &NODE_IP.to_string()]);
         }
         Self { pods, client }
+    }
+
+    /// Makes the node dual-stack, as a dual-stack CNI does: IPv6 forwarding (and bridged IPv6
+    /// through netfilter), [`BRIDGE_IP6`] on the bridge, every pod with its IPv6 address
+    /// serving TCP on 8080 and UDP on 5353, [`NODE_IP6`] and [`CLIENT_IP6`] on the client's
+    /// link, and the client routing the IPv6 Service range `fd00:96::/112` through the node.
+    pub fn add_ipv6(&self) {
+        sh("sysctl", &["-qw", "net.ipv6.conf.all.forwarding=1"]);
+        sh("sysctl", &["-qw", "net.bridge.bridge-nf-call-ip6tables=1"]);
+        sh("ip", &["addr", "add", &format!("{BRIDGE_IP6}/64"), "dev", BRIDGE, "nodad"]);
+        for pod in &self.pods {
+            pod.add_ipv6(8080, 5353);
+        }
+        sh("ip", &["addr", "add", &format!("{NODE_IP6}/64"), "dev", "eth-node", "nodad"]);
+        self.client.ip(&["addr", "add", &format!("{CLIENT_IP6}/64"), "dev", "eth0", "nodad"]);
+        self.client.ip(&["-6", "route", "add", "fd00:96::/112", "via", &NODE_IP6.to_string()]);
     }
 
     /// The names of the pods.

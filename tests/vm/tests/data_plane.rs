@@ -4,7 +4,7 @@
 
 use std::{
     collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, TcpListener},
     thread,
 };
 
@@ -12,8 +12,8 @@ use dummy_link::{DummyLink, KUBE_IPVS0};
 use ipvs_netlink::{Change, Destination, IpvsHandle, Service, ServiceKey};
 use netfilter::{Config, Elements, NodePort, Protocol, ServicePort, Update};
 use vm_tests::{
-    Answer, BRIDGE_IP, CLIENT_IP, CLUSTER_CIDR, NODE_IP, OTHER_CLIENT_IP, Topology, sh, tcp_ask,
-    tcp_ask_from, udp_ask,
+    Answer, BRIDGE_IP, BRIDGE_IP6, CLIENT_IP, CLUSTER_CIDR, CLUSTER_CIDR6, NODE_IP, NODE_IP6,
+    OTHER_CLIENT_IP, Topology, sctp_ask, sh, tcp_ask, tcp_ask_from, udp_ask,
 };
 
 const CLUSTER_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -412,4 +412,129 @@ async fn elements_written_over_netlink_are_the_ones_nft_writes() {
     assert!(by_netlink.check().await.unwrap(), "a deleted table is found too");
     assert_eq!(listed_elements(), expected);
     by_netlink.remove().await.unwrap();
+}
+
+const CLUSTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+
+#[tokio::test]
+async fn ipv6_and_dual_stack_services_carry_tcp_and_udp() {
+    let mut node = Node::new(false).await;
+    node.topology.add_ipv6();
+    node.netfilter = netfilter::Netfilter::new(Config {
+        cluster_cidrs: vec![CLUSTER_CIDR.parse().unwrap(), CLUSTER_CIDR6.parse().unwrap()],
+        ..Config::default()
+    });
+    // A dual-stack Service: 10.96.0.10 and fd00:96::10, TCP 80 and UDP 53, every pod behind
+    // each family's address; and an IPv6 NodePort.
+    node.cluster_ip().await;
+    let v6 = |port| SocketAddr::from((CLUSTER_IP6, port));
+    let node_port6 = SocketAddr::from((NODE_IP6, 30080));
+    for (protocol, address, target) in [
+        (Protocol::Tcp, v6(80), 8080),
+        (Protocol::Udp, v6(53), 5353),
+        (Protocol::Tcp, node_port6, 8080),
+    ] {
+        let key = ServiceKey::Inet { protocol, address };
+        let mut changes = vec![Change::AddService(Service::new(key, "rr"))];
+        for pod in &node.topology.pods {
+            let destination = SocketAddr::from((pod.ipv6(), target));
+            changes.push(Change::AddDestination(key, Destination::new(destination)));
+        }
+        for result in node.ipvs.apply(&changes).await {
+            result.unwrap();
+        }
+    }
+    node.elements.vips.insert(CLUSTER_IP6.into());
+    node.elements.cluster_ips.insert(ServicePort::new(CLUSTER_IP6.into(), Protocol::Tcp, 80));
+    node.elements.cluster_ips.insert(ServicePort::new(CLUSTER_IP6.into(), Protocol::Udp, 53));
+    node.elements.node_ports.insert(NodePort { protocol: Protocol::Tcp, port: 30080 });
+    for pod in &node.topology.pods {
+        node.elements.hairpin.insert(pod.ipv6().into());
+    }
+    // An sshd-like host service on every IPv6 address of the node.
+    let _ssh = thread_listener(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 2222)));
+    node.apply().await;
+    let all = node.topology.pod_names();
+    let bridge6 = IpAddr::from(BRIDGE_IP6);
+
+    // From the node: every pod, over both families of the one Service; masqueraded.
+    let answers = ask_many(9, || tcp_ask(v6(80)));
+    assert_eq!(names(&answers), all);
+    assert!(answers.iter().all(|a| a.peer == bridge6), "{answers:?}");
+    assert_eq!(names(&ask_many(9, || tcp_ask(at(CLUSTER_IP, 80)))), all, "its IPv4 half");
+
+    // From a pod: the others see the pod itself, its own answers are hairpin (masqueraded).
+    let pod2 = &node.topology.pods[1];
+    let answers = pod2.netns.run(|| ask_many(9, || tcp_ask(v6(80))));
+    assert_eq!(names(&answers), all);
+    for answer in &answers {
+        let expected = if answer.from == pod2.name { bridge6 } else { pod2.ipv6().into() };
+        assert_eq!(answer.peer, expected, "{answers:?}");
+    }
+    // UDP, both ways.
+    let pod3 = &node.topology.pods[2];
+    assert_eq!(names(&pod3.netns.run(|| ask_many(9, || udp_ask(v6(53))))), all);
+
+    // The IPv6 NodePort from outside, masqueraded (externalTrafficPolicy: Cluster).
+    let answers = node.topology.client.run(|| ask_many(6, || tcp_ask(node_port6)));
+    assert_eq!(names(&answers), all);
+    assert!(answers.iter().all(|a| a.peer == bridge6), "masqueraded: {answers:?}");
+
+    // The host-port filter: the host service does not answer on the IPv6 Service address,
+    // refused at once; it does on the node's own address.
+    let client = &node.topology.client;
+    let err = client.run(|| std::net::TcpStream::connect(v6(2222))).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(client.run(|| std::net::TcpStream::connect((NODE_IP6, 2222))).is_ok());
+}
+
+/// A TCP listener on `address` (IPv6 only, for an IPv6 address) that accepts and drops
+/// every connection.
+fn thread_listener(address: SocketAddr) -> thread::JoinHandle<()> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::for_address(address), socket2::Type::STREAM, None)
+            .unwrap();
+    if address.is_ipv6() {
+        socket.set_only_v6(true).unwrap();
+    }
+    socket.bind(&address.into()).unwrap();
+    socket.listen(16).unwrap();
+    let listener = TcpListener::from(socket);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream)
+        }
+    })
+}
+
+/// SCTP through a ClusterIP, from a pod to the other pods. An SCTP endpoint announces its
+/// addresses in its INIT (multi-homing), and NAT cannot rewrite them: a client with several
+/// addresses (the node) must bind one to be reachable back through IPVS, and a pod sent to
+/// itself (hairpin) finds its own address among its peer's. Both are SCTP's, whatever the
+/// proxy, and not tested here.
+#[tokio::test]
+async fn an_sctp_association_goes_through_a_cluster_ip() {
+    sh("modprobe", &["sctp"]);
+    let mut node = Node::new(false).await;
+    // pod1 is the client; pod2 and pod3 serve.
+    let servers = &node.topology.pods[1..];
+    let key = ServiceKey::Inet { protocol: Protocol::Sctp, address: at(CLUSTER_IP, 7777) };
+    let mut changes = vec![Change::AddService(Service::new(key, "rr"))];
+    for pod in servers {
+        pod.serve_sctp(7777);
+        changes.push(Change::AddDestination(key, Destination::new(pod.addr(7777))));
+    }
+    for result in node.ipvs.apply(&changes).await {
+        result.unwrap();
+    }
+    let expected: BTreeSet<String> = servers.iter().map(|p| p.name.clone()).collect();
+    node.elements.vips.insert(CLUSTER_IP.into());
+    node.elements.cluster_ips.insert(ServicePort::new(CLUSTER_IP.into(), Protocol::Sctp, 7777));
+    node.apply().await;
+    let vip = at(CLUSTER_IP, 7777);
+    // From a pod: both pods answer, and see the pod itself (no masquerade).
+    let client = &node.topology.pods[0];
+    let answers = client.netns.run(|| ask_many(6, || sctp_ask(vip)));
+    assert_eq!(names(&answers), expected);
+    assert!(answers.iter().all(|a| a.peer == IpAddr::from(client.ip)), "{answers:?}");
 }
