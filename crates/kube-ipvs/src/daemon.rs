@@ -23,7 +23,7 @@ use tokio::{
     sync::{mpsc, oneshot},
     time::{Instant, sleep_until},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     Error,
@@ -75,7 +75,53 @@ async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
 }
 
 /// Kernel parameters and IPVS timeouts, as kube-proxy sets them at start.
+/// Loads the kernel modules of IPVS, its default scheduler and the nftables table, with one
+/// `modprobe -a`, before anything needs them. The kernel would load them on demand, but
+/// nf_tables loads a module in the middle of a transaction by aborting and replaying the
+/// whole batch, once per module: on a fresh node that made the first table take 12 s of a
+/// 13 s first sync, against 1.1 s of 1.7 s with the modules loaded first, the load itself
+/// taking 1.4 s (VM, debug build; docs/benchmarks.md). Modules already loaded (as after a
+/// restart) are not asked for, and when all are, no process is started. Best effort: where
+/// modprobe cannot run, the kernel still loads them on demand.
+async fn load_kernel_modules(scheduler: &str) {
+    let started = Instant::now();
+    let scheduler_module = format!("ip_vs_{scheduler}");
+    let modules: Vec<&str> = ["ip_vs", scheduler_module.as_str()]
+        .into_iter()
+        .chain(netfilter::KERNEL_MODULES.iter().copied())
+        .filter(|module| !std::path::Path::new("/sys/module").join(module).exists())
+        .collect();
+    if modules.is_empty() {
+        return;
+    }
+    let loaded = tokio::process::Command::new("modprobe").arg("-a").args(&modules).output();
+    match tokio::time::timeout(Duration::from_secs(60), loaded).await {
+        Ok(Ok(out)) if out.status.success() => {
+            debug!(
+                took_ms = started.elapsed().as_millis() as u64,
+                ?modules,
+                "kernel modules loaded"
+            );
+        }
+        Ok(Ok(out)) => info!(
+            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
+            "modprobe failed; the kernel loads the modules on demand"
+        ),
+        Ok(Err(err)) => info!(%err, "cannot run modprobe; the kernel loads the modules on demand"),
+        Err(_) => info!("modprobe did not finish in 60 s; the kernel loads the modules on demand"),
+    }
+}
+
 async fn set_up_kernel(config: &Config, ipvs: &IpvsHandle) -> Result<(), Error> {
+    // IPVS first: asking for its generic-netlink family loads `ip_vs` on a node where nothing
+    // did yet, and its kernel parameters exist only from then on.
+    let started = Instant::now();
+    let info = ipvs.info().await.map_err(controller::Error::from)?;
+    debug!(
+        version = info.version_string(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "IPVS is there"
+    );
     let options = sysctl_settings::Options {
         strict_arp: config.strict_arp,
         localhost_node_ports: config.localhost_node_ports,
@@ -128,7 +174,10 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let node_name = node_name(&config);
     info!(node = node_name, version = env!("CARGO_PKG_VERSION"), "starting kube-ipvs");
     let ipvs = IpvsHandle::new().map_err(controller::Error::from)?;
+    let started = Instant::now();
+    load_kernel_modules(&config.scheduler).await;
     set_up_kernel(&config, &ipvs).await?;
+    let kernel_set_up = started.elapsed();
 
     // The kernel as the last run left it is adopted, not reset: nothing is written until the
     // first lists are complete, and then only what differs.
@@ -151,7 +200,15 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
         node_port_range: options.node_port_range.clone(),
         exclude_cidrs: config.exclude_cidrs.clone(),
     };
+    let adopting = Instant::now();
     let reconciler = Reconciler::adopt(ipvs.clone(), &owned, config.drain_bound).await?;
+    // Where the start's time goes, before the lists: see docs/benchmarks.md.
+    debug!(
+        kernel_ms = kernel_set_up.as_millis() as u64,
+        link_and_ownership_ms = (adopting - started - kernel_set_up).as_millis() as u64,
+        adopt_ms = adopting.elapsed().as_millis() as u64,
+        "kernel state adopted"
+    );
     let node = NodeSync { reconciler, link, netfilter };
 
     let metrics = Arc::new(Metrics::new());

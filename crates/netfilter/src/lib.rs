@@ -31,6 +31,13 @@ use tracing::{debug, warn};
 
 pub use self::model::{Config, Elements, Family, NodePort, Protocol, ServicePort, TABLE};
 
+/// The kernel modules the table's rules use (`nf_tables` and the expressions: NAT chains,
+/// masquerade, conntrack, fib, reject), for loading them before the first transaction. The
+/// kernel loads a missing one in the middle of a transaction by aborting and replaying the
+/// whole batch, once per module.
+pub const KERNEL_MODULES: &[&str] =
+    &["nf_tables", "nft_chain_nat", "nft_masq", "nft_ct", "nft_fib_inet", "nft_reject_inet"];
+
 /// A failed `nft` transaction.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
