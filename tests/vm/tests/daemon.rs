@@ -798,6 +798,12 @@ async fn every_service_shape_is_owned_restarts_write_nothing_and_checks_find_no_
     assert!(listed.contains(&format!("{LABELLED}:80")), "the others stay:\n{listed}");
     assert!(listed.contains("10.96.10.1:80"), "an excluded Service's own:\n{listed}");
     assert!(listed.contains("10.96.10.1:9999"), "not kube-ipvs's:\n{listed}");
+    // And deleted while it runs.
+    api.apply(service("node-external", WEB, 8080, json!({"externalIPs": [node_ip]})));
+    let on_node = format!("{NODE_IP}:8080");
+    eventually(MINUTE, || ipvsadm(&["-Sn"]).contains(&on_node).then_some(()).ok_or("not yet"));
+    api.delete(Resource::Services, "ns", "node-external");
+    eventually(MINUTE, || (!ipvsadm(&["-Sn"]).contains(&on_node)).then_some(()).ok_or("still"));
     assert_eq!(repairs_and_errors(&third), (0.0, 0.0), "{}", third.log());
     assert!(third.stop().success());
 }
@@ -842,88 +848,81 @@ async fn ls_diff_names_everything_changed_behind_kube_ipvss_back() {
     assert_eq!(ls_diff(), (Some(0), String::new()));
 
     let key = format!("TCP {vip}");
-    let address = format!("{WEB}/32");
     let element = format!("{{ {WEB} . tcp . 8080 }}");
+    // The virtual service edited by hand: `ipvsadm -E` with what kube-ipvs programmed
+    // (`sh`, `sh-fallback`, persistent 600), and `change` in place of one of its options.
+    let edited = |change: [&'static str; 2]| -> Vec<String> {
+        let mut options = vec![["-s", "sh"], ["-b", "sh-fallback"], ["-p", "600"]];
+        match options.iter_mut().find(|o| o[0] == change[0]) {
+            Some(option) => *option = change,
+            None => options.push(change),
+        }
+        let command = ["ipvsadm", "-E", "-t", &vip].map(String::from).to_vec();
+        command.into_iter().chain(options.concat().into_iter().map(String::from)).collect()
+    };
+    let programmed = edited(["-M", "255.255.255.255"]);
+    let mut unflagged = edited(["-s", "sh"]);
+    unflagged.retain(|a| a != "-b" && a != "sh-fallback");
+    let words = |text: &str| text.split(' ').map(String::from).collect::<Vec<_>>();
     // What is broken, how, how it is put back, and the line `ls --diff` prints for it.
-    let cases: [(&str, Vec<&str>, Vec<&str>, String); 7] = [
+    let cases: [(&str, Vec<String>, Vec<String>, String); 7] = [
         (
             "scheduler",
-            vec!["ipvsadm", "-E", "-t", &vip, "-s", "wrr", "-p", "600"],
-            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "600"],
+            edited(["-s", "wrr"]).into_iter().filter(|a| a != "-b" && a != "sh-fallback").collect(),
+            programmed.clone(),
             format!("~ {key} scheduler wrr (desired sh)"),
         ),
         (
             "scheduler flags",
-            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-p", "600"],
-            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "600"],
+            unflagged,
+            programmed.clone(),
             format!("~ {key} scheduler-flags  (desired sh-fallback)"),
         ),
         (
             "persistence timeout",
-            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "300"],
-            vec!["ipvsadm", "-E", "-t", &vip, "-s", "sh", "-b", "sh-fallback", "-p", "600"],
+            edited(["-p", "300"]),
+            programmed.clone(),
             format!("~ {key} persistent 300 (desired 600)"),
         ),
         (
             "persistence netmask",
-            vec![
-                "ipvsadm",
-                "-E",
-                "-t",
-                &vip,
-                "-s",
-                "sh",
-                "-b",
-                "sh-fallback",
-                "-p",
-                "600",
-                "-M",
-                "255.255.255.0",
-            ],
-            vec![
-                "ipvsadm",
-                "-E",
-                "-t",
-                &vip,
-                "-s",
-                "sh",
-                "-b",
-                "sh-fallback",
-                "-p",
-                "600",
-                "-M",
-                "255.255.255.255",
-            ],
+            edited(["-M", "255.255.255.0"]),
+            programmed,
             format!("~ {key} mask 255.255.255.0 (desired 255.255.255.255)"),
         ),
         (
             "forwarding method",
-            vec!["ipvsadm", "-e", "-t", &vip, "-r", &pod, "-g", "-w", "1"],
-            vec!["ipvsadm", "-e", "-t", &vip, "-r", &pod, "-m", "-w", "1"],
+            words(&format!("ipvsadm -e -t {vip} -r {pod} -g -w 1")),
+            words(&format!("ipvsadm -e -t {vip} -r {pod} -m -w 1")),
             format!("~ {key} -> {pod} forward Route (desired Masq)"),
         ),
         (
             "kube-ipvs0 address",
-            vec!["ip", "addr", "del", &address, "dev", "kube-ipvs0"],
-            vec!["ip", "addr", "add", &address, "dev", "kube-ipvs0"],
+            words(&format!("ip addr del {WEB}/32 dev kube-ipvs0")),
+            words(&format!("ip addr add {WEB}/32 dev kube-ipvs0")),
             format!("+ kube-ipvs0 {WEB}"),
         ),
         (
             "nftables element",
-            vec!["nft", "delete", "element", "inet", "kube-ipvs", "cluster-ips-v4", &element],
-            vec!["nft", "add", "element", "inet", "kube-ipvs", "cluster-ips-v4", &element],
+            // nft joins its arguments into one command.
+            words(&format!("nft delete element inet kube-ipvs cluster-ips-v4 {element}")),
+            words(&format!("nft add element inet kube-ipvs cluster-ips-v4 {element}")),
             format!("~ set cluster-ips-v4: missing {vip}/TCP"),
         ),
     ];
+    let run = |command: &[String]| {
+        let args: Vec<&str> = command[1..].iter().map(String::as_str).collect();
+        sh(&command[0], &args);
+    };
     for (what, break_it, mend_it, expected) in cases {
-        sh(break_it[0], &break_it[1..]);
+        run(&break_it);
         let (code, text) = ls_diff();
         assert_eq!(code, Some(1), "{what}: {text}");
         assert!(
             text.lines().any(|line| line.starts_with(&expected)),
             "{what}: expected {expected:?} in:\n{text}"
         );
-        sh(mend_it[0], &mend_it[1..]);
+        run(&mend_it);
         assert_eq!(ls_diff(), (Some(0), String::new()), "{what} put back");
     }
     assert!(daemon.running(), "{}", daemon.log());
