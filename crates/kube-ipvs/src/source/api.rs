@@ -1,14 +1,18 @@
 //! The API server: list and watch with kube-rs's watcher, which relists after 410 Gone and
 //! retries while the API server is unreachable.
 //!
-//! How it retries decides how soon changes flow again after an API server restart. A 410
-//! (`Expired`: the restarted watch cache cannot resume an older resourceVersion) is answered
-//! by a fresh list at once, with no wait: it is not a failure of the server. Other failures
-//! (connection refused while it is down, errors while it starts) are retried after an
-//! exponential backoff from 250 ms, capped at 1 s, with jitter (each wait is up to twice
-//! that), reset by the first success. client-go's reflector waits up to 30 s, which is where
-//! a restarted API server's first change took a minute to reach kube-proxy's kernel state.
+//! How it retries decides how soon changes flow again after an API server restart
+//! ([`Retry`]). A 410 (`Expired`: the restarted watch cache cannot resume an older
+//! resourceVersion) is answered by a fresh list at once: it is not a failure of the server.
+//! While the server does not answer at all (connections refused, cut), tries are 250 ms apart
+//! at first and 500 ms at most: a refused connection costs it nothing, and the first try after
+//! it is back comes within a second. An error the server answers with (5xx, 429, 403) is
+//! retried after 0.5 s, doubling to at most 4 s, not to press a struggling server. Every wait
+//! has jitter (up to as much again) and every success resets both. client-go's reflector waits
+//! up to 30 s, which is where a restarted API server's first change took a minute to reach
+//! kube-proxy's kernel state.
 
+use backon::BackoffBuilder;
 use futures::{Stream, StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
@@ -37,21 +41,77 @@ where
     watcher(api, config)
         // What is never read is dropped before anything keeps it.
         .modify(trim)
-        // A 410 becomes an item that is no error to the backoff below, so the relist that the
-        // watcher starts next is not delayed (and the backoff is reset).
-        .map(move |event| match event {
-            Ok(event) => Ok(wrap(event)),
-            Err(error) if expired(&error) => {
-                Ok(Input::WatchFailed { kind, error: error.to_string() })
-            }
-            Err(error) => Err(error),
+        // The wait before the next try is taken here, before the failure is passed on: the
+        // watcher is not polled (and so does not try again) until it is over.
+        .scan(Retry::default(), |retry, event| {
+            let wait = retry.after(&event);
+            futures::future::ready(Some((event, wait)))
         })
-        .backoff(retry_backoff())
-        .map(move |input| match input {
-            Ok(input) => input,
-            Err(error) => Input::WatchFailed { kind, error: error.to_string() },
+        .then(move |(event, wait)| async move {
+            if let Some(wait) = wait {
+                tokio::time::sleep(wait).await;
+            }
+            match event {
+                Ok(event) => wrap(event),
+                Err(error) => Input::WatchFailed { kind, error: error.to_string() },
+            }
         })
         .boxed()
+}
+
+/// How long to wait after each watcher item before the watcher tries again: see the module's
+/// documentation.
+struct Retry {
+    /// After failures where the server did not answer.
+    unreachable: backon::ExponentialBackoff,
+    /// After errors the server answered with.
+    failing: backon::ExponentialBackoff,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Self { unreachable: UNREACHABLE.build(), failing: FAILING.build() }
+    }
+}
+
+impl Retry {
+    /// The wait after `item`: none after a success (which resets both backoffs) or a 410.
+    fn after<T>(&mut self, item: &Result<T, watcher::Error>) -> Option<std::time::Duration> {
+        let Err(error) = item else {
+            *self = Self::default();
+            return None;
+        };
+        if expired(error) {
+            return None;
+        }
+        if answered(error) { self.failing.next() } else { self.unreachable.next() }
+    }
+}
+
+const UNREACHABLE: backon::ExponentialBuilder = backon::ExponentialBuilder::new()
+    .with_min_delay(std::time::Duration::from_millis(250))
+    .with_max_delay(std::time::Duration::from_millis(500))
+    .with_factor(2.0)
+    .with_jitter()
+    .without_max_times();
+
+const FAILING: backon::ExponentialBuilder = backon::ExponentialBuilder::new()
+    .with_min_delay(std::time::Duration::from_millis(500))
+    .with_max_delay(std::time::Duration::from_secs(4))
+    .with_factor(2.0)
+    .with_jitter()
+    .without_max_times();
+
+/// Whether the API server answered the failed request (with an HTTP error status), rather
+/// than not being reached at all.
+fn answered(error: &watcher::Error) -> bool {
+    match error {
+        watcher::Error::WatchError(_) => true,
+        watcher::Error::InitialListFailed(error)
+        | watcher::Error::WatchStartFailed(error)
+        | watcher::Error::WatchFailed(error) => matches!(error, kube::Error::Api(_)),
+        watcher::Error::NoResourceVersion => true,
+    }
 }
 
 /// Whether the API server said `410 Gone` (`Expired`): the watcher lists again.
@@ -65,22 +125,6 @@ fn expired(error: &watcher::Error) -> bool {
         _ => false,
     }
 }
-
-/// The wait before a failed list or watch is tried again: see the module's documentation.
-fn retry_backoff() -> watcher::ExponentialBackoff {
-    backon::ExponentialBuilder::default()
-        .with_min_delay(RETRY_MIN)
-        .with_max_delay(RETRY_MAX)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .into()
-}
-
-/// The first wait after a failure.
-const RETRY_MIN: std::time::Duration = std::time::Duration::from_millis(250);
-/// The longest wait between tries, before jitter (which adds up to as much again).
-const RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Drops what is never read from the Node: managed fields, annotations and the list of images
 /// (hundreds of entries on a busy node).
@@ -174,11 +218,33 @@ mod tests {
     }
 
     #[test]
-    fn retries_wait_a_second_or_two_at_most() {
-        let waits: Vec<_> = retry_backoff().take(50).collect();
-        assert_eq!(waits.len(), 50, "it never gives up");
-        assert!(waits[0] >= RETRY_MIN && waits[0] < 2 * RETRY_MIN, "{waits:?}");
-        assert!(waits.iter().all(|w| *w < 2 * RETRY_MAX), "{waits:?}");
-        assert!(waits[10..].iter().all(|w| *w >= RETRY_MAX), "{waits:?}");
+    fn retries_come_within_a_second_while_unreachable_and_slower_after_errors() {
+        let mut retry = Retry::default();
+        let unreachable: Result<(), _> = Err(watcher::Error::WatchStartFailed(
+            kube::Error::Service("connection refused".into()),
+        ));
+        let waits: Vec<_> = (0..50).map(|_| retry.after(&unreachable).unwrap()).collect();
+        assert!(waits.iter().all(|w| w.as_millis() >= 250 && w.as_millis() < 1000), "{waits:?}");
+        let mut answered = 0;
+        let failing: Result<(), _> = Err(watcher::Error::WatchError(Box::new({
+            let mut status = Status::failure("etcdserver: leader changed", "InternalError");
+            status.code = 500;
+            status
+        })));
+        let waits: Vec<_> = (0..50).map(|_| retry.after(&failing).unwrap()).collect();
+        for wait in &waits {
+            assert!(wait.as_millis() >= 500 && wait.as_millis() < 8000, "{waits:?}");
+            answered += usize::from(wait.as_secs() >= 4);
+        }
+        assert!(answered > 40, "it settles at 4 s or more: {waits:?}");
+        // A 410 waits for nothing; a success resets both.
+        let gone: Result<(), _> = Err(watcher::Error::WatchError(Box::new({
+            let mut status = Status::failure("too old resource version: 1 (2)", "Expired");
+            status.code = 410;
+            status
+        })));
+        assert_eq!(retry.after(&gone), None);
+        assert_eq!(retry.after(&Ok::<(), watcher::Error>(())), None);
+        assert!(retry.after(&failing).unwrap().as_millis() < 1000, "reset");
     }
 }
