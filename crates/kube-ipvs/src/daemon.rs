@@ -74,15 +74,14 @@ async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
     kube::Client::try_from(client_config).map_err(|e| Error::Client(e.to_string()))
 }
 
-/// Kernel parameters and IPVS timeouts, as kube-proxy sets them at start.
 /// Loads the kernel modules of IPVS, its default scheduler and the nftables table, with one
 /// `modprobe -a`, before anything needs them. The kernel would load them on demand, but
 /// nf_tables loads a module in the middle of a transaction by aborting and replaying the
-/// whole batch, once per module: on a fresh node that made the first table take 12 s of a
-/// 13 s first sync, against 1.1 s of 1.7 s with the modules loaded first, the load itself
-/// taking 1.4 s (VM, debug build; docs/benchmarks.md). Modules already loaded (as after a
-/// restart) are not asked for, and when all are, no process is started. Best effort: where
-/// modprobe cannot run, the kernel still loads them on demand.
+/// whole batch, once per module: on a fresh node that made the first table take 12 of the
+/// first sync's 13.3 s, against 1.2 of 1.9 s with the modules loaded first
+/// (docs/benchmarks.md). Modules already loaded (as after a restart) are not asked for, and
+/// when all are, no process is started. Best effort: where modprobe cannot run, the kernel
+/// still loads them on demand.
 async fn load_kernel_modules(scheduler: &str) {
     let started = Instant::now();
     let scheduler_module = format!("ip_vs_{scheduler}");
@@ -112,6 +111,7 @@ async fn load_kernel_modules(scheduler: &str) {
     }
 }
 
+/// Kernel parameters and IPVS timeouts, as kube-proxy sets them at start.
 async fn set_up_kernel(config: &Config, ipvs: &IpvsHandle) -> Result<(), Error> {
     // IPVS first: asking for its generic-netlink family loads `ip_vs` on a node where nothing
     // did yet, and its kernel parameters exist only from then on.

@@ -88,19 +88,23 @@ impl Retry {
     }
 }
 
-const UNREACHABLE: backon::ExponentialBuilder = backon::ExponentialBuilder::new()
-    .with_min_delay(std::time::Duration::from_millis(250))
-    .with_max_delay(std::time::Duration::from_millis(500))
-    .with_factor(2.0)
-    .with_jitter()
-    .without_max_times();
+/// Waits doubling from `min` to `max`, each with jitter of up to as much again, never giving up.
+const fn doubling(
+    min: std::time::Duration,
+    max: std::time::Duration,
+) -> backon::ExponentialBuilder {
+    backon::ExponentialBuilder::new()
+        .with_min_delay(min)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+}
 
-const FAILING: backon::ExponentialBuilder = backon::ExponentialBuilder::new()
-    .with_min_delay(std::time::Duration::from_millis(500))
-    .with_max_delay(std::time::Duration::from_secs(4))
-    .with_factor(2.0)
-    .with_jitter()
-    .without_max_times();
+const UNREACHABLE: backon::ExponentialBuilder =
+    doubling(std::time::Duration::from_millis(250), std::time::Duration::from_millis(500));
+const FAILING: backon::ExponentialBuilder =
+    doubling(std::time::Duration::from_millis(500), std::time::Duration::from_secs(4));
 
 /// Whether the API server answered the failed request (with an HTTP error status), rather
 /// than not being reached at all.
