@@ -319,10 +319,7 @@ impl Netfilter {
         for family in [Family::Ipv4, Family::Ipv6] {
             for kind in [SetKind::ClusterIps, SetKind::ExternalIps, SetKind::LocalExternalIps] {
                 let set = elements::set_name(kind, Some(family));
-                let keys = self
-                    .netlink(|socket| socket.keys(&set))
-                    .map_err(|err| Error::Netlink { operation: "read", reason: err.to_string() })?;
-                for key in keys.unwrap_or_default() {
+                for key in self.keys(&set)?.unwrap_or_default() {
                     ports.extend(message::service_port_of_key(&key));
                 }
             }
@@ -337,28 +334,30 @@ impl Netfilter {
     pub fn differences(&mut self, expected: &ExpectedKeys) -> Result<Vec<String>> {
         let mut differences = Vec::new();
         for (set, items) in expected {
-            let kernel = self
-                .netlink(|socket| socket.keys(set))
-                .map_err(|err| Error::Netlink { operation: "read", reason: err.to_string() })?;
-            let Some(kernel) = kernel else {
+            let Some(kernel) = self.keys(set)? else {
                 differences.push(format!("set {set}: missing from the kernel"));
                 continue;
             };
-            let kernel: std::collections::BTreeSet<String> =
-                kernel.iter().map(|key| hex(key)).collect();
+            let kernel: std::collections::BTreeMap<String, Vec<u8>> =
+                kernel.into_iter().map(|key| (hex(&key), key)).collect();
             for (key, item) in items {
-                if !kernel.contains(key) {
+                if !kernel.contains_key(key) {
                     differences.push(format!("set {set}: missing {item}"));
                 }
             }
-            for key in kernel.iter().filter(|key| !items.contains_key(*key)) {
-                let extra = unhex(key)
-                    .and_then(|bytes| message::service_port_of_key(&bytes))
+            for (key, bytes) in kernel.iter().filter(|(key, _)| !items.contains_key(*key)) {
+                let extra = message::service_port_of_key(bytes)
                     .map_or_else(|| key.clone(), |port| port.to_string());
                 differences.push(format!("set {set}: extra {extra}"));
             }
         }
         Ok(differences)
+    }
+
+    /// The keys of the elements of `set` in the kernel; `None` if it does not exist.
+    fn keys(&mut self, set: &str) -> Result<Option<Vec<Vec<u8>>>> {
+        self.netlink(|socket| socket.keys(set))
+            .map_err(|err| Error::Netlink { operation: "read", reason: err.to_string() })
     }
 
     /// Deletes the table, if it exists.
@@ -392,10 +391,6 @@ pub fn expected_keys(elements: &Elements) -> ExpectedKeys {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 /// The table as `nft list table inet kube-ipvs` prints it, for people to read.
