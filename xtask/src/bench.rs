@@ -43,7 +43,7 @@ pub(crate) fn run(
         vec![binary.to_string_lossy().into_owned(), "--services".into(), services.to_string()];
     match which {
         Which::Daemon => {
-            let daemon = build_shipped_daemon()?;
+            let daemon = crate::vmtest::build_shipped_daemon()?;
             argv.extend(["--endpoints".into(), destinations.to_string()]);
             argv.extend(["--nodes".into(), nodes.to_string()]);
             argv.extend(["--kube-ipvs".into(), daemon.to_string_lossy().into_owned()]);
@@ -55,18 +55,4 @@ pub(crate) fn run(
         bail!("the benchmark failed in the VM");
     }
     Ok(())
-}
-
-/// Builds `kube-ipvs` as the image ships it (the `dist` profile); returns its path.
-fn build_shipped_daemon() -> Result<std::path::PathBuf> {
-    crate::util::run(crate::util::cargo([
-        "build",
-        "--profile",
-        "dist",
-        "--package",
-        "kube-ipvs",
-        "--bin",
-        "kube-ipvs",
-    ]))?;
-    Ok(crate::util::target_dir().join("dist/kube-ipvs"))
 }

@@ -32,6 +32,11 @@ enum Task {
     /// pods in network namespaces, shows `ipvsadm -Ln` and `kube-ipvs ls`, sends requests
     /// through the Services, then changes a manifest and shows the kernel following.
     Demo {
+        /// Show the three-node cluster instead: every check, a rollout and rolling restarts
+        /// of kube-ipvs with requests running, zero failures (the same as `cargo xtask
+        /// cluster`).
+        #[arg(long)]
+        cluster: bool,
         #[command(flatten)]
         vm: vm::VmOptions,
     },
@@ -49,6 +54,14 @@ enum Task {
         /// Keep the cluster afterwards.
         #[arg(long)]
         keep: bool,
+    },
+    /// A whole cluster in the VM: three nodes running the shipped kube-ipvs against one API
+    /// server, every Service policy checked from pods and from outside, a rolling
+    /// replacement of pods, a rolling restart and a SIGKILL of kube-ipvs with requests
+    /// running throughout, and a live takeover from kube-proxy's state. Prints a report.
+    Cluster {
+        #[command(flatten)]
+        vm: vm::VmOptions,
     },
     /// Run the privileged tests (`tests/vm`) inside a VM, each in its own network namespace.
     Vmtest {
@@ -107,7 +120,8 @@ fn main() -> Result<()> {
             util::run(util::cargo(["test"]))?;
             vmtest::run(None, &vm)
         }
-        Task::Demo { vm } => demo::run(&vm),
+        Task::Demo { cluster: false, vm } => demo::run(&vm),
+        Task::Demo { cluster: true, vm } | Task::Cluster { vm } => demo::run_cluster(&vm),
         Task::E2e { keep } => e2e::run_e2e(keep),
         Task::Vmtest { filter, vm } => vmtest::run(filter.as_deref(), &vm),
         Task::Bench { which, services, destinations, nodes, vm } => {

@@ -21,6 +21,9 @@ const TOOLS: &[(&str, &str)] = &[
     ("ipvsadm", "ipvsadm"),
     ("nft", "nftables"),
     ("conntrack", "conntrack"),
+    // The cluster scenario replays kube-proxy's rules and sets before kube-ipvs takes over.
+    ("ipset", "ipset"),
+    ("iptables-restore", "iptables"),
     ("busybox", "busybox-static"),
     ("unshare", "util-linux"),
 ];

@@ -53,9 +53,33 @@ pub(crate) fn build_daemon() -> Result<()> {
     Ok(())
 }
 
+/// Builds `kube-ipvs` as the image ships it (the `dist` profile); returns its path.
+pub(crate) fn build_shipped_daemon() -> Result<PathBuf> {
+    let mut command =
+        cargo(["build", "--profile", "dist", "--package", "kube-ipvs", "--bin", "kube-ipvs"]);
+    eprintln!("+ {}", describe(&command));
+    if !command.status()?.success() {
+        bail!("building the shipped kube-ipvs failed");
+    }
+    Ok(crate::util::target_dir().join("dist/kube-ipvs"))
+}
+
+/// Builds what the cluster scenario runs besides its own code: the shipped `kube-ipvs` and
+/// the `fake-apiserver` process (`vm_tests::cluster` finds both under `target/`).
+pub(crate) fn build_cluster_processes() -> Result<()> {
+    build_shipped_daemon()?;
+    let mut command = cargo(["build", "--package", "fake-apiserver", "--bin", "fake-apiserver"]);
+    eprintln!("+ {}", describe(&command));
+    if !command.status()?.success() {
+        bail!("building fake-apiserver failed");
+    }
+    Ok(())
+}
+
 /// Builds the tests, runs them in the VM and prints the closing `N passed, N failed` line.
 pub(crate) fn run(filter: Option<&str>, options: &VmOptions) -> Result<()> {
     build_daemon().context("building kube-ipvs for the end-to-end tests")?;
+    build_cluster_processes().context("building the cluster's processes")?;
     let binaries = build_test_binaries().context("building the VM tests")?;
     let results =
         vm::boot(GuestTask::Tests { binaries, filter: filter.map(str::to_owned) }, options)?;

@@ -14,6 +14,9 @@
 //! - and failures on demand: every open watch dropped, the history compacted so resumed
 //!   watches get `410 Gone` and must list again, or the whole server stopped (connections
 //!   refused) and started again on the same address, or one resource refused with 403;
+//! - writes as the real API: `PUT` creates or replaces one object at its own path
+//!   ([`Resource::object_path`]), `DELETE` deletes it, `GET` reads it, so that a test in
+//!   another process (the `fake-apiserver` binary) plays the kubelet and the controllers;
 //! - and a restart as a real kube-apiserver does one ([`FakeApiServer::shut_down`],
 //!   [`FakeApiServer::restart`]): on SIGTERM it removes its own address from the `kubernetes`
 //!   Service's endpoints, closes every watch and stops listening; started again, it adds its
@@ -30,9 +33,9 @@ use std::{
 
 use axum::{
     Router,
-    body::Body,
-    extract::{Query, State},
-    http::{StatusCode, header},
+    body::{Body, Bytes},
+    extract::{Path, Query, State},
+    http::{Method, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
 };
@@ -82,6 +85,17 @@ impl Resource {
 
     fn namespaced(self) -> bool {
         self != Self::Nodes
+    }
+
+    /// The URL path of one object of this resource (`namespace` is ignored for Nodes).
+    pub fn object_path(self, namespace: &str, name: &str) -> String {
+        match self {
+            Self::Services => format!("/api/v1/namespaces/{namespace}/services/{name}"),
+            Self::EndpointSlices => {
+                format!("/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}")
+            }
+            Self::Nodes => format!("/api/v1/nodes/{name}"),
+        }
     }
 
     /// Its plural name, as in the URL.
@@ -235,6 +249,59 @@ fn status(code: u16, reason: &str, message: String) -> Value {
 }
 
 impl Shared {
+    fn record(&self, store: &mut Store, key: Key, new: Option<Value>) -> u64 {
+        store.version += 1;
+        let version = store.version;
+        let old = match &new {
+            Some(object) => store.objects.insert(key.clone(), object.clone()),
+            None => store.objects.remove(&key),
+        };
+        let change = Change { version, resource: key.0, old, new };
+        store.history.push(change.clone());
+        let _ = self.changes.send(change);
+        version
+    }
+
+    /// Creates or replaces an object; its new resource version, or why it was refused.
+    fn apply(&self, mut object: Value) -> Result<u64, String> {
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+        let resource = Resource::of_kind(&kind).ok_or(format!("kind {kind:?} is not served"))?;
+        if meta(&object, "name").is_empty() {
+            return Err(format!("{kind} without a name"));
+        }
+        object["apiVersion"] = resource.api_version().into();
+        if resource.namespaced() && meta(&object, "namespace").is_empty() {
+            object["metadata"]["namespace"] = "default".into();
+        }
+        let mut store = lock(&self.store);
+        let key =
+            (resource, meta(&object, "namespace").to_owned(), meta(&object, "name").to_owned());
+        let uid = match store.objects.get(&key) {
+            Some(old) => meta(old, "uid").to_owned(),
+            None => {
+                store.uid += 1;
+                format!("00000000-0000-0000-0000-{:012}", store.uid)
+            }
+        };
+        object["metadata"]["uid"] = uid.into();
+        object["metadata"]["resourceVersion"] = (store.version + 1).to_string().into();
+        Ok(self.record(&mut store, key, Some(object)))
+    }
+
+    fn delete(&self, resource: Resource, namespace: &str, name: &str) -> bool {
+        let mut store = lock(&self.store);
+        let key = (resource, namespace.to_owned(), name.to_owned());
+        if !store.objects.contains_key(&key) {
+            return false;
+        }
+        self.record(&mut store, key, None);
+        true
+    }
+
+    fn get(&self, resource: Resource, namespace: &str, name: &str) -> Option<Value> {
+        lock(&self.store).objects.get(&(resource, namespace.to_owned(), name.to_owned())).cloned()
+    }
+
     fn list(&self, resource: Resource, params: &Params) -> Response {
         let mut store = lock(&self.store);
         store.requests.push(format!("LIST {}", resource.plural()));
@@ -378,12 +445,79 @@ async fn serve_resource(
     if params.watching() { shared.watch(resource, params) } else { shared.list(resource, &params) }
 }
 
+/// One object: `GET` reads it, `PUT` creates or replaces it (the body's kind must be the
+/// path's, and its name and namespace are the path's), `DELETE` deletes it.
+async fn serve_object(
+    State((shared, resource)): State<(Arc<Shared>, Resource)>,
+    Path(path): Path<BTreeMap<String, String>>,
+    method: Method,
+    body: Bytes,
+) -> Response {
+    let name = path.get("name").cloned().unwrap_or_default();
+    let namespace = path.get("namespace").cloned().unwrap_or_default();
+    let not_found = || {
+        let message = format!("{} \"{name}\" not found", resource.plural());
+        json_response(StatusCode::NOT_FOUND, &status(404, "NotFound", message))
+    };
+    let bad = |message: String| {
+        json_response(StatusCode::BAD_REQUEST, &status(400, "BadRequest", message))
+    };
+    match method {
+        Method::GET => match shared.get(resource, &namespace, &name) {
+            Some(object) => json_response(StatusCode::OK, &object),
+            None => not_found(),
+        },
+        Method::DELETE => {
+            if shared.delete(resource, &namespace, &name) {
+                let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {},
+                                  "status": "Success"});
+                json_response(StatusCode::OK, &body)
+            } else {
+                not_found()
+            }
+        }
+        _ => {
+            let mut object: Value = match serde_json::from_slice(&body) {
+                Ok(object) => object,
+                Err(err) => return bad(format!("the body is not a JSON object: {err}")),
+            };
+            if object["kind"].as_str() != Some(resource.kind()) {
+                return bad(format!("the body's kind is not {}", resource.kind()));
+            }
+            if !meta(&object, "name").is_empty() && meta(&object, "name") != name {
+                return bad(format!("the body's name is not {name:?}"));
+            }
+            object["metadata"]["name"] = name.clone().into();
+            if resource.namespaced() {
+                object["metadata"]["namespace"] = namespace.clone().into();
+            }
+            let Ok(version) = shared.apply(object) else { return bad("not stored".into()) };
+            let key = (resource, namespace, name);
+            let stored = lock(&shared.store).objects.get(&key).cloned();
+            json_response(StatusCode::OK, &stored.unwrap_or(json!({"resourceVersion": version})))
+        }
+    }
+}
+
 fn router(shared: Arc<Shared>) -> Router {
     let route = |resource| get(serve_resource).with_state((shared.clone(), resource));
+    let object = |resource| {
+        get(serve_object)
+            .put(serve_object)
+            .delete(serve_object)
+            .with_state((shared.clone(), resource))
+    };
     Router::new()
         .route("/api/v1/services", route(Resource::Services))
         .route("/apis/discovery.k8s.io/v1/endpointslices", route(Resource::EndpointSlices))
         .route("/api/v1/nodes", route(Resource::Nodes))
+        .route("/api/v1/namespaces/{namespace}/services/{name}", object(Resource::Services))
+        .route(
+            "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices/{name}",
+            object(Resource::EndpointSlices),
+        )
+        .route("/api/v1/nodes/{name}", object(Resource::Nodes))
+        .route("/readyz", get(|| async { "ok" }))
         .fallback(|| async {
             json_response(
                 StatusCode::NOT_FOUND,
@@ -447,57 +581,18 @@ impl FakeApiServer {
         *lock(&self.shared.settings) = settings;
     }
 
-    fn record(&self, store: &mut Store, key: Key, new: Option<Value>) -> u64 {
-        store.version += 1;
-        let version = store.version;
-        let old = match &new {
-            Some(object) => store.objects.insert(key.clone(), object.clone()),
-            None => store.objects.remove(&key),
-        };
-        let change = Change { version, resource: key.0, old, new };
-        store.history.push(change.clone());
-        let _ = self.shared.changes.send(change);
-        version
-    }
-
     /// Creates or replaces an object (its `kind` says which resource); returns its new
     /// resource version. Namespaced objects without a namespace go to `default`.
     ///
     /// # Panics
     /// If the object's kind is not served or it has no name: a mistake in the test.
-    pub fn apply(&self, mut object: Value) -> u64 {
-        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
-        let resource =
-            Resource::of_kind(&kind).unwrap_or_else(|| panic!("kind {kind:?} is not served"));
-        assert!(!meta(&object, "name").is_empty(), "{kind} without a name");
-        object["apiVersion"] = resource.api_version().into();
-        if resource.namespaced() && meta(&object, "namespace").is_empty() {
-            object["metadata"]["namespace"] = "default".into();
-        }
-        let mut store = lock(&self.shared.store);
-        let key =
-            (resource, meta(&object, "namespace").to_owned(), meta(&object, "name").to_owned());
-        let uid = match store.objects.get(&key) {
-            Some(old) => meta(old, "uid").to_owned(),
-            None => {
-                store.uid += 1;
-                format!("00000000-0000-0000-0000-{:012}", store.uid)
-            }
-        };
-        object["metadata"]["uid"] = uid.into();
-        object["metadata"]["resourceVersion"] = (store.version + 1).to_string().into();
-        self.record(&mut store, key, Some(object))
+    pub fn apply(&self, object: Value) -> u64 {
+        self.shared.apply(object).unwrap_or_else(|err| panic!("{err}"))
     }
 
     /// Deletes an object; returns whether it existed.
     pub fn delete(&self, resource: Resource, namespace: &str, name: &str) -> bool {
-        let mut store = lock(&self.shared.store);
-        let key = (resource, namespace.to_owned(), name.to_owned());
-        if !store.objects.contains_key(&key) {
-            return false;
-        }
-        self.record(&mut store, key, None);
-        true
+        self.shared.delete(resource, namespace, name)
     }
 
     /// Forgets the history: a watch resumed from an older version than the current one gets

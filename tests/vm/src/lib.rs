@@ -17,6 +17,7 @@ use std::{
 };
 
 pub mod checks;
+pub mod cluster;
 pub mod daemon;
 
 use nix::sched::{CloneFlags, setns};
@@ -187,7 +188,8 @@ impl Pod {
         self.serve_tcp_with(port, false);
     }
 
-    /// Serves TCP on `port` in the pod, holding each connection open until the client closes it.
+    /// Serves TCP on `port` in the pod, holding each connection open until the client closes
+    /// it and echoing whatever the client sends.
     pub fn serve_tcp_held(&self, port: u16) {
         self.serve_tcp_with(port, true);
     }
@@ -259,8 +261,12 @@ impl Pod {
                 let _ = stream.write_all(format!("{name} {peer}").as_bytes());
                 if hold {
                     thread::spawn(move || {
-                        let mut sink = [0; 64];
-                        while matches!(stream.read(&mut sink), Ok(n) if n > 0) {}
+                        let mut buf = [0; 64];
+                        while let Ok(n @ 1..) = stream.read(&mut buf) {
+                            if stream.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
                     });
                 }
             }

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeSet;
 
+pub mod cluster;
+
 /// Exactly the backends `expected` answered (every connection succeeded).
 pub fn spread(
     what: &str,
@@ -47,6 +49,22 @@ pub fn ls_matches_ipvsadm(ls: &str, ipvsadm: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// An `ipvsadm -Ln` listing (or `kube-ipvs ls`) without the destinations' connection
+/// counts, which move while requests run.
+pub fn without_connection_counts(listing: &str) -> String {
+    let mut out = String::new();
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if line.starts_with("  -> ") && fields.len() == 6 && fields[1] != "RemoteAddress:Port" {
+            out.push_str(&format!("  -> {:<28} {:<7} {}", fields[1], fields[2], fields[3]));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +87,9 @@ mod tests {
         assert_eq!(ls_matches_ipvsadm(&ls, ipvsadm), Ok(()));
         assert!(ls_matches_ipvsadm(ipvsadm, ipvsadm).is_err(), "names missing");
         assert!(ls_matches_ipvsadm(&ls.replace(" 1 ", " 2 "), ipvsadm).is_err());
+        let busier = ipvsadm.replace("1      0          0", "1      3          41");
+        assert_ne!(busier, ipvsadm);
+        assert_eq!(without_connection_counts(&busier), without_connection_counts(ipvsadm));
+        assert!(without_connection_counts(ipvsadm).contains("  -> 10.244.0.2:8080"));
     }
 }
