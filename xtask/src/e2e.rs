@@ -2,8 +2,8 @@
 //!
 //! Creates a kind cluster with kube-proxy disabled (`kubeProxyMode: none`), builds the image
 //! from `deploy/Dockerfile` and loads it into the nodes, applies `deploy/` with that image,
-//! waits for the DaemonSet, then runs the checks (`tests/vm/src/bin/kind_e2e.rs`, the same
-//! assertions as the VM end-to-end tests) from the host. The cluster is deleted afterwards,
+//! waits for the DaemonSet, then runs the checks (`tests/vm/src/bin/kind_e2e.rs`: the VM
+//! cluster's workload and its checks, `vm_tests::checks::cluster`) from the host. The cluster is deleted afterwards,
 //! unless `--keep`. Needs docker with a running daemon, kind and kubectl; without them it
 //! stops before doing anything, says what is missing, and exits with status 2.
 
@@ -68,7 +68,7 @@ pub(crate) fn run_e2e(keep: bool) -> Result<()> {
         eprintln!(
             "cargo xtask e2e: skipped: it needs docker (with a running daemon), kind and kubectl, \
              and {what}. Nothing was done. The same checks run in the VM: \
-             cargo xtask vmtest --filter daemon::"
+             cargo xtask cluster"
         );
         std::process::exit(2);
     }

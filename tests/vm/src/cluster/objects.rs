@@ -76,12 +76,13 @@ pub fn service(name: &str, ip: Ipv4Addr, spec: Value) -> Value {
     object
 }
 
-/// Every Service of the workload, and the API server's own `default/kubernetes`.
-pub fn services() -> Vec<Value> {
+/// Every Service of the workload, and the API server's own `default/kubernetes`; `lb`
+/// admits `allowed` only.
+pub fn services(allowed: Ipv4Addr) -> Vec<Value> {
     let mut lb = service(
         "lb",
         LB,
-        json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [format!("{}/32", super::OUTSIDE)],
+        json!({"type": "LoadBalancer", "loadBalancerSourceRanges": [format!("{allowed}/32")],
                "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080, "nodePort": LB_NODE_PORT}]}),
     );
     lb["status"] = json!({"loadBalancer": {"ingress": [{"ip": LB_INGRESS.to_string()}]}});

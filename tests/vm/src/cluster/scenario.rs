@@ -86,19 +86,19 @@ impl Report {
         text.push_str(&checks::table(&self.checks_before));
         let _ =
             writeln!(text, "\nrequests per phase (clients on a pod of every node, and outside):");
-        let _ =
-            writeln!(text, "  {:<42} {:<18} {:>8} {:>7}", "phase", "client", "requests", "failed");
+        let _ = writeln!(
+            text,
+            "  {:<40} {:>7}  {:<20} {:>8} {:>7}",
+            "phase", "took", "client", "requests", "failed"
+        );
         for (phase, rows) in &self.phases {
             let took = self.durations.iter().find(|(p, _)| p == phase).map(|(_, d)| *d);
-            let label = match took {
-                Some(took) => format!("{phase} ({:.1} s)", took.as_secs_f64()),
-                None => phase.clone(),
-            };
+            let took = took.map(|d| format!("{:.1} s", d.as_secs_f64())).unwrap_or_default();
             for (i, (client, count)) in rows.iter().enumerate() {
-                let shown = if i == 0 { label.as_str() } else { "" };
+                let (phase, took) = if i == 0 { (phase.as_str(), took.as_str()) } else { ("", "") };
                 let _ = writeln!(
                     text,
-                    "  {shown:<42} {client:<18} {:>8} {:>7}",
+                    "  {phase:<40} {took:>7}  {client:<20} {:>8} {:>7}",
                     count.requests, count.failed
                 );
                 for error in &count.errors {
@@ -107,8 +107,8 @@ impl Report {
             }
         }
         let total: u64 = self.phases.iter().flat_map(|(_, r)| r).map(|(_, c)| c.requests).sum();
-        let _ =
-            writeln!(text, "  {:<42} {:<18} {total:>8} {:>7}", "all", "", self.failed_requests());
+        let failed = self.failed_requests();
+        let _ = writeln!(text, "  {:<40} {:>7}  {:<20} {total:>8} {failed:>7}", "all", "", "");
         let _ = writeln!(
             text,
             "\nthe rollout's old pods, serving while terminating until no node sent them new connections:"
@@ -251,7 +251,7 @@ fn build() -> (Cluster, Pods) {
             &format!("10.244.{}.0/24", node.pod_octet),
         ));
     }
-    for service in objects::services() {
+    for service in objects::services(super::OUTSIDE) {
         api.put(&service);
     }
     api.put(&objects::kubernetes_slice(API));
