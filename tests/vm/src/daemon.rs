@@ -17,17 +17,7 @@ use crate::{Pod, sh, tcp_ask};
 /// The `kube-ipvs` executable: `KUBE_IPVS_BIN`, else the one cargo built next to the tests
 /// or programs (`cargo xtask vmtest` and `cargo xtask demo` build it).
 pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("KUBE_IPVS_BIN") {
-        return path.into();
-    }
-    // Tests are in target/<profile>/deps, programs in target/<profile>.
-    let exe = std::env::current_exe().expect("the executable's path");
-    let candidates: Vec<PathBuf> =
-        exe.ancestors().skip(1).take(2).map(|dir| dir.join("kube-ipvs")).collect();
-    let found = candidates.iter().find(|path| path.exists()).cloned();
-    found.unwrap_or_else(|| {
-        panic!("no kube-ipvs in {candidates:?}: build it with `cargo build -p kube-ipvs`")
-    })
+    crate::built_executable("KUBE_IPVS_BIN", "kube-ipvs", "cargo build -p kube-ipvs")
 }
 
 /// A running `kube-ipvs run`, its output in a log file.
@@ -173,20 +163,32 @@ pub fn metric(text: &str, prefix: &str) -> f64 {
         .sum()
 }
 
+/// The kinds of IPVS messages that change the kernel, as kube-ipvs's
+/// `kube_ipvs_netlink_messages_total` labels them.
+pub const IPVS_WRITES: [&str; 7] = [
+    "AddService",
+    "UpdateService",
+    "DeleteService",
+    "AddDestination",
+    "UpdateDestination",
+    "DeleteDestination",
+    "Flush",
+];
+
+/// IPVS messages that changed the kernel, by kind, from kube-ipvs's metrics.
+pub fn ipvs_writes_by_kind(metrics: &str) -> Vec<(&'static str, f64)> {
+    IPVS_WRITES
+        .iter()
+        .map(|kind| {
+            let prefix = format!("kube_ipvs_netlink_messages_total{{kind=\"{kind}\"}}");
+            (*kind, metric(metrics, &prefix))
+        })
+        .collect()
+}
+
 /// IPVS messages that change the kernel, from kube-ipvs's metrics.
 pub fn ipvs_writes(metrics: &str) -> f64 {
-    [
-        "AddService",
-        "UpdateService",
-        "DeleteService",
-        "AddDestination",
-        "UpdateDestination",
-        "DeleteDestination",
-        "Flush",
-    ]
-    .iter()
-    .map(|kind| metric(metrics, &format!("kube_ipvs_netlink_messages_total{{kind=\"{kind}\"}}")))
-    .sum()
+    ipvs_writes_by_kind(metrics).iter().map(|(_, n)| n).sum()
 }
 
 /// `GET path` over HTTP/1.0; the status code and body.

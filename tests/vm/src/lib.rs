@@ -39,6 +39,23 @@ pub fn sh(program: &str, args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// An executable cargo built: the path in the environment variable `variable` if set, else
+/// `relative` under the directories of this test or program (tests are in
+/// `target/<profile>/deps`, programs in `target/<profile>`) or under `target/`.
+///
+/// # Panics
+/// If there is none, saying how to build it (`build`).
+pub fn built_executable(variable: &str, relative: &str, build: &str) -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os(variable) {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("the executable's path");
+    let candidates: Vec<std::path::PathBuf> =
+        exe.ancestors().skip(1).take(3).map(|dir| dir.join(relative)).collect();
+    let found = candidates.iter().find(|path| path.exists()).cloned();
+    found.unwrap_or_else(|| panic!("no {relative} in {candidates:?}: build it with `{build}`"))
+}
+
 /// Runs `ipvsadm` with the given arguments and returns its output.
 pub fn ipvsadm(args: &[&str]) -> String {
     sh("ipvsadm", args)

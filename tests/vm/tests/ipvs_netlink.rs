@@ -420,7 +420,16 @@ const IPVS_MODULES: &[&str] = &[
 fn unload_ipvs() {
     // Namespaces of earlier tests may take a moment to go away and release the module.
     for _ in 0..100 {
-        for module in IPVS_MODULES {
+        // Whatever else uses ip_vs goes first (xt_ipvs, loaded by kube-proxy's replayed rules
+        // in the cluster test).
+        let modules = std::fs::read_to_string("/proc/modules").unwrap_or_default();
+        let users = modules
+            .lines()
+            .find(|l| l.starts_with("ip_vs "))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .unwrap_or_default();
+        let others = users.split(',').filter(|m| !m.is_empty() && *m != "-");
+        for module in others.chain(IPVS_MODULES.iter().copied()) {
             let _ = std::process::Command::new("rmmod").arg(module).output();
         }
         if !std::path::Path::new("/sys/module/ip_vs").exists() {

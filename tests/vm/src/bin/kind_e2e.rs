@@ -91,13 +91,7 @@ impl ClusterView for Kind {
                     Transport::Udp => format!("echo who | socat -T2 - UDP:{target}"),
                 };
                 let text = kubectl(&["-n", NAMESPACE, "exec", pod, "--", "sh", "-c", &command])?;
-                let (name, peer) =
-                    text.trim().split_once(' ').ok_or(format!("{target}: {text:?}"))?;
-                let peer = peer.rsplit_once(':').map_or(peer, |(ip, _)| ip);
-                Ok(Reply {
-                    pod: name.to_owned(),
-                    peer: peer.parse().map_err(|_| format!("{target}: {text:?}"))?,
-                })
+                Reply::parse(&text).map_err(|e| format!("{target}: {e}"))
             }
         }
     }

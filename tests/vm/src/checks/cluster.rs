@@ -35,6 +35,15 @@ pub struct Reply {
     pub peer: IpAddr,
 }
 
+impl Reply {
+    /// A pod's answer, `<pod> <peer address>`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let bad = || format!("an answer {text:?}, not `<pod> <address>`");
+        let (pod, peer) = text.trim().split_once(' ').ok_or_else(bad)?;
+        Ok(Self { pod: pod.to_owned(), peer: peer.trim().parse().map_err(|_| bad())? })
+    }
+}
+
 /// What the checks need from a cluster.
 pub trait ClusterView {
     /// Sends one request from `origin` to `target` and says who answered.

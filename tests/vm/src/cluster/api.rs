@@ -15,15 +15,7 @@ use serde_json::Value;
 /// The `fake-apiserver` executable: `FAKE_APISERVER_BIN`, else the one cargo built next to
 /// the tests or programs (`cargo xtask vmtest` builds it).
 pub fn binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("FAKE_APISERVER_BIN") {
-        return path.into();
-    }
-    let exe = std::env::current_exe().expect("the executable's path");
-    let candidates: Vec<PathBuf> =
-        exe.ancestors().skip(1).take(2).map(|dir| dir.join("fake-apiserver")).collect();
-    candidates.iter().find(|path| path.exists()).cloned().unwrap_or_else(|| {
-        panic!("no fake-apiserver in {candidates:?}: build it with `cargo build -p fake-apiserver`")
-    })
+    crate::built_executable("FAKE_APISERVER_BIN", "fake-apiserver", "cargo build -p fake-apiserver")
 }
 
 /// The API server process; killed on drop.

@@ -48,17 +48,11 @@ pub const LB_CIDR: &str = "192.0.2.0/24";
 /// The shipped `kube-ipvs` (the `dist` profile): `KUBE_IPVS_DIST_BIN`, else `target/dist`
 /// next to the tests or programs (`cargo xtask vmtest` builds it).
 pub fn shipped_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("KUBE_IPVS_DIST_BIN") {
-        return path.into();
-    }
-    let exe = std::env::current_exe().expect("the executable's path");
-    let candidates: Vec<PathBuf> =
-        exe.ancestors().skip(1).take(3).map(|dir| dir.join("dist/kube-ipvs")).collect();
-    candidates.iter().find(|path| path.exists()).cloned().unwrap_or_else(|| {
-        panic!(
-            "no shipped kube-ipvs in {candidates:?}: build it with `cargo build --profile dist -p kube-ipvs`"
-        )
-    })
+    crate::built_executable(
+        "KUBE_IPVS_DIST_BIN",
+        "dist/kube-ipvs",
+        "cargo build --profile dist -p kube-ipvs",
+    )
 }
 
 /// The configuration of `deploy/configmap.yaml` with `clientConnection.kubeconfig` set.
@@ -116,24 +110,7 @@ impl Node {
     pub fn new(name: &str, zone: &str, ip: Ipv4Addr, pod_octet: u8) -> Self {
         let netns = Netns::new(name);
         let underlay_side = format!("u-{name}");
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &underlay_side,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns.name,
-            ],
-        );
-        sh("ip", &["link", "set", &underlay_side, "master", UNDERLAY, "up"]);
-        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        netns.ip(&["link", "set", "eth0", "up"]);
+        plug(None, &underlay_side, UNDERLAY, &netns, &[&format!("{ip}/24")]);
         // A fixed address, as CNIs give their bridge: otherwise the bridge takes the lowest
         // of its ports' addresses, and a pod starting or going changes it under the other
         // pods' neighbour entries for their gateway (replies are lost until they re-learn).
@@ -183,23 +160,9 @@ impl Node {
         let ip = Ipv4Addr::new(10, 244, self.pod_octet, last);
         let netns = Netns::new("pod");
         let link = format!("vp{}", LINKS.fetch_add(1, Ordering::Relaxed));
-        self.netns.ip(&[
-            "link",
-            "add",
-            &link,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &netns.name,
-        ]);
-        self.netns.ip(&["link", "set", &link, "master", "cbr0", "up"]);
+        plug(Some(&self.netns), &link, "cbr0", &netns, &[&format!("{ip}/24")]);
         // As bridge CNIs do (hairpinMode): a pod's packets may come back out of its own port.
         self.netns.ip(&["link", "set", &link, "type", "bridge_slave", "hairpin", "on"]);
-        netns.ip(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
-        netns.ip(&["link", "set", "eth0", "up"]);
         netns.ip(&["route", "add", "default", "via", &format!("10.244.{}.1", self.pod_octet)]);
         let pod = Pod { netns, ip, name: name.to_owned() };
         pod.serve_tcp_held(8080);
@@ -349,30 +312,28 @@ impl Drop for Node {
 /// one), routing `ranges` to `via`.
 pub fn outside_client(addresses: &[Ipv4Addr], via: Ipv4Addr, ranges: &[&str]) -> Netns {
     let client = Netns::new("outside");
-    sh(
-        "ip",
-        &[
-            "link",
-            "add",
-            "u-outside",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            &client.name,
-        ],
-    );
-    sh("ip", &["link", "set", "u-outside", "master", UNDERLAY, "up"]);
-    for address in addresses {
-        client.ip(&["addr", "add", &format!("{address}/24"), "dev", "eth0"]);
-    }
-    client.ip(&["link", "set", "eth0", "up"]);
+    let addresses: Vec<String> = addresses.iter().map(|a| format!("{a}/24")).collect();
+    let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+    plug(None, "u-outside", UNDERLAY, &client, &addresses);
     for range in ranges {
         client.ip(&["route", "add", range, "via", &via.to_string()]);
     }
     client
+}
+
+/// Joins `guest` to `bridge`: a veth pair, `name` in `host` (the test's own namespace when
+/// `None`) on the bridge, and `eth0` in `guest` with `addresses`; both ends up.
+fn plug(host: Option<&Netns>, name: &str, bridge: &str, guest: &Netns, addresses: &[&str]) {
+    let ip = |args: &[&str]| match host {
+        Some(host) => drop(host.ip(args)),
+        None => drop(sh("ip", args)),
+    };
+    ip(&["link", "add", name, "type", "veth", "peer", "name", "eth0", "netns", &guest.name]);
+    ip(&["link", "set", name, "master", bridge, "up"]);
+    for address in addresses {
+        guest.ip(&["addr", "add", address, "dev", "eth0"]);
+    }
+    guest.ip(&["link", "set", "eth0", "up"]);
 }
 
 /// The underlay bridge in the test's namespace, with `address` (/24) of its own.
@@ -441,10 +402,7 @@ pub fn request(
             socket.recv(&mut text).map_err(failed)?
         }
     };
-    let text = String::from_utf8_lossy(&text[..n]).into_owned();
-    let (pod, peer) = text.split_once(' ').ok_or(format!("{target}: answered {text:?}"))?;
-    let peer = peer.parse().map_err(|_| format!("{target}: answered {text:?}"))?;
-    Ok(Reply { pod: pod.to_owned(), peer })
+    Reply::parse(&String::from_utf8_lossy(&text[..n])).map_err(|e| format!("{target}: {e}"))
 }
 
 impl Cluster {

@@ -400,26 +400,11 @@ pub fn run() -> Report {
     node.configure(&api.kubeconfig());
     node.start();
     node.wait_synced();
-    let metrics = node.metrics();
-    report.takeover_writes = [
-        "AddService",
-        "UpdateService",
-        "DeleteService",
-        "AddDestination",
-        "UpdateDestination",
-        "DeleteDestination",
-        "Flush",
-    ]
-    .iter()
-    .map(|kind| {
-        let n = crate::daemon::metric(
-            &metrics,
-            &format!("kube_ipvs_netlink_messages_total{{kind=\"{kind}\"}}"),
-        );
-        ((*kind).to_owned(), n)
-    })
-    .filter(|(_, n)| *n > 0.0)
-    .collect();
+    report.takeover_writes = crate::daemon::ipvs_writes_by_kind(&node.metrics())
+        .into_iter()
+        .filter(|(_, n)| *n > 0.0)
+        .map(|(kind, n)| (kind.to_owned(), n))
+        .collect();
     let diff = node.kube_ipvs(&["ls", "--diff"]);
     check(
         &mut report,
