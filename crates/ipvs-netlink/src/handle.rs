@@ -9,7 +9,9 @@ use crate::{
     error::{Error, Result},
     message::{IpvsAttribute, IpvsMessage},
     request::{Change, Operation, Request, Target},
-    types::{Destination, DestinationEntry, Info, Service, ServiceEntry, ServiceKey, Timeouts},
+    types::{
+        Destination, DestinationEntry, Info, ServiceEntry, ServiceKey, Timeouts, VirtualService,
+    },
 };
 
 /// The most sockets [`IpvsHandle::dump`] reads destinations over at once.
@@ -118,12 +120,12 @@ impl IpvsHandle {
     }
 
     /// Adds a virtual service.
-    pub async fn add_service(&self, service: &Service) -> Result<()> {
+    pub async fn add_service(&self, service: &VirtualService) -> Result<()> {
         self.change(Change::AddService(service.clone())).await
     }
 
     /// Changes an existing virtual service in place; its destinations and connections stay.
-    pub async fn update_service(&self, service: &Service) -> Result<()> {
+    pub async fn update_service(&self, service: &VirtualService) -> Result<()> {
         self.change(Change::UpdateService(service.clone())).await
     }
 
@@ -210,7 +212,7 @@ impl IpvsHandle {
     pub async fn dump_with<T, F>(&self, f: F) -> Result<Vec<T>>
     where
         T: Send + 'static,
-        F: Fn(Service, Vec<DestinationEntry>) -> T + Clone + Send + 'static,
+        F: Fn(VirtualService, Vec<DestinationEntry>) -> T + Clone + Send + 'static,
     {
         let request = Request::ListServices;
         let keep = push_services(|entry: ServiceEntry| entry.service);
@@ -312,7 +314,10 @@ async fn destinations_on(
         .execute_each(&request, |message, out| {
             for attr in message.attributes {
                 if let IpvsAttribute::Destination(attrs) = attr {
-                    out.push(DestinationEntry::from_attributes(&attrs, family).map_err(|e| e.0)?);
+                    out.push(
+                        DestinationEntry::from_attributes(&attrs, family)
+                            .map_err(|e| e.to_string())?,
+                    );
                 }
             }
             Ok(())
@@ -332,7 +337,7 @@ fn push_services<S>(
     move |message, out| {
         for attr in message.attributes {
             if let IpvsAttribute::Service(attrs) = attr {
-                out.push(keep(ServiceEntry::from_attributes(&attrs).map_err(|e| e.0)?));
+                out.push(keep(ServiceEntry::from_attributes(&attrs).map_err(|e| e.to_string())?));
             }
         }
         Ok(())
@@ -351,7 +356,7 @@ impl Listed for ServiceEntry {
     }
 }
 
-impl Listed for Service {
+impl Listed for VirtualService {
     fn key(&self) -> &ServiceKey {
         &self.key
     }

@@ -1,25 +1,24 @@
 //! A client of the Linux kernel's IPVS generic-netlink family.
 //!
-//! The crate has two layers, as the rust-netlink crates do:
+//! It is the I/O half of two, as the rust-netlink crates are split:
 //!
-//! - [`message`]: the wire format, pure and without I/O. [`message::IpvsMessage`] and its
-//!   attribute enums parse and emit byte for byte what the kernel sends; unknown attributes are
-//!   kept, and no input makes the parser panic.
-//! - [`IpvsHandle`]: async requests on one netlink socket, built on the typed model in
-//!   [`types`] ([`Service`], [`Destination`], their dump entries with counters, [`Timeouts`],
-//!   [`Info`]). [`IpvsHandle::apply`] pipelines many [`Change`]s and returns one result each.
+//! - `netlink-packet-ipvs` (re-exported here as [`message`] and [`types`]): the wire format
+//!   and the typed model ([`VirtualService`], [`Destination`], their dump entries with
+//!   counters, [`Timeouts`], [`Info`]), pure and without I/O;
+//! - this crate: [`IpvsHandle`], async requests on one netlink socket.
+//!   [`IpvsHandle::apply`] pipelines many [`Change`]s and returns one result each.
 //!
 //! Every failure is an [`Error`] that names the request it belongs to.
 //!
 //! ```no_run
-//! use ipvs_netlink::{Change, Destination, IpvsHandle, Service, ServiceKey};
+//! use ipvs_netlink::{Change, Destination, IpvsHandle, ServiceKey, VirtualService};
 //!
 //! # async fn example() -> Result<(), ipvs_netlink::Error> {
 //! let ipvs = IpvsHandle::new()?;
 //! let key = ServiceKey::tcp("10.96.0.10:53".parse().unwrap());
 //! let results = ipvs
 //!     .apply(&[
-//!         Change::AddService(Service::new(key, "rr")),
+//!         Change::AddService(VirtualService::new(key, "rr")),
 //!         Change::AddDestination(key, Destination::new("10.244.1.5:53".parse().unwrap())),
 //!         Change::AddDestination(key, Destination::new("10.244.2.7:53".parse().unwrap())),
 //!     ])
@@ -39,16 +38,16 @@ mod connection;
 mod error;
 mod handle;
 pub mod listing;
-pub mod message;
 mod request;
-pub mod types;
+
+pub use netlink_packet_ipvs::{
+    Destination, DestinationEntry, Family, ForwardMethod, Info, Netmask, Protocol, ServiceEntry,
+    ServiceFlags, ServiceKey, Stats, Timeouts, TunnelChecksum, TunnelType, VirtualService, message,
+    types,
+};
 
 pub use self::{
     error::{Error, Result},
     handle::{DUMP_SOCKETS, IpvsHandle},
     request::{Change, Operation, Target},
-    types::{
-        Destination, DestinationEntry, Family, ForwardMethod, Info, Netmask, Protocol, Service,
-        ServiceEntry, ServiceFlags, ServiceKey, Stats, Timeouts, TunnelChecksum, TunnelType,
-    },
 };

@@ -202,7 +202,7 @@ pub fn destination_line(
 }
 
 /// The scheduler flags set on the service, by the names ipvsadm gives them.
-pub fn scheduler_flags(service: &crate::types::Service) -> Vec<&'static str> {
+pub fn scheduler_flags(service: &crate::types::VirtualService) -> Vec<&'static str> {
     [ServiceFlags::SCHED1, ServiceFlags::SCHED2, ServiceFlags::SCHED3]
         .into_iter()
         .zip(scheduler_flag_names(&service.scheduler))
@@ -362,9 +362,9 @@ fn compare_destinations(a: &DestinationEntry, b: &DestinationEntry) -> Ordering 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Destination, ForwardMethod, Service};
+    use crate::types::{Destination, ForwardMethod, VirtualService};
 
-    fn service(service: Service) -> ServiceEntry {
+    fn service(service: VirtualService) -> ServiceEntry {
         ServiceEntry { service, stats: None, stats64: None }
     }
 
@@ -378,7 +378,7 @@ mod tests {
         let web = ServiceKey::tcp("10.96.0.10:80".parse().unwrap());
         vec![
             (
-                service(Service::new(web, "rr")),
+                service(VirtualService::new(web, "rr")),
                 vec![
                     destination("127.0.0.1:80", 1, ForwardMethod::Masquerade),
                     destination("10.244.1.6:80", 3, ForwardMethod::DirectRoute),
@@ -387,7 +387,7 @@ mod tests {
             ),
             (
                 service(
-                    Service::new(ServiceKey::tcp("192.0.2.10:443".parse().unwrap()), "sh")
+                    VirtualService::new(ServiceKey::tcp("192.0.2.10:443".parse().unwrap()), "sh")
                         .with_flags(ServiceFlags::SH_FALLBACK | ServiceFlags::SH_PORT)
                         .persistent(300)
                         .with_netmask(Netmask::Ipv4("255.255.255.0".parse().unwrap())),
@@ -396,14 +396,14 @@ mod tests {
             ),
             (
                 service(
-                    Service::new(ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 }, "lc")
+                    VirtualService::new(ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 }, "lc")
                         .persistent(360),
                 ),
                 vec![],
             ),
             (
                 service(
-                    Service::new(ServiceKey::udp("10.96.0.54:5060".parse().unwrap()), "rr")
+                    VirtualService::new(ServiceKey::udp("10.96.0.54:5060".parse().unwrap()), "rr")
                         .persistent(60)
                         .with_persistence_engine("sip")
                         .with_flags(ServiceFlags::ONE_PACKET),
@@ -411,7 +411,10 @@ mod tests {
                 vec![],
             ),
             (
-                service(Service::new(ServiceKey::sctp("10.96.0.99:3868".parse().unwrap()), "nq")),
+                service(VirtualService::new(
+                    ServiceKey::sctp("10.96.0.99:3868".parse().unwrap()),
+                    "nq",
+                )),
                 vec![],
             ),
         ]

@@ -11,16 +11,16 @@ use crate::{
         IpvsAttribute, IpvsCommand, IpvsMessage,
         constants::{IP_VS_PENAME_MAXLEN, IP_VS_SCHEDNAME_MAXLEN},
     },
-    types::{Destination, Service, ServiceKey, Timeouts},
+    types::{Destination, ServiceKey, Timeouts, VirtualService},
 };
 
 /// A change to IPVS state: the operations a batch is made of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
     /// Add a virtual service (`NEW_SERVICE`).
-    AddService(Service),
+    AddService(VirtualService),
     /// Change a virtual service's scheduler, flags, timeout or netmask (`SET_SERVICE`).
-    UpdateService(Service),
+    UpdateService(VirtualService),
     /// Delete a virtual service and its destinations (`DEL_SERVICE`).
     DeleteService(ServiceKey),
     /// Add a destination to a virtual service (`NEW_DEST`).
@@ -148,21 +148,14 @@ impl Change {
     }
 
     fn message(&self) -> IpvsMessage {
-        let service = |s: &Service| IpvsAttribute::Service(s.to_attributes());
-        let key = |k: &ServiceKey| IpvsAttribute::Service(k.to_attributes());
-        let dest = |d: &Destination| IpvsAttribute::Destination(d.to_attributes());
-        let (command, attributes) = match self {
-            Self::AddService(s) => (IpvsCommand::NewService, vec![service(s)]),
-            Self::UpdateService(s) => (IpvsCommand::SetService, vec![service(s)]),
-            Self::DeleteService(k) => (IpvsCommand::DelService, vec![key(k)]),
-            Self::AddDestination(k, d) => (IpvsCommand::NewDest, vec![key(k), dest(d)]),
-            Self::UpdateDestination(k, d) => (IpvsCommand::SetDest, vec![key(k), dest(d)]),
-            Self::DeleteDestination(k, a) => (
-                IpvsCommand::DelDest,
-                vec![key(k), IpvsAttribute::Destination(Destination::key_attributes(*a))],
-            ),
-        };
-        IpvsMessage::new(command, attributes)
+        match self {
+            Self::AddService(s) => IpvsMessage::new_service(s),
+            Self::UpdateService(s) => IpvsMessage::set_service(s),
+            Self::DeleteService(k) => IpvsMessage::del_service(k),
+            Self::AddDestination(k, d) => IpvsMessage::new_dest(k, d),
+            Self::UpdateDestination(k, d) => IpvsMessage::set_dest(k, d),
+            Self::DeleteDestination(k, a) => IpvsMessage::del_dest(k, *a),
+        }
     }
 
     /// Checks what the kernel would reject without saying why.
@@ -290,7 +283,7 @@ mod tests {
     #[test]
     fn errno_mapping_depends_on_the_request() {
         let dest: SocketAddr = "10.244.1.5:53".parse().unwrap();
-        let add = Request::Change(Change::AddService(Service::new(key(), "nope")));
+        let add = Request::Change(Change::AddService(VirtualService::new(key(), "nope")));
         let del_dest = Request::Change(Change::DeleteDestination(key(), dest));
         let add_dest = Request::Change(Change::AddDestination(key(), Destination::new(dest)));
 
@@ -322,8 +315,10 @@ mod tests {
 
     #[test]
     fn overlong_scheduler_is_refused_before_sending() {
-        let request =
-            Request::Change(Change::AddService(Service::new(key(), "a-very-long-scheduler")));
+        let request = Request::Change(Change::AddService(VirtualService::new(
+            key(),
+            "a-very-long-scheduler",
+        )));
         let err = request.message().unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
         assert!(err.to_string().contains("must have 1 to 15 bytes"), "{err}");

@@ -49,7 +49,7 @@ impl From<&Destination> for DestinationView {
 
 /// The properties of a virtual service that `ls --diff` compares, each with a name (the
 /// scheduler's is `scheduler`; the others as `ipvsadm -Ln` names them).
-pub fn properties(service: &ipvs_netlink::Service) -> BTreeMap<String, String> {
+pub fn properties(service: &ipvs_netlink::VirtualService) -> BTreeMap<String, String> {
     let persistent = service.flags.contains(ServiceFlags::PERSISTENT);
     [
         ("scheduler", service.scheduler.clone()),
@@ -273,7 +273,7 @@ mod tests {
             _ => ipvs_netlink::Protocol::Udp,
         };
         let service_key = ServiceKey::Inet { protocol, address: address.parse().unwrap() };
-        let service = ipvs_netlink::Service::new(service_key, scheduler);
+        let service = ipvs_netlink::VirtualService::new(service_key, scheduler);
         let destinations = destinations
             .iter()
             .map(|(address, weight)| {
@@ -291,7 +291,7 @@ mod tests {
             service: "ns/web:http".into(),
             kind: "ClusterIP".into(),
             scheduler: scheduler.into(),
-            properties: properties(&ipvs_netlink::Service::new(key, scheduler)),
+            properties: properties(&ipvs_netlink::VirtualService::new(key, scheduler)),
             destinations: destinations
                 .iter()
                 .map(|(a, w)| {
@@ -305,7 +305,7 @@ mod tests {
     fn the_diff_names_every_difference() {
         let mut sticky = view("rr", &[("10.244.0.2:8080", 1)]);
         let key = ServiceKey::tcp("10.96.0.13:80".parse().unwrap());
-        let wanted = ipvs_netlink::Service::new(key, "sh")
+        let wanted = ipvs_netlink::VirtualService::new(key, "sh")
             .with_flags(ServiceFlags::SH_FALLBACK)
             .persistent(600);
         sticky.properties = properties(&wanted);
@@ -329,7 +329,7 @@ mod tests {
         // The sticky one by hand: sh without its flag, persistence 300 with a /24 mask, and a
         // destination forwarded by direct routing.
         let mut routed = entry("TCP 10.96.0.13:80", "sh", &[("10.244.0.2:8080", 1)]);
-        routed.0.service = ipvs_netlink::Service::new(key, "sh").persistent(300);
+        routed.0.service = ipvs_netlink::VirtualService::new(key, "sh").persistent(300);
         routed.0.service.netmask = ipvs_netlink::Netmask::Ipv4("255.255.255.0".parse().unwrap());
         routed.1[0].destination.forward = ipvs_netlink::ForwardMethod::DirectRoute;
         let kernel = [

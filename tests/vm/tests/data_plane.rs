@@ -9,7 +9,7 @@ use std::{
 };
 
 use dummy_link::{DummyLink, KUBE_IPVS0};
-use ipvs_netlink::{Change, Destination, IpvsHandle, Service, ServiceKey};
+use ipvs_netlink::{Change, Destination, IpvsHandle, ServiceKey, VirtualService};
 use netfilter::{Config, Elements, NodePort, Protocol, ServicePort, Update};
 use vm_tests::{
     Answer, BRIDGE_IP, BRIDGE_IP6, CLIENT_IP, CLUSTER_CIDR, CLUSTER_CIDR6, NODE_IP, NODE_IP6,
@@ -67,7 +67,7 @@ impl Node {
     }
 
     async fn virtual_server_for(&self, key: ServiceKey, target_port: u16) {
-        let mut changes = vec![Change::AddService(Service::new(key, "rr"))];
+        let mut changes = vec![Change::AddService(VirtualService::new(key, "rr"))];
         for pod in &self.topology.pods {
             changes.push(Change::AddDestination(key, Destination::new(pod.addr(target_port))));
         }
@@ -437,7 +437,7 @@ async fn ipv6_and_dual_stack_services_carry_tcp_and_udp() {
         (Protocol::Tcp, node_port6, 8080),
     ] {
         let key = ServiceKey::Inet { protocol, address };
-        let mut changes = vec![Change::AddService(Service::new(key, "rr"))];
+        let mut changes = vec![Change::AddService(VirtualService::new(key, "rr"))];
         for pod in &node.topology.pods {
             let destination = SocketAddr::from((pod.ipv6(), target));
             changes.push(Change::AddDestination(key, Destination::new(destination)));
@@ -521,7 +521,7 @@ async fn an_sctp_association_goes_through_a_cluster_ip() {
     // pod1 is the client; pod2 and pod3 serve.
     let servers = &node.topology.pods[1..];
     let key = ServiceKey::Inet { protocol: Protocol::Sctp, address: at(CLUSTER_IP, 7777) };
-    let mut changes = vec![Change::AddService(Service::new(key, "rr"))];
+    let mut changes = vec![Change::AddService(VirtualService::new(key, "rr"))];
     for pod in servers {
         pod.serve_sctp(7777);
         changes.push(Change::AddDestination(key, Destination::new(pod.addr(7777))));

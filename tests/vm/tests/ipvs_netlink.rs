@@ -9,8 +9,8 @@ use std::{
 };
 
 use ipvs_netlink::{
-    Change, Destination, Error, Family, ForwardMethod, IpvsHandle, Netmask, Service, ServiceFlags,
-    ServiceKey, Timeouts, TunnelChecksum, TunnelType,
+    Change, Destination, Error, Family, ForwardMethod, IpvsHandle, Netmask, ServiceFlags,
+    ServiceKey, Timeouts, TunnelChecksum, TunnelType, VirtualService,
 };
 use vm_tests::{Pod, bind_vip, sh, tcp_ask};
 
@@ -39,7 +39,7 @@ async fn info_matches_proc() {
 async fn ipv4_service_lifecycle() {
     let ipvs = IpvsHandle::new().unwrap();
     let key = tcp("10.96.0.10:80");
-    let service = Service::new(key, "rr");
+    let service = VirtualService::new(key, "rr");
     ipvs.add_service(&service).await.unwrap();
 
     let got = ipvs.get_service(&key).await.unwrap();
@@ -55,7 +55,7 @@ async fn ipv4_service_lifecycle() {
     assert!(matches!(err, Error::AlreadyExists { .. }), "{err}");
     assert_eq!(err.target().service, Some(key));
 
-    let changed = Service::new(key, "wrr").persistent(300);
+    let changed = VirtualService::new(key, "wrr").persistent(300);
     ipvs.update_service(&changed).await.unwrap();
     let got = ipvs.get_service(&key).await.unwrap();
     assert!(got.service.same_config(&changed), "{got:?}");
@@ -81,19 +81,19 @@ async fn ipv4_service_lifecycle() {
 async fn ipv6_service_lifecycle() {
     let ipvs = IpvsHandle::new().unwrap();
     let key = tcp("[fd00:10:96::10]:443");
-    let service = Service::new(key, "rr");
+    let service = VirtualService::new(key, "rr");
     assert_eq!(service.netmask, Netmask::Ipv6(128));
     ipvs.add_service(&service).await.unwrap();
     let got = ipvs.get_service(&key).await.unwrap();
     assert!(got.service.same_config(&service), "{got:?}");
     assert_eq!(got.service.key.family(), Family::Ipv6);
 
-    let affinity = Service::new(key, "sh").persistent(600).with_netmask(Netmask::Ipv6(64));
+    let affinity = VirtualService::new(key, "sh").persistent(600).with_netmask(Netmask::Ipv6(64));
     ipvs.update_service(&affinity).await.unwrap();
     assert!(ipvs.get_service(&key).await.unwrap().service.same_config(&affinity));
 
     // The kernel wants an IPv6 prefix length of 1 to 128.
-    let bad = Service::new(tcp("[fd00:10:96::11]:443"), "rr").with_netmask(Netmask::Ipv6(0));
+    let bad = VirtualService::new(tcp("[fd00:10:96::11]:443"), "rr").with_netmask(Netmask::Ipv6(0));
     let err = ipvs.add_service(&bad).await.unwrap_err();
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
 
@@ -105,8 +105,8 @@ async fn fwmark_services_in_both_families() {
     let ipvs = IpvsHandle::new().unwrap();
     let v4 = ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 };
     let v6 = ServiceKey::Fwmark { family: Family::Ipv6, mark: 7 };
-    ipvs.add_service(&Service::new(v4, "wlc")).await.unwrap();
-    ipvs.add_service(&Service::new(v6, "lc").persistent(360)).await.unwrap();
+    ipvs.add_service(&VirtualService::new(v4, "wlc")).await.unwrap();
+    ipvs.add_service(&VirtualService::new(v6, "lc").persistent(360)).await.unwrap();
     ipvs.add_destination(&v4, &Destination::new(addr("10.244.2.2:8080"))).await.unwrap();
     ipvs.add_destination(&v6, &Destination::new(addr("[fd00:10:244::2]:8080"))).await.unwrap();
 
@@ -130,7 +130,7 @@ async fn every_scheduler_is_accepted() {
     let schedulers = ["rr", "wrr", "lc", "wlc", "dh", "sh", "sed", "nq", "mh"];
     for (i, scheduler) in schedulers.iter().enumerate() {
         let key = tcp(&format!("10.96.1.{}:80", i + 1));
-        ipvs.add_service(&Service::new(key, *scheduler)).await.unwrap();
+        ipvs.add_service(&VirtualService::new(key, *scheduler)).await.unwrap();
         assert_eq!(ipvs.get_service(&key).await.unwrap().service.scheduler, *scheduler);
     }
     assert_eq!(ipvs.list_services().await.unwrap().len(), schedulers.len());
@@ -140,7 +140,7 @@ async fn every_scheduler_is_accepted() {
 async fn an_unknown_scheduler_is_reported_by_name() {
     let ipvs = IpvsHandle::new().unwrap();
     let key = tcp("10.96.0.10:80");
-    let err = ipvs.add_service(&Service::new(key, "nosuch")).await.unwrap_err();
+    let err = ipvs.add_service(&VirtualService::new(key, "nosuch")).await.unwrap_err();
     match &err {
         Error::UnknownScheduler { scheduler, target } => {
             assert_eq!(scheduler, "nosuch");
@@ -150,8 +150,8 @@ async fn an_unknown_scheduler_is_reported_by_name() {
     }
     assert!(err.to_string().contains("nosuch"), "{err}");
     // Changing an existing service to an unknown scheduler fails the same way.
-    ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
-    let err = ipvs.update_service(&Service::new(key, "nosuch")).await.unwrap_err();
+    ipvs.add_service(&VirtualService::new(key, "rr")).await.unwrap();
+    let err = ipvs.update_service(&VirtualService::new(key, "nosuch")).await.unwrap_err();
     assert!(matches!(err, Error::UnknownScheduler { .. }), "{err}");
 }
 
@@ -159,18 +159,18 @@ async fn an_unknown_scheduler_is_reported_by_name() {
 async fn scheduler_flags_one_packet_netmask_and_persistence_engine() {
     let ipvs = IpvsHandle::new().unwrap();
     let services = [
-        Service::new(tcp("10.96.0.1:443"), "sh")
+        VirtualService::new(tcp("10.96.0.1:443"), "sh")
             .with_flags(ServiceFlags::SH_FALLBACK | ServiceFlags::SH_PORT),
-        Service::new(ServiceKey::udp(addr("10.96.0.53:53")), "mh").with_flags(
+        VirtualService::new(ServiceKey::udp(addr("10.96.0.53:53")), "mh").with_flags(
             ServiceFlags::MH_FALLBACK | ServiceFlags::MH_PORT | ServiceFlags::ONE_PACKET,
         ),
-        Service::new(tcp("10.96.0.2:80"), "rr")
+        VirtualService::new(tcp("10.96.0.2:80"), "rr")
             .persistent(600)
             .with_netmask(Netmask::Ipv4("255.255.255.0".parse().unwrap())),
-        Service::new(ServiceKey::udp(addr("10.96.0.54:5060")), "rr")
+        VirtualService::new(ServiceKey::udp(addr("10.96.0.54:5060")), "rr")
             .persistent(60)
             .with_persistence_engine("sip"),
-        Service::new(ServiceKey::sctp(addr("10.96.0.99:3868")), "nq"),
+        VirtualService::new(ServiceKey::sctp(addr("10.96.0.99:3868")), "nq"),
     ];
     for service in &services {
         ipvs.add_service(service).await.unwrap();
@@ -185,7 +185,7 @@ async fn destination_lifecycle_and_errors() {
     let ipvs = IpvsHandle::new().unwrap();
     let key = tcp("10.96.0.10:80");
     let missing = tcp("10.96.0.11:80");
-    ipvs.add_service(&Service::new(key, "wrr")).await.unwrap();
+    ipvs.add_service(&VirtualService::new(key, "wrr")).await.unwrap();
 
     let a = Destination::new(addr("10.244.1.5:8080"));
     let b = Destination::new(addr("10.244.1.6:8080")).with_weight(3).with_thresholds(10, 100);
@@ -247,7 +247,7 @@ async fn destination_lifecycle_and_errors() {
 async fn every_forwarding_method_and_tunnel_type() {
     let ipvs = IpvsHandle::new().unwrap();
     let key = tcp("10.96.0.10:80");
-    ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
+    ipvs.add_service(&VirtualService::new(key, "rr")).await.unwrap();
     let wanted = [
         Destination::new(addr("10.244.1.1:8080")),
         Destination::new(addr("10.244.1.2:80")).with_forward(ForwardMethod::DirectRoute),
@@ -327,8 +327,8 @@ async fn counters_follow_real_traffic_and_are_zeroed() {
     bind_vip(vip.ip());
     let key = ServiceKey::tcp(vip);
     let other = tcp("10.96.0.11:80");
-    ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
-    ipvs.add_service(&Service::new(other, "rr")).await.unwrap();
+    ipvs.add_service(&VirtualService::new(key, "rr")).await.unwrap();
+    ipvs.add_service(&VirtualService::new(other, "rr")).await.unwrap();
     ipvs.add_destination(&key, &Destination::new(pod.addr(8080))).await.unwrap();
 
     for _ in 0..3 {
@@ -378,7 +378,7 @@ async fn flush_removes_every_service() {
     let ipvs = IpvsHandle::new().unwrap();
     for i in 1..=5 {
         let key = tcp(&format!("10.96.0.{i}:80"));
-        ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
+        ipvs.add_service(&VirtualService::new(key, "rr")).await.unwrap();
         ipvs.add_destination(&key, &Destination::new(addr("10.244.1.1:80"))).await.unwrap();
     }
     assert_eq!(ipvs.list_services().await.unwrap().len(), 5);
@@ -396,7 +396,7 @@ fn permission_is_denied_without_cap_net_admin() {
         let err = ipvs.list_services().await.unwrap_err();
         assert!(matches!(err, Error::PermissionDenied { .. }), "{err}");
         let key = tcp("10.96.0.10:80");
-        let err = ipvs.add_service(&Service::new(key, "rr")).await.unwrap_err();
+        let err = ipvs.add_service(&VirtualService::new(key, "rr")).await.unwrap_err();
         assert!(matches!(err, Error::PermissionDenied { .. }), "{err}");
         assert!(err.to_string().contains("CAP_NET_ADMIN"), "{err}");
     });
@@ -479,13 +479,15 @@ async fn ipvs_missing_then_loaded_then_reloaded() {
     ipvs.info().await.expect("the family is resolved once IPVS can be loaded");
     assert!(std::path::Path::new("/sys/module/ip_vs").exists());
     let key = tcp("10.96.0.10:80");
-    ipvs.add_service(&Service::new(key, "rr")).await.unwrap();
+    ipvs.add_service(&VirtualService::new(key, "rr")).await.unwrap();
 
     // Reloading the module gives the family a new id; the handle follows it.
     ipvs.flush().await.unwrap();
     unload_ipvs();
     load_ipvs();
-    ipvs.add_service(&Service::new(key, "rr")).await.expect("the stale family id is replaced");
+    ipvs.add_service(&VirtualService::new(key, "rr"))
+        .await
+        .expect("the stale family id is replaced");
     let results =
         ipvs.apply(&[Change::AddDestination(key, Destination::new(addr("10.244.1.1:80")))]).await;
     assert!(results[0].is_ok(), "{results:?}");
@@ -499,15 +501,15 @@ async fn a_batch_of_1000_changes_with_failures_in_the_middle() {
     // 100 services with 9 destinations each: 1,000 changes.
     let mut changes = Vec::new();
     for i in 0..100 {
-        changes.push(Change::AddService(Service::new(key(i), "rr")));
+        changes.push(Change::AddService(VirtualService::new(key(i), "rr")));
         changes.extend((0..9).map(|j| Change::AddDestination(key(i), dest(j))));
     }
     assert_eq!(changes.len(), 1000);
     // Deliberate failures, each in place of a destination.
-    changes[305] = Change::AddService(Service::new(key(30), "rr")); // exists
+    changes[305] = Change::AddService(VirtualService::new(key(30), "rr")); // exists
     changes[501] = Change::AddDestination(tcp("10.99.0.1:80"), dest(0)); // no such service
     changes[702] = Change::DeleteDestination(key(70), addr("10.244.9.9:80")); // no such destination
-    changes[803] = Change::AddService(Service::new(tcp("10.98.0.1:80"), "nosuch")); // scheduler
+    changes[803] = Change::AddService(VirtualService::new(tcp("10.98.0.1:80"), "nosuch")); // scheduler
     changes[904] = Change::AddDestination(key(90), dest(0)); // exists
 
     ipvs.set_window(64).await;
@@ -554,7 +556,7 @@ async fn a_large_dump_spans_many_datagrams_and_is_complete() {
             [10, 96, (i / 250) as u8, (i % 250) as u8 + 1],
             443,
         )));
-        changes.push(Change::AddService(Service::new(key, "rr")));
+        changes.push(Change::AddService(VirtualService::new(key, "rr")));
         changes.push(Change::AddDestination(
             key,
             Destination::new(SocketAddr::from(([10, 244, 1, 1], 8443))),
@@ -584,7 +586,7 @@ async fn a_window_too_large_for_one_sendmsg_fails_as_io_and_applies_nothing() {
     let changes: Vec<Change> = (0..3000u32)
         .map(|i| {
             let vip = SocketAddr::from(([10, 96, (i / 250) as u8, (i % 250) as u8 + 1], 80));
-            Change::AddService(Service::new(ServiceKey::tcp(vip), "rr"))
+            Change::AddService(VirtualService::new(ServiceKey::tcp(vip), "rr"))
         })
         .collect();
     // 3,000 messages in one sendmsg exceed the socket's send buffer: EMSGSIZE.

@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 
 use ipvs_netlink::{
-    Change, Destination, Family, ForwardMethod, IpvsHandle, Netmask, Service, ServiceFlags,
-    ServiceKey, TunnelChecksum, TunnelType,
+    Change, Destination, Family, ForwardMethod, IpvsHandle, Netmask, ServiceFlags, ServiceKey,
+    TunnelChecksum, TunnelType, VirtualService,
     listing::{self, Columns},
 };
 use vm_tests::{Pod, bind_vip, ipvsadm, tcp_ask};
@@ -26,7 +26,7 @@ fn rich_table() -> Vec<Change> {
     let mark = ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 };
     let mark6 = ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 };
     vec![
-        Change::AddService(Service::new(web, "rr")),
+        Change::AddService(VirtualService::new(web, "rr")),
         Change::AddDestination(web, Destination::new(addr("10.244.1.5:8080"))),
         Change::AddDestination(
             web,
@@ -50,29 +50,31 @@ fn rich_table() -> Vec<Change> {
             ),
         ),
         Change::AddService(
-            Service::new(lb, "sh")
+            VirtualService::new(lb, "sh")
                 .with_flags(ServiceFlags::SH_FALLBACK | ServiceFlags::SH_PORT)
                 .persistent(300)
                 .with_netmask(Netmask::Ipv4("255.255.255.0".parse().unwrap())),
         ),
-        Change::AddService(Service::new(dns, "mh").with_flags(
+        Change::AddService(VirtualService::new(dns, "mh").with_flags(
             ServiceFlags::MH_FALLBACK | ServiceFlags::MH_PORT | ServiceFlags::ONE_PACKET,
         )),
         Change::AddService(
-            Service::new(sip, "rr")
+            VirtualService::new(sip, "rr")
                 .persistent(60)
                 .with_persistence_engine("sip")
                 .with_flags(ServiceFlags::ONE_PACKET),
         ),
-        Change::AddService(Service::new(diameter, "nq")),
-        Change::AddService(Service::new(v6, "wrr").persistent(100).with_netmask(Netmask::Ipv6(64))),
+        Change::AddService(VirtualService::new(diameter, "nq")),
+        Change::AddService(
+            VirtualService::new(v6, "wrr").persistent(100).with_netmask(Netmask::Ipv6(64)),
+        ),
         Change::AddDestination(v6, Destination::new(addr("[fd00:10:244::5]:8443")).with_weight(2)),
-        Change::AddService(Service::new(mark, "wlc")),
+        Change::AddService(VirtualService::new(mark, "wlc")),
         Change::AddDestination(
             mark,
             Destination::new(addr("10.244.2.2:0")).with_forward(ForwardMethod::DirectRoute),
         ),
-        Change::AddService(Service::new(mark6, "lc").persistent(360)),
+        Change::AddService(VirtualService::new(mark6, "lc").persistent(360)),
     ]
 }
 
@@ -124,7 +126,7 @@ async fn the_crate_lists_what_ipvsadm_lists() {
     let vip = addr("10.96.1.1:80");
     bind_vip(vip.ip());
     let key = ServiceKey::tcp(vip);
-    ipvs.add_service(&Service::new(key, "rr").persistent(600)).await.unwrap();
+    ipvs.add_service(&VirtualService::new(key, "rr").persistent(600)).await.unwrap();
     ipvs.add_destination(&key, &Destination::new(pod.addr(8080))).await.unwrap();
     let _held = std::net::TcpStream::connect(vip).unwrap();
     tcp_ask(vip).ok();
@@ -211,28 +213,29 @@ async fn what_ipvsadm_writes_the_crate_reads() {
     let ipvs = IpvsHandle::new().unwrap();
     let mut table = ipvs.dump().await.unwrap();
     listing::sort_like_ipvsadm(&mut table);
-    let services: Vec<Service> = table.iter().map(|(s, _)| s.service.clone()).collect();
+    let services: Vec<VirtualService> = table.iter().map(|(s, _)| s.service.clone()).collect();
     let expected = [
-        Service::new(ServiceKey::tcp(addr("192.0.2.10:443")), "sh")
+        VirtualService::new(ServiceKey::tcp(addr("192.0.2.10:443")), "sh")
             .with_flags(ServiceFlags::SH_FALLBACK | ServiceFlags::SH_PORT | ServiceFlags::HASHED)
             .persistent(300)
             .with_netmask(Netmask::Ipv4("255.255.255.0".parse().unwrap())),
-        Service::new(ServiceKey::tcp(addr("10.96.0.10:80")), "rr").with_flags(ServiceFlags::HASHED),
-        Service::new(ServiceKey::udp(addr("10.96.0.53:53")), "mh").with_flags(
+        VirtualService::new(ServiceKey::tcp(addr("10.96.0.10:80")), "rr")
+            .with_flags(ServiceFlags::HASHED),
+        VirtualService::new(ServiceKey::udp(addr("10.96.0.53:53")), "mh").with_flags(
             ServiceFlags::MH_FALLBACK
                 | ServiceFlags::MH_PORT
                 | ServiceFlags::ONE_PACKET
                 | ServiceFlags::HASHED,
         ),
-        Service::new(ServiceKey::sctp(addr("10.96.0.99:3868")), "nq")
+        VirtualService::new(ServiceKey::sctp(addr("10.96.0.99:3868")), "nq")
             .with_flags(ServiceFlags::HASHED),
-        Service::new(ServiceKey::tcp(addr("[fd00::10]:443")), "wrr")
+        VirtualService::new(ServiceKey::tcp(addr("[fd00::10]:443")), "wrr")
             .with_flags(ServiceFlags::HASHED)
             .persistent(100)
             .with_netmask(Netmask::Ipv6(64)),
-        Service::new(ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 }, "wlc")
+        VirtualService::new(ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 }, "wlc")
             .with_flags(ServiceFlags::HASHED),
-        Service::new(ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 }, "lc")
+        VirtualService::new(ServiceKey::Fwmark { family: Family::Ipv6, mark: 8 }, "lc")
             .with_flags(ServiceFlags::HASHED)
             .persistent(360),
     ];

@@ -12,7 +12,7 @@ use controller::{
     desired::{Exposure, ServicePortName, VirtualServer},
     reconcile::{Reconciler, read_digests},
 };
-use ipvs_netlink::{Destination, IpvsHandle, Operation, Service, ServiceKey};
+use ipvs_netlink::{Destination, IpvsHandle, Operation, ServiceKey, VirtualService};
 use vm_tests::{Pod, bind_vip, ipvsadm, sh};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -27,7 +27,7 @@ type Table = BTreeMap<ServiceKey, Arc<VirtualServer>>;
 fn server(port: u16, destinations: &[SocketAddr]) -> (ServiceKey, Arc<VirtualServer>) {
     let key = ServiceKey::tcp(SocketAddr::from((VIP, port)));
     let server = VirtualServer {
-        service: Arc::new(Service::new(key, "rr")),
+        service: Arc::new(VirtualService::new(key, "rr")),
         destinations: destinations.iter().map(|d| Destination::new(*d)).collect(),
         owner: ServicePortName {
             namespace: "ns".into(),
@@ -145,7 +145,7 @@ async fn the_shadow_shares_the_desired_destinations_and_copies_them_to_change_th
     // A new scheduler: the shadow records the service the kernel accepted, then shares the
     // desired one again.
     let mut changed = table[&key].clone();
-    Arc::make_mut(&mut changed).service = Service::new(key, "lc").into();
+    Arc::make_mut(&mut changed).service = VirtualService::new(key, "lc").into();
     table.insert(key, changed);
     let report = reconciler.sync(&table, Some(&BTreeSet::from([key]))).await;
     assert_eq!(report.applied, 1);
@@ -300,7 +300,7 @@ async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
     let key = ServiceKey::udp(service);
     let dns = |destinations: &[SocketAddr]| {
         let (_, mut server) = server(53, destinations);
-        Arc::make_mut(&mut server).service = Service::new(key, "rr").into();
+        Arc::make_mut(&mut server).service = VirtualService::new(key, "rr").into();
         desired(vec![(key, server)])
     };
     reconciler.sync(&dns(&[pods[0].addr(5353), pods[1].addr(5353)]), None).await;

@@ -483,7 +483,7 @@ fn stable_hash(text: &str) -> u32 {
 mod tests {
     use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 
-    use ipvs_netlink::{Destination, Family, Protocol, Service as VirtualService};
+    use ipvs_netlink::{Destination, Family, Protocol, VirtualService};
     use netfilter::{NodePort, ServicePort};
 
     use super::*;

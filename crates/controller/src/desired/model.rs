@@ -7,7 +7,7 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-use ipvs_netlink::{Destination, Service as VirtualService, ServiceKey};
+use ipvs_netlink::{Destination, ServiceKey, VirtualService};
 
 /// The default scheduler, as kube-proxy's `--ipvs-scheduler`.
 pub const DEFAULT_SCHEDULER: &str = "rr";

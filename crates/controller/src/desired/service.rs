@@ -7,7 +7,7 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-use ipvs_netlink::{Destination, Family, Service as VirtualService, ServiceFlags, ServiceKey};
+use ipvs_netlink::{Destination, Family, ServiceFlags, ServiceKey, VirtualService};
 use netfilter::{Elements, NodePort, ServicePort as NetfilterPort};
 
 use super::{

@@ -8,7 +8,7 @@ use std::{
     sync::Arc,
 };
 
-use ipvs_netlink::{Change, Destination, Protocol, Service, ServiceKey};
+use ipvs_netlink::{Change, Destination, Protocol, ServiceKey, VirtualService};
 
 use crate::desired::{Destinations, VirtualServer};
 
@@ -16,7 +16,7 @@ use crate::desired::{Destinations, VirtualServer};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelServer {
     /// The virtual service (shared with the desired state where the two are equal).
-    pub service: Arc<Service>,
+    pub service: Arc<VirtualService>,
     /// Its destinations, by address.
     pub destinations: Destinations,
 }
@@ -39,7 +39,7 @@ impl KernelServer {
 
 /// [`KernelServer::config_digest`] of `service` with `destinations`, in address order.
 pub fn config_digest<'a>(
-    service: &Service,
+    service: &VirtualService,
     destinations: impl ExactSizeIterator<Item = &'a Destination>,
 ) -> u64 {
     let mut hasher = DefaultHasher::new();
@@ -82,7 +82,7 @@ pub fn plan(
     match (current, desired) {
         (None, None) => {}
         (None, Some(desired)) => {
-            plan.changes.push(Change::AddService(Service::clone(&desired.service)));
+            plan.changes.push(Change::AddService(VirtualService::clone(&desired.service)));
             for destination in &desired.destinations {
                 plan.changes.push(Change::AddDestination(key, *destination));
             }
@@ -90,7 +90,7 @@ pub fn plan(
         (Some(_), None) => plan.changes.push(Change::DeleteService(key)),
         (Some(current), Some(desired)) => {
             if !current.service.same_config(&desired.service) {
-                plan.changes.push(Change::UpdateService(Service::clone(&desired.service)));
+                plan.changes.push(Change::UpdateService(VirtualService::clone(&desired.service)));
             }
             for wanted in &desired.destinations {
                 match current.destinations.get(&wanted.address) {
@@ -139,7 +139,7 @@ mod tests {
 
     fn desired(key: ServiceKey, scheduler: &str, destinations: &[&str]) -> VirtualServer {
         VirtualServer {
-            service: Arc::new(Service::new(key, scheduler)),
+            service: Arc::new(VirtualService::new(key, scheduler)),
             destinations: destinations.iter().map(|d| dest(d)).collect(),
             owner: ServicePortName {
                 namespace: "ns".into(),
@@ -152,7 +152,7 @@ mod tests {
 
     fn kernel(key: ServiceKey, scheduler: &str, destinations: &[Destination]) -> KernelServer {
         KernelServer {
-            service: Arc::new(Service::new(key, scheduler)),
+            service: Arc::new(VirtualService::new(key, scheduler)),
             destinations: destinations.iter().copied().collect(),
         }
     }
@@ -273,7 +273,7 @@ mod tests {
     fn a_changed_scheduler_updates_in_place_and_a_gone_service_is_deleted() {
         let k = key(Protocol::Tcp);
         let plan_changed = plan(k, Some(&kernel(k, "rr", &[])), Some(&desired(k, "lc", &[])));
-        assert_eq!(plan_changed.changes, [Change::UpdateService(Service::new(k, "lc"))]);
+        assert_eq!(plan_changed.changes, [Change::UpdateService(VirtualService::new(k, "lc"))]);
         let plan_gone = plan(k, Some(&kernel(k, "rr", &[dest("10.244.0.1:8080")])), None);
         assert_eq!(plan_gone.changes, [Change::DeleteService(k)]);
     }

@@ -148,7 +148,7 @@ pub async fn read_digests(ipvs: &IpvsHandle) -> Result<KernelDigests, ipvs_netli
 
 /// A virtual server as read from the kernel, without statistics.
 fn kernel_server(
-    service: ipvs_netlink::Service,
+    service: ipvs_netlink::VirtualService,
     destinations: Vec<ipvs_netlink::DestinationEntry>,
 ) -> KernelServer {
     KernelServer {

@@ -17,7 +17,7 @@ use netlink_packet_generic::{
 
 use super::{Connection, Transport};
 use crate::{
-    Change, Destination, Error, Service, ServiceKey,
+    Change, Destination, Error, ServiceKey, VirtualService,
     message::{IpvsAttribute, IpvsCommand, IpvsMessage},
     request::Request,
 };
@@ -151,7 +151,7 @@ pub(crate) fn family_reply(seq: u32, id: Option<u16>) -> Vec<Vec<u8>> {
 }
 
 fn service_message(port: u16) -> IpvsMessage {
-    let service = Service::new(ServiceKey::tcp(([10, 0, 0, 1], port).into()), "rr");
+    let service = VirtualService::new(ServiceKey::tcp(([10, 0, 0, 1], port).into()), "rr");
     let mut attrs = service.to_attributes();
     // As in a dump: the kernel's HASHED flag and an all-ones mask.
     attrs.retain(|a| !matches!(a, crate::message::ServiceAttribute::Flags { .. }));

@@ -1,7 +1,7 @@
 //! Captures byte vectors from the real kernel for the codec tests of `ipvs-netlink`.
 //!
 //! Run it in the VM in a fresh namespace, then paste its output into
-//! `crates/ipvs-netlink/src/message/tests/vectors.rs`:
+//! `crates/netlink-packet-ipvs/src/message/tests/vectors.rs`:
 //!
 //! ```text
 //! cargo build -p vm-tests --bin capture-vectors
@@ -15,7 +15,8 @@
 use std::{thread, time::Duration};
 
 use ipvs_netlink::{
-    Destination, Family, Netmask, Service, ServiceFlags, ServiceKey, TunnelChecksum, TunnelType,
+    Destination, Family, Netmask, ServiceFlags, ServiceKey, TunnelChecksum, TunnelType,
+    VirtualService,
     message::{IpvsAttribute, IpvsCommand, IpvsMessage},
 };
 use netlink_packet_core::{
@@ -97,7 +98,7 @@ impl Capture {
     }
 }
 
-fn service_message(command: IpvsCommand, service: &Service) -> IpvsMessage {
+fn service_message(command: IpvsCommand, service: &VirtualService) -> IpvsMessage {
     IpvsMessage::new(command, vec![IpvsAttribute::Service(service.to_attributes())])
 }
 
@@ -138,10 +139,10 @@ fn main() {
 
     capture.ipvs(
         Some("REQUEST_NEW_SERVICE"),
-        service_message(IpvsCommand::NewService, &Service::new(web, "rr")),
+        service_message(IpvsCommand::NewService, &VirtualService::new(web, "rr")),
         ack,
     );
-    let affinity = Service::new(v6, "sh")
+    let affinity = VirtualService::new(v6, "sh")
         .with_flags(ServiceFlags::SH_FALLBACK | ServiceFlags::SH_PORT)
         .persistent(300)
         .with_netmask(Netmask::Ipv6(64));
@@ -150,7 +151,11 @@ fn main() {
         service_message(IpvsCommand::NewService, &affinity),
         ack,
     );
-    capture.ipvs(None, service_message(IpvsCommand::NewService, &Service::new(mark, "wlc")), ack);
+    capture.ipvs(
+        None,
+        service_message(IpvsCommand::NewService, &VirtualService::new(mark, "wlc")),
+        ack,
+    );
     let dest = |key: ServiceKey, d: &Destination| {
         IpvsMessage::new(
             IpvsCommand::NewDest,
@@ -191,7 +196,10 @@ fn main() {
     print_vector("REPLY_INFO", &info[0]);
     let config = capture.ipvs(None, IpvsMessage::new(IpvsCommand::GetConfig, vec![]), ack);
     print_vector("REPLY_CONFIG", &config[0]);
-    let exists =
-        capture.ipvs(None, service_message(IpvsCommand::NewService, &Service::new(web, "rr")), ack);
+    let exists = capture.ipvs(
+        None,
+        service_message(IpvsCommand::NewService, &VirtualService::new(web, "rr")),
+        ack,
+    );
     print_vector("REPLY_ERROR_EEXIST", &exists[0]);
 }

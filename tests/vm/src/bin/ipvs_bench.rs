@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use ipvs_netlink::{Change, Destination, IpvsHandle, Service, ServiceKey};
+use ipvs_netlink::{Change, Destination, IpvsHandle, ServiceKey, VirtualService};
 use vm_tests::ipvsadm_restore;
 
 struct Args {
@@ -48,7 +48,7 @@ fn changes(args: &Args) -> Vec<Change> {
     let mut changes = Vec::with_capacity(args.services * (args.destinations + 1));
     for i in 0..args.services {
         let key = ServiceKey::tcp(service_address(i));
-        changes.push(Change::AddService(Service::new(key, "rr")));
+        changes.push(Change::AddService(VirtualService::new(key, "rr")));
         for j in 0..args.destinations {
             changes.push(Change::AddDestination(key, Destination::new(destination_address(i, j))));
         }

@@ -9,12 +9,9 @@ use proptest::prelude::*;
 
 use self::vectors::*;
 use super::{IpvsAttribute, IpvsCommand, IpvsMessage};
-use crate::{
-    request::{Change, Request},
-    types::{
-        Destination, DestinationEntry, Family, ForwardMethod, Netmask, Service, ServiceEntry,
-        ServiceFlags, ServiceKey, TunnelChecksum, TunnelType,
-    },
+use crate::types::{
+    Destination, DestinationEntry, Family, ForwardMethod, Netmask, ServiceEntry, ServiceFlags,
+    ServiceKey, TunnelChecksum, TunnelType, VirtualService,
 };
 
 fn bytes(hex: &str) -> Vec<u8> {
@@ -165,11 +162,11 @@ fn requests_encode_as_the_kernel_accepted_them() {
     let v6 = ServiceKey::tcp("[fd00::10]:443".parse().unwrap());
     let mark = ServiceKey::Fwmark { family: Family::Ipv4, mark: 7 };
     let cases = [
-        (REQUEST_NEW_SERVICE, Change::AddService(Service::new(web, "rr"))),
+        (REQUEST_NEW_SERVICE, IpvsMessage::new_service(&VirtualService::new(web, "rr"))),
         (
             REQUEST_NEW_SERVICE_V6_PERSISTENT,
-            Change::AddService(
-                Service::new(v6, "sh")
+            IpvsMessage::new_service(
+                &VirtualService::new(v6, "sh")
                     .with_flags(ServiceFlags::SH_FALLBACK | ServiceFlags::SH_PORT)
                     .persistent(300)
                     .with_netmask(Netmask::Ipv6(64)),
@@ -177,13 +174,13 @@ fn requests_encode_as_the_kernel_accepted_them() {
         ),
         (
             REQUEST_NEW_DEST,
-            Change::AddDestination(web, Destination::new("10.244.1.2:8080".parse().unwrap())),
+            IpvsMessage::new_dest(&web, &Destination::new("10.244.1.2:8080".parse().unwrap())),
         ),
         (
             REQUEST_NEW_DEST_GUE,
-            Change::AddDestination(
-                mark,
-                Destination::new("10.244.1.8:80".parse().unwrap()).with_tunnel(
+            IpvsMessage::new_dest(
+                &mark,
+                &Destination::new("10.244.1.8:80".parse().unwrap()).with_tunnel(
                     TunnelType::Gue,
                     6080,
                     TunnelChecksum::Checksum,
@@ -191,9 +188,8 @@ fn requests_encode_as_the_kernel_accepted_them() {
             ),
         ),
     ];
-    for (hex, change) in cases {
-        let message = Request::Change(change.clone()).message().unwrap();
-        assert_eq!(request_body(&message), bytes(hex)[16..], "{change:?}");
+    for (hex, message) in cases {
+        assert_eq!(request_body(&message), bytes(hex)[16..], "{message:?}");
     }
 }
 
@@ -201,7 +197,7 @@ fn requests_encode_as_the_kernel_accepted_them() {
 fn unknown_attributes_are_kept() {
     // A service nest with an attribute from the future (kind 99), and a top-level one (kind 42).
     let mut attrs =
-        Service::new(ServiceKey::tcp("10.0.0.1:80".parse().unwrap()), "rr").to_attributes();
+        VirtualService::new(ServiceKey::tcp("10.0.0.1:80".parse().unwrap()), "rr").to_attributes();
     attrs.push(super::ServiceAttribute::Other(netlink_packet_core::DefaultNla::new(
         99,
         vec![1, 2, 3],
