@@ -8,7 +8,7 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-pub use ipvs_netlink::{Family, Protocol};
+pub use netlink_packet_ipvs::{Family, Protocol};
 
 /// The name of the table kube-ipvs owns, in the `inet` family.
 pub const TABLE: &str = "kube-ipvs";
