@@ -37,7 +37,6 @@
 mod connection;
 mod error;
 mod handle;
-pub mod listing;
 mod request;
 
 pub use netlink_packet_ipvs::{

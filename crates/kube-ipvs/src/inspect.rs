@@ -5,10 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use controller::desired::{DesiredState, Exposure};
-use ipvs_netlink::{
-    Destination, ServiceFlags, ServiceKey,
-    listing::{self, TableEntry},
-};
+use ipvs_netlink::{Destination, ServiceFlags, ServiceKey};
+use ipvsadm_listing::{self as listing, TableEntry};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 

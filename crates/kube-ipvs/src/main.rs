@@ -5,7 +5,8 @@ use std::{net::SocketAddr, ops::RangeInclusive, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use ipvs_netlink::{IpvsHandle, listing};
+use ipvs_netlink::IpvsHandle;
+use ipvsadm_listing as listing;
 use kube_ipvs::{config, inspect::Programmed};
 
 #[derive(Parser)]

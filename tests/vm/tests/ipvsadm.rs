@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use ipvs_netlink::{
     Change, Destination, Family, ForwardMethod, IpvsHandle, Netmask, ServiceFlags, ServiceKey,
     TunnelChecksum, TunnelType, VirtualService,
-    listing::{self, Columns},
 };
+use ipvsadm_listing::{self as listing, Columns};
 use vm_tests::{Pod, bind_vip, ipvsadm, tcp_ask};
 
 fn addr(s: &str) -> SocketAddr {

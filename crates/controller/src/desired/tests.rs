@@ -5,10 +5,8 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use ipvs_netlink::{
-    DestinationEntry, Info, ServiceEntry, ServiceFlags, ServiceKey,
-    listing::{self, Columns},
-};
+use ipvs_netlink::{DestinationEntry, Info, ServiceEntry, ServiceFlags, ServiceKey};
+use ipvsadm_listing::{self as listing, Columns};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
 

@@ -7,7 +7,7 @@
 
 use std::{cmp::Ordering, fmt::Write, net::IpAddr};
 
-use crate::types::{
+use netlink_packet_ipvs::{
     DestinationEntry, Family, Info, Netmask, ServiceEntry, ServiceFlags, ServiceKey, Stats,
 };
 
@@ -202,7 +202,7 @@ pub fn destination_line(
 }
 
 /// The scheduler flags set on the service, by the names ipvsadm gives them.
-pub fn scheduler_flags(service: &crate::types::VirtualService) -> Vec<&'static str> {
+pub fn scheduler_flags(service: &netlink_packet_ipvs::VirtualService) -> Vec<&'static str> {
     [ServiceFlags::SCHED1, ServiceFlags::SCHED2, ServiceFlags::SCHED3]
         .into_iter()
         .zip(scheduler_flag_names(&service.scheduler))
@@ -362,7 +362,7 @@ fn compare_destinations(a: &DestinationEntry, b: &DestinationEntry) -> Ordering 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::types::{Destination, ForwardMethod, VirtualService};
+    use netlink_packet_ipvs::{Destination, ForwardMethod, VirtualService};
 
     fn service(service: VirtualService) -> ServiceEntry {
         ServiceEntry { service, stats: None, stats64: None }
