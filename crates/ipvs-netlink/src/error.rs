@@ -96,6 +96,23 @@ pub enum Error {
 }
 
 impl Error {
+    /// The kind of failure, as a stable name for metric labels: the variant's name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::AlreadyExists { .. } => "AlreadyExists",
+            Self::NoSuchService { .. } => "NoSuchService",
+            Self::NoSuchDestination { .. } => "NoSuchDestination",
+            Self::UnknownScheduler { .. } => "UnknownScheduler",
+            Self::InvalidArgument { .. } => "InvalidArgument",
+            Self::PermissionDenied { .. } => "PermissionDenied",
+            Self::IpvsUnavailable { .. } => "IpvsUnavailable",
+            Self::Io { .. } => "Io",
+            Self::MalformedReply { .. } => "MalformedReply",
+            Self::DumpInterrupted { .. } => "DumpInterrupted",
+            Self::Kernel { .. } => "Kernel",
+        }
+    }
+
     /// The request that failed.
     pub fn target(&self) -> &Target {
         match self {
@@ -142,6 +159,28 @@ impl Error {
                 Self::DumpInterrupted { target, attempts: *attempts }
             }
             Self::Kernel { source, .. } => Self::Kernel { target, source: copy_io(source) },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::request::Operation;
+
+    #[test]
+    fn kinds_are_the_variant_names() {
+        let target = || Target::new(Operation::Flush);
+        let io = || io::Error::from_raw_os_error(1);
+        let all = [
+            Error::AlreadyExists { target: target() },
+            Error::PermissionDenied { target: target() },
+            Error::Io { target: target(), source: io() },
+            Error::DumpInterrupted { target: target(), attempts: 5 },
+            Error::Kernel { target: target(), source: io() },
+        ];
+        for err in all {
+            assert!(format!("{err:?}").starts_with(err.kind()), "{err:?} is not {}", err.kind());
         }
     }
 }

@@ -258,10 +258,8 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
         }
     }
 
-    let mut terminate =
-        signal(SignalKind::terminate()).map_err(|e| Error::Client(e.to_string()))?;
-    let mut interrupt =
-        signal(SignalKind::interrupt()).map_err(|e| Error::Client(e.to_string()))?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
     let mut next_sync = Instant::now();
     let mut next_check = Instant::now() + config.sync_period;
     let mut drain = tokio::time::interval(Duration::from_secs(1));

@@ -33,6 +33,9 @@ pub enum Error {
     /// No client for the API server could be configured.
     #[error("cannot configure the Kubernetes client: {0}")]
     Client(String),
+    /// The handlers of SIGTERM and SIGINT cannot be installed.
+    #[error("cannot handle signals: {0}")]
+    Signal(#[source] std::io::Error),
     /// An HTTP server cannot listen.
     #[error("cannot listen on {address} for {what}: {source}")]
     Listen {

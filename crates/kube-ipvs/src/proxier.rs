@@ -461,7 +461,7 @@ impl Proxier {
         };
         for err in &applied.ipvs.failed {
             warn!(%err, "IPVS change failed; retried at the next full check");
-            let kind = kind_of(err).unwrap_or_else(|| "Other".into());
+            let kind = err.kind().to_owned();
             self.metrics.netlink_errors.get_or_create(&Kind { kind }).inc();
         }
         if !applied.ipvs.failed.is_empty() || !applied.addresses.failed.is_empty() {
@@ -603,11 +603,4 @@ impl Proxier {
         self.metrics.sent_messages(&self.node.reconciler.ipvs().sent_messages().await);
         Ok(())
     }
-}
-
-/// The error's variant name, for the `kind` label.
-fn kind_of(err: &ipvs_netlink::Error) -> Option<String> {
-    let text = format!("{err:?}");
-    let end = text.find(|c: char| !c.is_alphanumeric()).unwrap_or(text.len());
-    (end > 0).then(|| text[..end].to_owned())
 }
