@@ -415,23 +415,6 @@ impl Cluster {
     fn netns_of(&self, pod: &str) -> &Netns {
         &self.pods.get(pod).unwrap_or_else(|| panic!("no pod {pod}")).pod.netns
     }
-
-    /// Whether every node's IPVS table has (`present`) or lacks a destination `address`
-    /// (`ip:port`); what a node has otherwise.
-    pub fn destination_everywhere(&self, address: &str, present: bool) -> Result<(), String> {
-        for node in &self.nodes {
-            let table = node.exec("ipvsadm", &["-Ln"])?;
-            let has = table.lines().any(|l| l.trim_start().starts_with(&format!("-> {address} ")));
-            if has != present {
-                return Err(format!(
-                    "{}: {address} {}",
-                    node.name,
-                    if present { "missing" } else { "still there" }
-                ));
-            }
-        }
-        Ok(())
-    }
 }
 
 impl ClusterView for Cluster {
