@@ -4,16 +4,17 @@
 
 use std::{
     hint::black_box,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use controller::{
-    desired::{
-        DesiredState, NodeInfo, ProxyConfig, ServiceInfo, Slice, desired_state, service_state,
-    },
+    changes::{ChangeTracker, Scope, desired_state},
+    desired::{DesiredState, NodeInfo, ProxyConfig, ServiceInfo, Slice},
     reconcile::{KernelState, plan},
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::runtime::watcher::Event;
 use serde_json::json;
 
 /// The first 2,700 Services are NodePorts (the whole default range), the rest ClusterIPs.
@@ -93,6 +94,29 @@ fn programmed(desired: &DesiredState) -> KernelState {
         .collect()
 }
 
+/// A change tracker that listed `services` and `slices`, computed once, as the daemon's
+/// first sync leaves it.
+fn listed(
+    services: &[Service],
+    slices: &[EndpointSlice],
+    config: &ProxyConfig,
+    node: &NodeInfo,
+) -> ChangeTracker {
+    let mut tracker = ChangeTracker::new(config.clone());
+    tracker.service(&Event::Init);
+    for service in services {
+        tracker.service(&Event::InitApply(Arc::new(ServiceInfo::from(service))));
+    }
+    tracker.service(&Event::InitDone);
+    tracker.slice(&Event::Init);
+    for slice in slices {
+        tracker.slice(&Event::InitApply(Arc::new(Slice::from(slice))));
+    }
+    tracker.slice(&Event::InitDone);
+    tracker.compute(node);
+    tracker
+}
+
 fn human(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us >= 1000.0 { format!("{:.1} ms", us / 1000.0) } else { format!("{us:.1} µs") }
@@ -114,7 +138,6 @@ fn main() {
     println!("|---|---|---|---|---|---|");
     for services in [1_000, 10_000] {
         let all_services: Vec<Service> = (0..services).map(service).collect();
-        let kept: Vec<ServiceInfo> = all_services.iter().map(ServiceInfo::from).collect();
         let slices: Vec<EndpointSlice> = (0..services).map(|i| slice(i, endpoints, 0)).collect();
 
         let scratch = median(5, || {
@@ -132,18 +155,29 @@ fn main() {
                 .sum();
         });
 
-        // One endpoint of one Service changes: recompute that Service and diff its servers.
+        // One endpoint of one Service changes, as the daemon takes it: the watch event's slice
+        // kept, the event tracked, the Service recomputed and joined, and its virtual servers
+        // diffed against the kernel.
         let kernel = programmed(&desired);
+        let mut tracker = listed(&all_services, &slices, &config, &node);
         let mut incremental = Vec::new();
         for round in 0..200 {
             let i = (round * 7919) % services;
-            let changed = Slice::from(slice(i, endpoints, 1 + round % 3));
+            let changed = slice(i, endpoints, 1 + round % 3);
             let started = Instant::now();
-            let state = service_state(&kept[i], &[&changed], &node, &config);
-            let plans: usize = state
-                .virtual_servers
+            tracker.slice(&Event::Apply(Arc::new(Slice::from(changed))));
+            let Scope::Changed(delta) = tracker.compute(&node).scope else {
+                panic!("one change compares only what it touched")
+            };
+            let desired = tracker.desired();
+            let plans: usize = delta
+                .keys
                 .iter()
-                .map(|v| plan(v.key(), kernel.get(&v.key()), Some(v)).changes.len())
+                .map(|k| {
+                    plan(*k, kernel.get(k), desired.virtual_servers.get(k).map(AsRef::as_ref))
+                        .changes
+                        .len()
+                })
                 .sum();
             incremental.push(started.elapsed());
             black_box(plans);

@@ -1,17 +1,106 @@
 //! The whole node: the netfilter table, kube-ipvs0 and IPVS, moved to a desired state together.
 
-use std::collections::BTreeSet;
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+};
 
 use dummy_link::DummyLink;
-use ipvs_netlink::Change;
+use ipvs_netlink::{Change, Operation, ServiceKey};
 use netfilter::Netfilter;
 use tracing::{debug, warn};
 
 use crate::{
     Error,
-    desired::{Delta, DesiredState},
+    changes::Scope,
+    desired::DesiredState,
     reconcile::{KernelDigests, Owned, Ownership, Reconciler, SyncReport, read_digests},
 };
+
+/// The node's kernel state as the daemon's loop drives it: [`NodeSync`] on a real node, a
+/// fake in the loop's unit tests.
+pub trait NodeIo {
+    /// Moves the node to `desired`, comparing what `scope` names (see [`NodeSync::apply`]).
+    fn apply(
+        &mut self,
+        desired: &DesiredState,
+        scope: &Scope,
+    ) -> impl Future<Output = Result<Applied, Error>> + Send;
+
+    /// Starts a full check whose IPVS dump is read elsewhere (see
+    /// [`Reconciler::begin_check`]).
+    fn begin_check(&mut self);
+
+    /// Ends the full check with the dumped digests, and heals every difference (see
+    /// [`NodeSync::finish_check`]).
+    fn finish_check(
+        &mut self,
+        desired: &DesiredState,
+        owned: &Owned,
+        digests: KernelDigests,
+    ) -> impl Future<Output = Result<Healed, Error>> + Send;
+
+    /// Deletes the draining destinations that are done. Returns how many.
+    fn drain(&mut self) -> impl Future<Output = Result<usize, Error>> + Send;
+
+    /// How many destinations are draining.
+    fn draining(&self) -> usize;
+
+    /// The draining destinations.
+    fn draining_destinations(&self) -> Vec<(ServiceKey, SocketAddr)>;
+
+    /// The virtual servers kube-ipvs owns in the kernel, as last written.
+    fn owned(&self) -> Vec<ServiceKey>;
+
+    /// The addresses bound to kube-ipvs0.
+    fn service_addresses(&self) -> impl Future<Output = Result<BTreeSet<IpAddr>, Error>> + Send;
+
+    /// How many IPVS messages of each kind were sent since the start.
+    fn sent_messages(&self) -> impl Future<Output = HashMap<Operation, u64>> + Send;
+}
+
+impl NodeIo for NodeSync {
+    async fn apply(&mut self, desired: &DesiredState, scope: &Scope) -> Result<Applied, Error> {
+        NodeSync::apply(self, desired, scope).await
+    }
+
+    fn begin_check(&mut self) {
+        self.reconciler.begin_check();
+    }
+
+    async fn finish_check(
+        &mut self,
+        desired: &DesiredState,
+        owned: &Owned,
+        digests: KernelDigests,
+    ) -> Result<Healed, Error> {
+        NodeSync::finish_check(self, desired, owned, digests).await
+    }
+
+    async fn drain(&mut self) -> Result<usize, Error> {
+        Ok(self.reconciler.drain().await?.len())
+    }
+
+    fn draining(&self) -> usize {
+        self.reconciler.draining().count()
+    }
+
+    fn draining_destinations(&self) -> Vec<(ServiceKey, SocketAddr)> {
+        self.reconciler.draining().copied().collect()
+    }
+
+    fn owned(&self) -> Vec<ServiceKey> {
+        self.reconciler.shadow().keys().copied().collect()
+    }
+
+    async fn service_addresses(&self) -> Result<BTreeSet<IpAddr>, Error> {
+        Ok(self.link.addresses().await?)
+    }
+
+    async fn sent_messages(&self) -> HashMap<Operation, u64> {
+        self.reconciler.ipvs().sent_messages().await
+    }
+}
 
 /// What [`NodeSync::apply`] did.
 #[derive(Debug)]
@@ -54,28 +143,24 @@ pub struct NodeSync {
 }
 
 impl NodeSync {
-    /// Moves the node to `desired`: by `delta` (the virtual servers and elements that changed)
-    /// or, with `None`, by comparing everything. The masquerade rules go first and the virtual
+    /// Moves the node to `desired`: by the delta of [`Scope::Changed`] (the virtual servers and
+    /// elements that changed) or, with [`Scope::Everything`], by comparing everything. The masquerade rules go first and the virtual
     /// servers last, so no virtual server is ever reachable before its replies can be
     /// masqueraded (kubernetes#133773). kube-ipvs0's addresses are synced when the Service
     /// addresses changed; [`NodeSync::full_check`] repairs them whatever happened.
-    pub async fn apply(
-        &mut self,
-        desired: &DesiredState,
-        delta: Option<&Delta>,
-    ) -> Result<Applied, Error> {
+    pub async fn apply(&mut self, desired: &DesiredState, scope: &Scope) -> Result<Applied, Error> {
         let started = std::time::Instant::now();
         // The addresses follow the Service addresses, which most changes (endpoints) leave
         // alone: then the link is not read at all. The full check reads it every time.
-        let (netfilter, addresses_changed) = match delta {
-            Some(delta) => {
+        let (netfilter, addresses_changed) = match scope {
+            Scope::Changed(delta) => {
                 let update = self
                     .netfilter
                     .apply_delta(&delta.removed, &delta.added, &desired.elements)
                     .await?;
                 (update, delta.addresses_changed())
             }
-            None => {
+            Scope::Everything => {
                 let changed = self
                     .netfilter
                     .applied()
@@ -93,7 +178,11 @@ impl NodeSync {
             warn!(%err, "kube-ipvs0 address not synced");
         }
         let addresses_done = started.elapsed();
-        let ipvs = self.reconciler.sync(&desired.virtual_servers, delta.map(|d| &d.keys)).await;
+        let keys = match scope {
+            Scope::Changed(delta) => Some(&delta.keys),
+            Scope::Everything => None,
+        };
+        let ipvs = self.reconciler.sync(&desired.virtual_servers, keys).await;
         debug!(
             netfilter_us = netfilter_done.as_micros() as u64,
             addresses_us = (addresses_done - netfilter_done).as_micros() as u64,
@@ -177,18 +266,16 @@ pub async fn clean_up(
         Some(link) => link.addresses().await?,
         None => BTreeSet::new(),
     };
-    let mut node_port_addresses: BTreeSet<_> =
-        dummy_link::local_addresses(handle, dummy_link::KUBE_IPVS0).await?.into_iter().collect();
-    node_port_addresses.insert(std::net::Ipv4Addr::LOCALHOST.into());
+    let node_addresses = dummy_link::local_addresses(handle, dummy_link::KUBE_IPVS0).await?;
     let mut netfilter = Netfilter::new(netfilter::Config::default());
     let service_ports = netfilter.programmed_service_ports()?;
-    let owned = Owned {
+    let owned = Owned::new(
         service_ports,
         service_addresses,
-        node_port_addresses,
+        node_addresses,
         node_port_range,
         exclude_cidrs,
-    };
+    );
     let ipvs = ipvs_netlink::IpvsHandle::new()?;
     let deletions: Vec<Change> = ipvs
         .list_services()

@@ -1,10 +1,9 @@
-//! `kube-ipvs run`: sets the node up, starts the source and the HTTP servers, and runs the
-//! sync loop until SIGTERM or SIGINT. Kernel state is left in place on exit, as kube-proxy
+//! `kube-ipvs run`: adopts the node's kernel state, serves HTTP, starts the source, and runs
+//! the sync loop until SIGTERM or SIGINT ([`run`] reads as that list). Kernel state is left in place on exit, as kube-proxy
 //! leaves it, so traffic survives a restart or an upgrade.
 
 use std::{
-    collections::BTreeSet,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
     time::Duration,
@@ -31,10 +30,11 @@ use crate::{
     dumper::{Dumped, Dumper},
     health::ProxyHealth,
     http::{self, Shared},
-    inspect::Published,
+    inspect::{Published, SnapshotRequests},
     metrics::Metrics,
     proxier::{Proxier, Settings},
-    source::{api, manifests::Manifests},
+    schedule::Schedule,
+    source::{Input, api, manifests::Manifests},
 };
 
 /// Options of `kube-ipvs run` beyond kube-proxy's configuration.
@@ -173,33 +173,46 @@ fn exposure(metrics: SocketAddr, traffic_metrics: bool) -> Option<&'static str> 
 pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     let node_name = node_name(&config);
     info!(node = node_name, version = env!("CARGO_PKG_VERSION"), "starting kube-ipvs");
+    let (ipvs, node, local) = adopt_node(&config, &options).await?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(ProxyHealth::new(config.sync_period));
+    let snapshots = serve_http(&config, &options, &ipvs, &metrics, &health).await?;
+    let settings = settings(&config, &options, &node_name);
+    let proxier = Proxier::new(settings, node, local, metrics, health);
+    let inputs = start_source(&config, &options, node_name).await?;
+    sync_loop(&config, proxier, inputs, snapshots).await
+}
+
+/// Sets the kernel up and adopts the state the last run left: nothing is written until the
+/// first lists are complete, and then only what differs. Returns the IPVS handle, the node's
+/// I/O and the node's addresses outside kube-ipvs0.
+async fn adopt_node(
+    config: &Config,
+    options: &RunOptions,
+) -> Result<(IpvsHandle, NodeSync, Vec<IpAddr>), Error> {
     let ipvs = IpvsHandle::new().map_err(controller::Error::from)?;
     let started = Instant::now();
     load_kernel_modules(&config.scheduler).await;
-    set_up_kernel(&config, &ipvs).await?;
+    set_up_kernel(config, &ipvs).await?;
     let kernel_set_up = started.elapsed();
 
-    // The kernel as the last run left it is adopted, not reset: nothing is written until the
-    // first lists are complete, and then only what differs.
     let link_handle = dummy_link::connect().map_err(controller::Error::from)?;
     let link = DummyLink::ensure(link_handle, KUBE_IPVS0).await.map_err(controller::Error::from)?;
     let local = local_addresses().await?;
-    let mut node_port_addresses: BTreeSet<IpAddr> = local.iter().copied().collect();
-    node_port_addresses.insert(Ipv4Addr::LOCALHOST.into());
     let mut netfilter = Netfilter::new(netfilter::Config {
         cluster_cidrs: config.cluster_cidrs.clone(),
         masquerade_all: config.masquerade_all,
         masquerade_bit: config.masquerade_bit,
         localhost_node_ports: config.localhost_node_ports,
     });
-    let owned = Owned {
+    let owned = Owned::new(
         // The Service ports the last run programmed, as its netfilter table records them.
-        service_ports: netfilter.programmed_service_ports().map_err(controller::Error::from)?,
-        service_addresses: link.addresses().await.map_err(controller::Error::from)?,
-        node_port_addresses,
-        node_port_range: options.node_port_range.clone(),
-        exclude_cidrs: config.exclude_cidrs.clone(),
-    };
+        netfilter.programmed_service_ports().map_err(controller::Error::from)?,
+        link.addresses().await.map_err(controller::Error::from)?,
+        local.iter().copied(),
+        options.node_port_range.clone(),
+        config.exclude_cidrs.clone(),
+    );
     let adopting = Instant::now();
     let reconciler = Reconciler::adopt(ipvs.clone(), &owned, config.drain_bound).await?;
     // Where the start's time goes, before the lists: see docs/benchmarks.md.
@@ -209,11 +222,19 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
         adopt_ms = adopting.elapsed().as_millis() as u64,
         "kernel state adopted"
     );
-    let node = NodeSync { reconciler, link, netfilter };
+    Ok((ipvs, NodeSync { reconciler, link, netfilter }, local))
+}
 
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(ProxyHealth::new(config.sync_period));
-    let (published, mut snapshot_requests) = Published::new();
+/// Starts the health and metrics servers. Returns the requests for what was programmed
+/// (`/virtualservers`), which the loop answers.
+async fn serve_http(
+    config: &Config,
+    options: &RunOptions,
+    ipvs: &IpvsHandle,
+    metrics: &Arc<Metrics>,
+    health: &Arc<ProxyHealth>,
+) -> Result<SnapshotRequests, Error> {
+    let (published, snapshot_requests) = Published::new();
     let shared = Shared {
         health: health.clone(),
         metrics: metrics.clone(),
@@ -230,21 +251,32 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
     if let Some(exposed) = exposure(bound, options.traffic_metrics) {
         warn!(address = %bound, exposed, "the metrics address is not loopback: anyone who reaches it can read these, unauthenticated");
     }
+    Ok(snapshot_requests)
+}
 
-    let settings = Settings {
+/// What the proxier is told besides the objects.
+fn settings(config: &Config, options: &RunOptions, node_name: &str) -> Settings {
+    Settings {
         proxy: ProxyConfig {
             scheduler: config.scheduler.clone(),
             service_proxy_name: config.service_proxy_name.clone(),
             localhost_node_ports: config.localhost_node_ports,
         },
         exclude_cidrs: config.exclude_cidrs.clone(),
-        node_name: node_name.clone(),
+        node_name: node_name.to_owned(),
         node_port_addresses: config.node_port_addresses.clone(),
         node_port_range: options.node_port_range.clone(),
-    };
-    let mut proxier = Proxier::new(settings, node, local, metrics, health);
+    }
+}
 
-    let (sink, mut inputs) = mpsc::channel(4096);
+/// Starts reading Services, EndpointSlices and the Node, from the API server or from
+/// manifests.
+async fn start_source(
+    config: &Config,
+    options: &RunOptions,
+    node_name: String,
+) -> Result<mpsc::Receiver<Input>, Error> {
+    let (sink, inputs) = mpsc::channel(4096);
     match &options.manifests {
         Some(dir) => {
             info!(dir = %dir.display(), "reading Services and EndpointSlices from manifests");
@@ -252,16 +284,25 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
             tokio::spawn(manifests.follow(options.manifests_interval, sink));
         }
         None => {
-            let client = kube_client(&config).await?;
+            let client = kube_client(config).await?;
             let stream = api::inputs(client, &node_name, config.service_proxy_name.as_deref());
             tokio::spawn(api::forward(stream, sink));
         }
     }
+    Ok(inputs)
+}
 
+/// The loop: events in, syncs and full checks when the [`Schedule`] says, draining, and the
+/// answers to `/virtualservers`, until SIGTERM or SIGINT.
+async fn sync_loop(
+    config: &Config,
+    mut proxier: Proxier<NodeSync>,
+    mut inputs: mpsc::Receiver<Input>,
+    mut snapshot_requests: SnapshotRequests,
+) -> Result<(), Error> {
     let mut terminate = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
-    let mut next_sync = Instant::now();
-    let mut next_check = Instant::now() + config.sync_period;
+    let mut schedule = Schedule::new(config.min_sync_period, config.sync_period, Instant::now());
     let mut drain = tokio::time::interval(Duration::from_secs(1));
     let mut dumper = Dumper::start()?;
     let mut check: Option<oneshot::Receiver<Dumped>> = None;
@@ -273,14 +314,14 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                 Some(input) => proxier.handle(input),
                 None => { warn!("the source ended"); break }
             },
-            _ = sleep_until(next_sync), if proxier.ready() && proxier.pending() => {
-                let retry = match proxier.sync().await {
-                    Ok(_) => Duration::ZERO,
-                    Err(err) => { warn!(%err, "sync failed; retrying"); Duration::from_secs(1) }
-                };
-                next_sync = Instant::now() + config.min_sync_period.max(retry);
+            _ = sleep_until(schedule.next_sync()), if proxier.ready() && proxier.pending() => {
+                let result = proxier.sync().await;
+                if let Err(err) = &result {
+                    warn!(%err, "sync failed; retrying");
+                }
+                schedule.synced(result.is_ok(), Instant::now());
             }
-            _ = sleep_until(next_check), if check.is_none() => {
+            _ = sleep_until(schedule.next_check()), if check.is_none() => {
                 match local_addresses().await {
                     Ok(addresses) => proxier.set_local_addresses(addresses),
                     Err(err) => warn!(%err, "cannot read the node's addresses"),
@@ -289,7 +330,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                     // The IPVS table is read on the dump thread; syncs go on meanwhile.
                     check = Some(dumper.dump());
                 } else {
-                    next_check = Instant::now() + config.sync_period;
+                    schedule.checked(Instant::now());
                 }
             }
             dumped = dumped(&mut check), if check.is_some() => {
@@ -309,7 +350,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<(), Error> {
                 if let Err(err) = result {
                     warn!(%err, "full check failed; retrying at the next one");
                 }
-                next_check = Instant::now() + config.sync_period;
+                schedule.checked(Instant::now());
             }
             Some(request) = snapshot_requests.recv() => {
                 // The asker may have given up; then there is no one to answer.

@@ -108,6 +108,9 @@ impl Snapshot {
 /// A request for a [`Snapshot`], answered by the sync loop between syncs.
 pub type SnapshotRequest = oneshot::Sender<Snapshot>;
 
+/// The requests for a [`Snapshot`] the sync loop answers.
+pub type SnapshotRequests = mpsc::Receiver<SnapshotRequest>;
+
 /// The HTTP server's side: asks the sync loop for a [`Snapshot`]. The sync loop copies its
 /// state only when asked, so a sync costs what changed, never the size of the whole table.
 #[derive(Debug, Clone)]
@@ -117,7 +120,7 @@ pub struct Published {
 
 impl Published {
     /// A handle, and the requests the sync loop answers.
-    pub fn new() -> (Self, mpsc::Receiver<SnapshotRequest>) {
+    pub fn new() -> (Self, SnapshotRequests) {
         let (requests, receiver) = mpsc::channel(16);
         (Self { requests }, receiver)
     }

@@ -2,9 +2,8 @@
 //!
 //! - [`source`]: Services, EndpointSlices and the Node, watched from the API server or read
 //!   from a directory of manifests, as one stream of watch events;
-//! - [`cache`]: those objects as the last events left them, shared with the source;
-//! - [`proxier`]: which Services changed, and the sync loop that turns them into the desired
-//!   state (crate `controller`) and moves the kernel there;
+//! - [`proxier`]: the loop's body: events into the change tracker (crate `controller`), and
+//!   what changed onto the node through its I/O; [`schedule`]: when it syncs and checks;
 //! - [`health`], [`metrics`], [`service_health`]: what the sync loop reports, served over HTTP
 //!   by [`http`] as kube-proxy serves it;
 //! - [`inspect`]: what the daemon programmed, for `kube-ipvs ls` and its `--diff`;
@@ -15,7 +14,6 @@
 //! The data plane and the desired-state computation are the crates `ipvs-netlink`,
 //! `dummy-link`, `netfilter`, `sysctl-settings`, `conntrack` and `controller`.
 
-pub mod cache;
 pub mod config;
 pub mod daemon;
 pub mod dumper;
@@ -25,6 +23,7 @@ pub mod http;
 pub mod inspect;
 pub mod metrics;
 pub mod proxier;
+pub mod schedule;
 pub mod service_health;
 pub mod source;
 

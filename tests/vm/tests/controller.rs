@@ -8,7 +8,8 @@ use std::{
 };
 
 use controller::{
-    desired::{DesiredState, NodeInfo, ProxyConfig, desired_state},
+    changes::{Scope, desired_state},
+    desired::{DesiredState, NodeInfo, ProxyConfig},
     node::NodeSync,
     reconcile::{Owned, Reconciler},
 };
@@ -98,7 +99,7 @@ impl Node {
     /// Programs the node for these endpoint placements.
     async fn program(&mut self, nodes: &[&str]) -> DesiredState {
         let desired = self.desired(nodes);
-        let applied = self.sync.apply(&desired, None).await.unwrap();
+        let applied = self.sync.apply(&desired, &Scope::Everything).await.unwrap();
         assert!(applied.ipvs.failed.is_empty(), "{:?}", applied.ipvs.failed);
         desired
     }

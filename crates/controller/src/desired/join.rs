@@ -23,7 +23,7 @@ use super::{
 };
 
 /// A Service's namespace and name.
-pub type ServiceName = (String, String);
+pub type ServiceName = super::model::ObjectKey;
 
 /// What changed since the last [`Join::take_delta`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -262,7 +262,8 @@ impl Join {
                 && !owned_by(held, name)
             {
                 // A second claim: the virtual server becomes contested.
-                let holder = (held.owner.namespace.clone(), held.owner.name.clone());
+                let holder =
+                    ServiceName::new(held.owner.namespace.clone(), held.owner.name.clone());
                 let claimants: Claimants = [holder, name.clone()].into_iter().collect();
                 let first = claimants.first() == Some(name);
                 self.claims.insert(*key, claimants);
@@ -470,7 +471,7 @@ impl Join {
 
 /// Whether `server` is the Service `name`'s (its `owner` names it).
 fn owned_by(server: &VirtualServer, name: &ServiceName) -> bool {
-    server.owner.namespace == name.0 && server.owner.name == name.1
+    server.owner.namespace == name.namespace && server.owner.name == name.name
 }
 
 /// A stable hash (FNV-1a): the same key gets the same mark on every start.
@@ -502,7 +503,7 @@ mod tests {
     }
 
     fn name(i: u64) -> ServiceName {
-        ("ns".into(), format!("svc-{i}"))
+        ServiceName::new("ns", format!("svc-{i}"))
     }
 
     fn address(i: u64) -> IpAddr {
@@ -515,8 +516,8 @@ mod tests {
         let mut state = ServiceState::default();
         let mut elements = Elements::default();
         let owner = ServicePortName {
-            namespace: service.0.clone(),
-            name: service.1.clone(),
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
             port: "http".into(),
         };
         for _ in 0..r.below(3) {
@@ -704,7 +705,7 @@ mod tests {
             .iter()
             .map(|server| {
                 let mut server = VirtualServer::clone(server);
-                server.owner.name = b.1.clone();
+                server.owner.name = b.name.clone();
                 Arc::new(server)
             })
             .collect();
@@ -713,11 +714,11 @@ mod tests {
         join.set(&a, Some(state.clone()));
         join.take_delta();
         assert_eq!(join.problems().len(), state.virtual_servers.len());
-        assert!(join.desired().virtual_servers.values().all(|s| s.owner.name == a.1));
+        assert!(join.desired().virtual_servers.values().all(|s| s.owner.name == a.name));
         join.set(&a, None);
         let delta = join.take_delta();
         assert!(join.problems().is_empty());
-        assert!(join.desired().virtual_servers.values().all(|s| s.owner.name == b.1));
+        assert!(join.desired().virtual_servers.values().all(|s| s.owner.name == b.name));
         assert_eq!(delta.keys.len(), state.virtual_servers.len(), "the owner changed");
         assert_eq!(delta.removed, Elements::default(), "the other still needs every element");
     }

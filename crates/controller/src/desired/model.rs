@@ -206,9 +206,38 @@ impl Keyed for Destination {
     }
 }
 
-/// A Service's namespace and name, for the Services that claim one thing.
-impl Keyed for (String, String) {
-    type Key = (String, String);
+/// An object's namespace (empty for a cluster-scoped one) and name: the key of the objects
+/// kube-ipvs keeps, in the order `kubectl` lists them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    /// The namespace, empty for a cluster-scoped object.
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// The key of the object `name` in `namespace`.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self { namespace: namespace.into(), name: name.into() }
+    }
+
+    /// The key of `object`.
+    pub fn of<K: kube::runtime::reflector::Lookup>(object: &K) -> Self {
+        let text = |part: Option<std::borrow::Cow<'_, str>>| part.unwrap_or_default().into_owned();
+        Self { namespace: text(object.namespace()), name: text(object.name()) }
+    }
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A Service's key, for the Services that claim one thing.
+impl Keyed for ObjectKey {
+    type Key = ObjectKey;
     fn sort_key(&self) -> &Self::Key {
         self
     }

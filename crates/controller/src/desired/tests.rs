@@ -11,6 +11,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::{Value, json};
 
 use super::*;
+use crate::changes::desired_state;
 
 fn node() -> NodeInfo {
     NodeInfo {

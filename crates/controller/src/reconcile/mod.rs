@@ -27,13 +27,14 @@ use crate::{
     desired::{Destinations, LOCAL_MARK_BASE, LOCAL_MARK_SPACE, VirtualServer},
 };
 
-/// Which virtual servers are kube-ipvs's: the others are never touched.
-pub trait Ownership {
+/// Which virtual servers are kube-ipvs's: the others are never touched. Shared by reference
+/// across the awaits of a check, so `Sync`.
+pub trait Ownership: Sync {
     /// Whether kube-ipvs owns the virtual server with this key.
     fn owns(&self, key: &ServiceKey) -> bool;
 }
 
-impl<F: Fn(&ServiceKey) -> bool> Ownership for F {
+impl<F: Fn(&ServiceKey) -> bool + Sync> Ownership for F {
     fn owns(&self, key: &ServiceKey) -> bool {
         self(key)
     }
@@ -60,6 +61,30 @@ pub struct Owned {
     pub node_port_range: std::ops::RangeInclusive<u16>,
     /// `--ipvs-exclude-cidrs`.
     pub exclude_cidrs: Vec<ipnetwork::IpNetwork>,
+}
+
+impl Owned {
+    /// kube-ipvs's virtual servers: those on `service_ports`, and outside `exclude_cidrs` those
+    /// on `service_addresses` and those in `node_port_range` on `node_port_addresses` or on
+    /// 127.0.0.1 (where NodePorts are served when localhost NodePorts are on, and were by the
+    /// last run when they were).
+    pub fn new(
+        service_ports: BTreeSet<netfilter::ServicePort>,
+        service_addresses: BTreeSet<std::net::IpAddr>,
+        node_port_addresses: impl IntoIterator<Item = std::net::IpAddr>,
+        node_port_range: std::ops::RangeInclusive<u16>,
+        exclude_cidrs: Vec<ipnetwork::IpNetwork>,
+    ) -> Self {
+        let mut node_port_addresses: BTreeSet<_> = node_port_addresses.into_iter().collect();
+        node_port_addresses.insert(std::net::Ipv4Addr::LOCALHOST.into());
+        Self {
+            service_ports,
+            service_addresses,
+            node_port_addresses,
+            node_port_range,
+            exclude_cidrs,
+        }
+    }
 }
 
 impl Ownership for Owned {

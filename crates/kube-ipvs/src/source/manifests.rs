@@ -22,7 +22,9 @@ use tokio::sync::mpsc;
 use tracing::warn;
 
 use super::{Input, service_watched, slice_watched};
-use crate::{Error, cache::Key};
+use controller::desired::ObjectKey as Key;
+
+use crate::Error;
 
 /// The objects of one or more files. Each object is parsed once and shared (by `Arc`) between
 /// its file, the directory's merged view, the last scan and the daemon's cache, to which the
@@ -75,7 +77,7 @@ pub struct Manifests {
 }
 
 fn key(namespace: Option<&str>, name: Option<&str>) -> Key {
-    (namespace.unwrap_or("default").to_owned(), name.unwrap_or_default().to_owned())
+    Key::new(namespace.unwrap_or("default"), name.unwrap_or_default())
 }
 
 /// Parses a namespaced object as its API type `P` into `objects`, kept as a `K` (a Service as
@@ -95,7 +97,7 @@ fn insert<P: serde::de::DeserializeOwned + kube::Resource, K: From<P>>(
     }
     let meta = parsed.meta_mut();
     let key = key(meta.namespace.as_deref(), meta.name.as_deref());
-    meta.namespace = Some(key.0.clone());
+    meta.namespace = Some(key.namespace.clone());
     objects.insert(key, Arc::new(K::from(parsed)));
     Ok(())
 }
@@ -279,7 +281,7 @@ impl Manifests {
         for file in self.files.values() {
             all.extend(&file.objects);
         }
-        all.nodes.retain(|(_, name), _| *name == self.node);
+        all.nodes.retain(|key, _| key.name == self.node);
         let mut out = Vec::new();
         match &self.current {
             None => {
@@ -384,7 +386,7 @@ items:
         std::fs::write(dir.join("api.yml"), api).unwrap();
         assert_eq!(names(&manifests.scan().unwrap()), ["Service apply other/api"]);
         let namespace = manifests.current.as_ref().unwrap().services.keys().next().cloned();
-        assert_eq!(namespace, Some(("default".into(), "web".into())), "namespace defaults");
+        assert_eq!(namespace, Some(Key::new("default", "web")), "namespace defaults");
 
         std::fs::remove_file(dir.join("web.yaml")).unwrap();
         let removed = manifests.scan().unwrap();
@@ -404,7 +406,7 @@ items:
             "items": [service("a"), service("b")]});
         let text = format!("{list}\n{}", service("c"));
         let objects = parse(path, &text);
-        let names: Vec<&str> = objects.services.keys().map(|(_, n)| n.as_str()).collect();
+        let names: Vec<&str> = objects.services.keys().map(|k| k.name.as_str()).collect();
         assert_eq!(names, ["a", "b", "c"]);
         // What the API server's watches would not send is left out, as they leave it: a
         // headless Service, and the slices labelled headless.

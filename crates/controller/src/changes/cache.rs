@@ -5,22 +5,15 @@ use std::{collections::HashMap, sync::Arc};
 
 use kube::runtime::{reflector::Lookup, watcher::Event};
 
-/// An object's namespace (empty for a cluster-scoped one) and name.
-pub type Key = (String, String);
+use crate::desired::ObjectKey;
 
-/// The key of `object`.
-pub fn key_of<K: Lookup>(object: &K) -> Key {
-    let text = |part: Option<std::borrow::Cow<'_, str>>| part.unwrap_or_default().into_owned();
-    (text(object.namespace()), text(object.name()))
-}
-
-/// The objects of one kind, keyed by namespace and name, as a reflector store keeps them: a
-/// relist (`Init`, `InitApply`…, `InitDone`) is gathered aside and replaces the objects when
-/// it is done, so that the objects never stand half listed.
+/// The objects of one kind, keyed by namespace and name: a relist (`Init`, `InitApply`…,
+/// `InitDone`) is gathered aside and replaces the objects when it is done, so that the
+/// objects never stand half listed.
 #[derive(Debug)]
 pub struct Cache<K> {
-    objects: HashMap<Key, Arc<K>>,
-    relist: HashMap<Key, Arc<K>>,
+    objects: HashMap<ObjectKey, Arc<K>>,
+    relist: HashMap<ObjectKey, Arc<K>>,
     listed: bool,
 }
 
@@ -35,14 +28,14 @@ impl<K: Lookup> Cache<K> {
     pub fn apply(&mut self, event: &Event<Arc<K>>) {
         match event {
             Event::Apply(object) => {
-                self.objects.insert(key_of(object.as_ref()), object.clone());
+                self.objects.insert(ObjectKey::of(object.as_ref()), object.clone());
             }
             Event::Delete(object) => {
-                self.objects.remove(&key_of(object.as_ref()));
+                self.objects.remove(&ObjectKey::of(object.as_ref()));
             }
             Event::Init => self.relist.clear(),
             Event::InitApply(object) => {
-                self.relist.insert(key_of(object.as_ref()), object.clone());
+                self.relist.insert(ObjectKey::of(object.as_ref()), object.clone());
             }
             Event::InitDone => {
                 self.objects = std::mem::take(&mut self.relist);
@@ -51,10 +44,9 @@ impl<K: Lookup> Cache<K> {
         }
     }
 
-    /// The object in `namespace` (empty for a cluster-scoped one) named `name`.
-    pub fn get(&self, namespace: &str, name: &str) -> Option<&Arc<K>> {
-        // One lookup allocates the key; the maps are keyed by owned strings to stay compact.
-        self.objects.get(&(namespace.to_owned(), name.to_owned()))
+    /// The object with this key.
+    pub fn get(&self, key: &ObjectKey) -> Option<&Arc<K>> {
+        self.objects.get(key)
     }
 
     /// Every object.
@@ -81,7 +73,7 @@ impl<K: Lookup> Cache<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use controller::desired::ServiceInfo;
+    use crate::desired::ServiceInfo;
     use k8s_openapi::api::core::v1::Service;
 
     fn service(name: &str, ip: &str) -> Arc<ServiceInfo> {
@@ -103,7 +95,7 @@ mod tests {
         assert!(cache.is_empty() && !cache.listed(), "a list is not used half done");
         cache.apply(&Event::InitDone);
         assert!(cache.listed());
-        let a = cache.get("ns", "a").unwrap().clone();
+        let a = cache.get(&ObjectKey::new("ns", "a")).unwrap().clone();
         cache.apply(&Event::Apply(service("b", "10.96.0.2")));
         assert_eq!(cache.len(), 2);
 
@@ -111,11 +103,14 @@ mod tests {
         cache.apply(&Event::Init);
         let changed = service("a", "10.96.0.3");
         cache.apply(&Event::InitApply(changed.clone()));
-        assert!(Arc::ptr_eq(cache.get("ns", "a").unwrap(), &a));
-        assert!(cache.get("ns", "b").is_some());
+        assert!(Arc::ptr_eq(cache.get(&ObjectKey::new("ns", "a")).unwrap(), &a));
+        assert!(cache.get(&ObjectKey::new("ns", "b")).is_some());
         cache.apply(&Event::InitDone);
-        assert!(Arc::ptr_eq(cache.get("ns", "a").unwrap(), &changed), "the object is shared");
-        assert!(cache.get("ns", "b").is_none());
+        assert!(
+            Arc::ptr_eq(cache.get(&ObjectKey::new("ns", "a")).unwrap(), &changed),
+            "the object is shared"
+        );
+        assert!(cache.get(&ObjectKey::new("ns", "b")).is_none());
         cache.apply(&Event::Delete(changed));
         assert!(cache.is_empty() && cache.objects().next().is_none());
     }
