@@ -8,6 +8,7 @@
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use ipnetwork::IpNetwork;
+use serde::{Deserialize, Deserializer, de::Error as _};
 use serde_json::Value;
 
 use controller::desired::SCHEDULERS;
@@ -189,99 +190,209 @@ pub struct Flags {
     pub log_format: Option<LogFormat>,
 }
 
-/// The fields of a `KubeProxyConfiguration` kube-ipvs uses.
-const USED: &[&str] = &[
-    "apiVersion",
-    "kind",
-    "mode",
-    "clientConnection.kubeconfig",
-    "hostnameOverride",
-    "clusterCIDR",
-    "nodePortAddresses",
-    "iptables.masqueradeAll",
-    "iptables.masqueradeBit",
-    "ipvs.scheduler",
-    "ipvs.syncPeriod",
-    "ipvs.minSyncPeriod",
-    "ipvs.excludeCIDRs",
-    "ipvs.strictARP",
-    "ipvs.tcpTimeout",
-    "ipvs.tcpFinTimeout",
-    "ipvs.udpTimeout",
-    "healthzBindAddress",
-    "metricsBindAddress",
-];
+/// A `KubeProxyConfiguration` (kubeproxy.config.k8s.io/v1alpha1), the fields kube-ipvs uses:
+/// each field's path is its place here. A field that is absent, null or an empty string counts
+/// as not set, as kube-proxy's defaulting does; the others are kept aside (`other`) to be named
+/// in a warning.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct KubeProxyConfiguration {
+    #[serde(deserialize_with = "text")]
+    api_version: Option<String>,
+    #[serde(deserialize_with = "text")]
+    kind: Option<String>,
+    #[serde(deserialize_with = "text")]
+    mode: Option<String>,
+    client_connection: ClientConnection,
+    #[serde(deserialize_with = "text")]
+    hostname_override: Option<String>,
+    #[serde(rename = "clusterCIDR", deserialize_with = "comma_separated_cidrs")]
+    cluster_cidr: Option<Vec<IpNetwork>>,
+    #[serde(deserialize_with = "node_port_address_list")]
+    node_port_addresses: Option<NodePortAddresses>,
+    iptables: Iptables,
+    ipvs: Ipvs,
+    #[serde(deserialize_with = "address")]
+    healthz_bind_address: Option<SocketAddr>,
+    #[serde(deserialize_with = "address")]
+    metrics_bind_address: Option<SocketAddr>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
 
-/// Every leaf field of a YAML document, as dotted paths, with its value.
-fn leaves(prefix: &str, value: &Value, out: &mut Vec<(String, Value)>) {
-    match value {
-        Value::Object(map) if !map.is_empty() => {
-            for (key, value) in map {
-                let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
-                leaves(&path, value, out);
-            }
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct ClientConnection {
+    #[serde(deserialize_with = "text")]
+    kubeconfig: Option<String>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct Iptables {
+    #[serde(deserialize_with = "boolean")]
+    masquerade_all: Option<bool>,
+    #[serde(deserialize_with = "bit")]
+    masquerade_bit: Option<u8>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", default)]
+struct Ipvs {
+    #[serde(deserialize_with = "text")]
+    scheduler: Option<String>,
+    #[serde(deserialize_with = "duration")]
+    sync_period: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    min_sync_period: Option<Duration>,
+    #[serde(rename = "excludeCIDRs", deserialize_with = "cidr_list")]
+    exclude_cidrs: Option<Vec<IpNetwork>>,
+    #[serde(rename = "strictARP", deserialize_with = "boolean")]
+    strict_arp: Option<bool>,
+    #[serde(deserialize_with = "duration")]
+    tcp_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    tcp_fin_timeout: Option<Duration>,
+    #[serde(deserialize_with = "duration")]
+    udp_timeout: Option<Duration>,
+    #[serde(flatten)]
+    other: serde_json::Map<String, Value>,
+}
+
+/// A value that is set: not null, not an empty string.
+fn set_value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    let value = Value::deserialize(deserializer)?;
+    Ok((!value.is_null() && value.as_str() != Some("")).then_some(value))
+}
+
+fn text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+    set_value(deserializer)?
+        .map(|value| match value {
+            Value::String(text) => Ok(text),
+            other => Err(D::Error::custom(format!("{other} is not a string"))),
+        })
+        .transpose()
+}
+
+fn texts<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Vec<String>>, D::Error> {
+    let item = |value: Value| match value {
+        Value::String(text) => Ok(text),
+        other => Err(D::Error::custom(format!("{other} is not a string"))),
+    };
+    set_value(deserializer)?
+        .map(|value| match value {
+            Value::Array(items) => items.into_iter().map(item).collect(),
+            other => Err(D::Error::custom(format!("{other} is not a list"))),
+        })
+        .transpose()
+}
+
+fn comma_separated_cidrs<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<IpNetwork>>, D::Error> {
+    text(deserializer)?.map(|text| cidrs(text.split(',')).map_err(D::Error::custom)).transpose()
+}
+
+fn cidr_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Vec<IpNetwork>>, D::Error> {
+    texts(deserializer)?.map(|items| cidrs(items).map_err(D::Error::custom)).transpose()
+}
+
+fn node_port_address_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<NodePortAddresses>, D::Error> {
+    texts(deserializer)?
+        .map(|items| node_port_addresses(&items).map_err(D::Error::custom))
+        .transpose()
+}
+
+fn address<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<SocketAddr>, D::Error> {
+    text(deserializer)?.map(|text| bind_address(&text).map_err(D::Error::custom)).transpose()
+}
+
+fn boolean<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<bool>, D::Error> {
+    set_value(deserializer)?
+        .map(|value| {
+            value.as_bool().ok_or_else(|| D::Error::custom(format!("{value} is not true or false")))
+        })
+        .transpose()
+}
+
+fn bit<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u8>, D::Error> {
+    set_value(deserializer)?
+        .map(|value| {
+            value
+                .as_u64()
+                .and_then(|b| u8::try_from(b).ok())
+                .ok_or_else(|| D::Error::custom(format!("{value} is not a bit number")))
+        })
+        .transpose()
+}
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    text(deserializer)?
+        .map(|text| {
+            humantime::parse_duration(&text)
+                .map_err(|err| D::Error::custom(format!("{text:?} is not a duration: {err}")))
+        })
+        .transpose()
+}
+
+/// Every leaf field of the fields kept aside, as dotted paths under `prefix`, when set.
+fn leaves(prefix: &str, fields: &serde_json::Map<String, Value>, out: &mut Vec<String>) {
+    for (key, value) in fields {
+        let path = if prefix.is_empty() { key.clone() } else { format!("{prefix}.{key}") };
+        match value {
+            Value::Object(map) if !map.is_empty() => leaves(&path, map, out),
+            Value::Null => {}
+            Value::String(text) if text.is_empty() => {}
+            _ => out.push(path),
         }
-        _ => out.push((prefix.to_owned(), value.clone())),
     }
 }
 
-/// A field that is absent, null, an empty string or a zero duration counts as not set, as
-/// kube-proxy's defaulting does.
-fn set(value: Option<&Value>) -> Option<&Value> {
-    value.filter(|v| !v.is_null() && v.as_str() != Some(""))
+impl KubeProxyConfiguration {
+    /// The fields set that kube-ipvs does not use, sorted.
+    fn unused(&self) -> Vec<String> {
+        let mut unused = Vec::new();
+        leaves("", &self.other, &mut unused);
+        leaves("clientConnection", &self.client_connection.other, &mut unused);
+        leaves("iptables", &self.iptables.other, &mut unused);
+        leaves("ipvs", &self.ipvs.other, &mut unused);
+        unused.sort();
+        unused
+    }
 }
 
-fn get<'a>(document: &'a Value, path: &str) -> Option<&'a Value> {
-    set(path.split('.').try_fold(document, |v, key| v.get(key)))
-}
-
-fn string(field: &str, value: &Value) -> Result<String, Error> {
-    value
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| invalid(field, format!("{value} is not a string")))
-}
-
-fn boolean(field: &str, value: &Value) -> Result<bool, Error> {
-    value.as_bool().ok_or_else(|| invalid(field, format!("{value} is not true or false")))
-}
-
-fn duration(field: &str, text: &str) -> Result<Duration, Error> {
-    humantime::parse_duration(text)
-        .map_err(|err| invalid(field, format!("{text:?} is not a duration: {err}")))
-}
-
-fn cidrs(field: &str, items: impl IntoIterator<Item = String>) -> Result<Vec<IpNetwork>, Error> {
+/// Comma-separated or listed CIDRs; blanks are skipped.
+fn cidrs(items: impl IntoIterator<Item = impl AsRef<str>>) -> Result<Vec<IpNetwork>, String> {
     items
         .into_iter()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().map_err(|_| invalid(field, format!("{s:?} is not a CIDR"))))
+        .filter_map(|s| Some(s.as_ref().trim().to_owned()).filter(|s| !s.is_empty()))
+        .map(|s| s.parse().map_err(|_| format!("{s:?} is not a CIDR")))
         .collect()
 }
 
-fn list(field: &str, value: &Value) -> Result<Vec<String>, Error> {
-    match value {
-        Value::Array(items) => items.iter().map(|v| string(field, v)).collect(),
-        other => Err(invalid(field, format!("{other} is not a list"))),
-    }
-}
-
 /// `host:port`, or `:port` (every address), as kube-proxy accepts.
-fn bind_address(field: &str, text: &str) -> Result<SocketAddr, Error> {
+fn bind_address(text: &str) -> Result<SocketAddr, String> {
     let full = if text.starts_with(':') { format!("0.0.0.0{text}") } else { text.to_owned() };
-    full.parse().map_err(|_| invalid(field, format!("{text:?} is not an address and port")))
+    full.parse().map_err(|_| format!("{text:?} is not an address and port"))
 }
 
-fn node_port_addresses(field: &str, items: Vec<String>) -> Result<NodePortAddresses, Error> {
+fn node_port_addresses(items: &[String]) -> Result<NodePortAddresses, String> {
     if items.iter().any(|s| s == "primary") {
         return if items.len() == 1 {
             Ok(NodePortAddresses::Primary)
         } else {
-            Err(invalid(field, "primary cannot be combined with CIDRs"))
+            Err("primary cannot be combined with CIDRs".into())
         };
     }
-    let cidrs = cidrs(field, items)?;
+    let cidrs = cidrs(items)?;
     Ok(if cidrs.is_empty() { NodePortAddresses::All } else { NodePortAddresses::Cidrs(cidrs) })
 }
 
@@ -309,90 +420,85 @@ fn apply_file(
     warnings: &mut Vec<String>,
 ) -> Result<(), Error> {
     let document: Value = serde_norway::from_str(text)
-        .map_err(|err| Error::File { file: file.to_owned(), reason: format!("not YAML: {err}") })?;
-    let kind = document.get("kind").and_then(Value::as_str);
+        .map_err(|source| Error::Yaml { file: file.to_owned(), source })?;
     let api_version = document.get("apiVersion").and_then(Value::as_str);
+    let kind = document.get("kind").and_then(Value::as_str);
     if kind != Some("KubeProxyConfiguration")
         || api_version != Some("kubeproxy.config.k8s.io/v1alpha1")
     {
-        return Err(Error::File {
+        return Err(Error::NotKubeProxyConfiguration {
             file: file.to_owned(),
-            reason: format!(
-                "not a KubeProxyConfiguration of kubeproxy.config.k8s.io/v1alpha1 (kind {kind:?}, apiVersion {api_version:?})"
-            ),
+            kind: kind.map(str::to_owned),
+            api_version: api_version.map(str::to_owned),
         });
     }
-    if let Some(mode) = get(&document, "mode").and_then(Value::as_str).filter(|m| *m != "ipvs") {
+    let file_config: KubeProxyConfiguration =
+        serde_path_to_error::deserialize(document).map_err(|err| Error::Invalid {
+            field: err.path().to_string(),
+            reason: err.into_inner().to_string(),
+        })?;
+    if let Some(mode) = file_config.mode.as_deref().filter(|m| *m != "ipvs") {
         warnings.push(format!("{file}: mode is {mode:?}; kube-ipvs always proxies with IPVS"));
     }
-    let mut all = Vec::new();
-    leaves("", &document, &mut all);
-    let ignored: Vec<String> = all
-        .into_iter()
-        .filter(|(path, value)| !USED.contains(&path.as_str()) && set(Some(value)).is_some())
-        .map(|(path, _)| path)
-        .collect();
-    if !ignored.is_empty() {
+    let unused = file_config.unused();
+    if !unused.is_empty() {
         warnings
-            .push(format!("{file}: kube-ipvs does not use these fields: {}", ignored.join(", ")));
+            .push(format!("{file}: kube-ipvs does not use these fields: {}", unused.join(", ")));
     }
-
-    if let Some(v) = get(&document, "clientConnection.kubeconfig") {
-        config.kubeconfig = Some(string("clientConnection.kubeconfig", v)?.into());
-    }
-    if let Some(v) = get(&document, "hostnameOverride") {
-        config.hostname_override = Some(string("hostnameOverride", v)?);
-    }
-    if let Some(v) = get(&document, "clusterCIDR") {
-        config.cluster_cidrs =
-            cidrs("clusterCIDR", string("clusterCIDR", v)?.split(',').map(str::to_owned))?;
-    }
-    if let Some(v) = get(&document, "nodePortAddresses") {
-        config.node_port_addresses =
-            node_port_addresses("nodePortAddresses", list("nodePortAddresses", v)?)?;
-    }
-    if let Some(v) = get(&document, "iptables.masqueradeAll") {
-        config.masquerade_all = boolean("iptables.masqueradeAll", v)?;
-    }
-    if let Some(v) = get(&document, "iptables.masqueradeBit") {
-        config.masquerade_bit = v
-            .as_u64()
-            .and_then(|b| u8::try_from(b).ok())
-            .ok_or_else(|| invalid("iptables.masqueradeBit", format!("{v} is not a bit number")))?;
-    }
-    if let Some(v) = get(&document, "ipvs.scheduler") {
-        config.scheduler = string("ipvs.scheduler", v)?;
-    }
-    if let Some(v) = get(&document, "ipvs.excludeCIDRs") {
-        config.exclude_cidrs = cidrs("ipvs.excludeCIDRs", list("ipvs.excludeCIDRs", v)?)?;
-    }
-    if let Some(v) = get(&document, "ipvs.strictARP") {
-        config.strict_arp = boolean("ipvs.strictARP", v)?;
-    }
-    for (field, target) in [
-        ("ipvs.syncPeriod", &mut config.sync_period),
-        ("ipvs.minSyncPeriod", &mut config.min_sync_period),
-        ("ipvs.tcpTimeout", &mut config.tcp_timeout),
-        ("ipvs.tcpFinTimeout", &mut config.tcp_fin_timeout),
-        ("ipvs.udpTimeout", &mut config.udp_timeout),
-    ] {
-        if let Some(v) = get(&document, field) {
-            let value = duration(field, &string(field, v)?)?;
-            // kube-proxy treats a zero sync period as "use the default".
-            if !(field == "ipvs.syncPeriod" && value.is_zero()) {
-                *target = value;
-            }
-        }
-    }
-    for (field, target) in [
-        ("healthzBindAddress", &mut config.healthz_bind_address),
-        ("metricsBindAddress", &mut config.metrics_bind_address),
-    ] {
-        if let Some(v) = get(&document, field) {
-            *target = bind_address(field, &string(field, v)?)?;
-        }
-    }
+    apply_configuration(config, file_config);
     Ok(())
+}
+
+fn apply_configuration(config: &mut Config, file: KubeProxyConfiguration) {
+    let KubeProxyConfiguration { client_connection, iptables, ipvs, .. } = file;
+    if let Some(v) = client_connection.kubeconfig {
+        config.kubeconfig = Some(v.into());
+    }
+    if let Some(v) = file.hostname_override {
+        config.hostname_override = Some(v);
+    }
+    if let Some(v) = file.cluster_cidr {
+        config.cluster_cidrs = v;
+    }
+    if let Some(v) = file.node_port_addresses {
+        config.node_port_addresses = v;
+    }
+    if let Some(v) = iptables.masquerade_all {
+        config.masquerade_all = v;
+    }
+    if let Some(v) = iptables.masquerade_bit {
+        config.masquerade_bit = v;
+    }
+    if let Some(v) = ipvs.scheduler {
+        config.scheduler = v;
+    }
+    if let Some(v) = ipvs.exclude_cidrs {
+        config.exclude_cidrs = v;
+    }
+    if let Some(v) = ipvs.strict_arp {
+        config.strict_arp = v;
+    }
+    // kube-proxy treats a zero sync period as "use the default".
+    if let Some(v) = ipvs.sync_period.filter(|v| !v.is_zero()) {
+        config.sync_period = v;
+    }
+    let durations = [
+        (ipvs.min_sync_period, &mut config.min_sync_period),
+        (ipvs.tcp_timeout, &mut config.tcp_timeout),
+        (ipvs.tcp_fin_timeout, &mut config.tcp_fin_timeout),
+        (ipvs.udp_timeout, &mut config.udp_timeout),
+    ];
+    for (value, target) in durations {
+        if let Some(value) = value {
+            *target = value;
+        }
+    }
+    if let Some(v) = file.healthz_bind_address {
+        config.healthz_bind_address = v;
+    }
+    if let Some(v) = file.metrics_bind_address {
+        config.metrics_bind_address = v;
+    }
 }
 
 fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), Error> {
@@ -403,10 +509,11 @@ fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), Error> {
         config.hostname_override = Some(v.clone());
     }
     if let Some(v) = &flags.cluster_cidr {
-        config.cluster_cidrs = cidrs("--cluster-cidr", v.split(',').map(str::to_owned))?;
+        config.cluster_cidrs = cidrs(v.split(',')).map_err(|e| invalid("--cluster-cidr", e))?;
     }
     if let Some(v) = &flags.nodeport_addresses {
-        config.node_port_addresses = node_port_addresses("--nodeport-addresses", v.clone())?;
+        config.node_port_addresses =
+            node_port_addresses(v).map_err(|e| invalid("--nodeport-addresses", e))?;
     }
     if let Some(v) = flags.masquerade_all {
         config.masquerade_all = v;
@@ -418,7 +525,8 @@ fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), Error> {
         config.scheduler = v.clone();
     }
     if let Some(v) = &flags.ipvs_exclude_cidrs {
-        config.exclude_cidrs = cidrs("--ipvs-exclude-cidrs", v.split(',').map(str::to_owned))?;
+        config.exclude_cidrs =
+            cidrs(v.split(',')).map_err(|e| invalid("--ipvs-exclude-cidrs", e))?;
     }
     if let Some(v) = flags.ipvs_strict_arp {
         config.strict_arp = v;
@@ -437,10 +545,12 @@ fn apply_flags(config: &mut Config, flags: &Flags) -> Result<(), Error> {
         }
     }
     if let Some(v) = &flags.healthz_bind_address {
-        config.healthz_bind_address = bind_address("--healthz-bind-address", v)?;
+        config.healthz_bind_address =
+            bind_address(v).map_err(|e| invalid("--healthz-bind-address", e))?;
     }
     if let Some(v) = &flags.metrics_bind_address {
-        config.metrics_bind_address = bind_address("--metrics-bind-address", v)?;
+        config.metrics_bind_address =
+            bind_address(v).map_err(|e| invalid("--metrics-bind-address", e))?;
     }
     if let Some(v) = &flags.service_proxy_name {
         config.service_proxy_name = Some(v.clone());

@@ -63,15 +63,15 @@ pub fn node_name(config: &Config) -> String {
 async fn kube_client(config: &Config) -> Result<kube::Client, Error> {
     let client_config = match &config.kubeconfig {
         Some(path) => {
-            let kubeconfig = kube::config::Kubeconfig::read_from(path)
-                .map_err(|e| Error::Client(format!("{}: {e}", path.display())))?;
+            let failed = |source| Error::Kubeconfig { file: path.clone(), source };
+            let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(failed)?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
                 .await
-                .map_err(|e| Error::Client(format!("{}: {e}", path.display())))?
+                .map_err(failed)?
         }
-        None => kube::Config::infer().await.map_err(|e| Error::Client(e.to_string()))?,
+        None => kube::Config::infer().await.map_err(Error::InferConfig)?,
     };
-    kube::Client::try_from(client_config).map_err(|e| Error::Client(e.to_string()))
+    kube::Client::try_from(client_config).map_err(Error::Client)
 }
 
 /// Loads the kernel modules of IPVS, its default scheduler and the nftables table, with one
@@ -342,7 +342,7 @@ async fn sync_loop(
                     Err(_) => match Dumper::start() {
                         Ok(restarted) => {
                             dumper = restarted;
-                            Err(Error::DumpThread("it stopped; started again".into()))
+                            Err(Error::DumpThreadStopped)
                         }
                         Err(err) => Err(err),
                     },

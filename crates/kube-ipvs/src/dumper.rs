@@ -50,14 +50,14 @@ impl Dumper {
                     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(runtime) => runtime,
                         Err(err) => {
-                            let _ = opened.send(Err(format!("cannot start its runtime: {err}")));
+                            let _ = opened.send(Err(Error::DumpThreadStart(err)));
                             return;
                         }
                     };
                 let ipvs = match runtime.block_on(async { IpvsHandle::with_small_dump_parts() }) {
                     Ok(ipvs) => ipvs,
                     Err(err) => {
-                        let _ = opened.send(Err(format!("cannot open IPVS sockets: {err}")));
+                        let _ = opened.send(Err(Error::DumpThreadConnect(err)));
                         return;
                     }
                 };
@@ -69,11 +69,11 @@ impl Dumper {
                 }
                 debug!("the IPVS dump thread stops");
             })
-            .map_err(|err| Error::DumpThread(format!("cannot start: {err}")))?;
+            .map_err(Error::DumpThreadStart)?;
         match is_open.recv() {
             Ok(Ok(())) => Ok(Self { requests }),
-            Ok(Err(reason)) => Err(Error::DumpThread(reason)),
-            Err(_) => Err(Error::DumpThread("it stopped while starting".into())),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Err(Error::DumpThreadStopped),
         }
     }
 

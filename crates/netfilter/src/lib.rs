@@ -50,19 +50,24 @@ pub enum Error {
         #[source]
         source: NftablesError,
     },
-    /// `nft list table` failed (the table does not exist, or `nft` could not be run).
-    #[error("nftables: cannot list table inet {TABLE}: {reason}")]
+    /// `nft` could not be run to list the table.
+    #[error("nftables: cannot run nft to list table inet {TABLE}: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// `nft list table` failed (the table does not exist, say).
+    #[error("nftables: cannot list table inet {TABLE}: {stderr}")]
     List {
-        /// What went wrong.
-        reason: String,
+        /// What `nft` wrote on its standard error.
+        stderr: String,
     },
     /// A netlink request on the table failed.
-    #[error("nftables: {operation} of table inet {TABLE} over netlink failed: {reason}")]
+    #[error("nftables: {operation} of table inet {TABLE} over netlink failed: {source}")]
     Netlink {
-        /// What was being done: `update` or `check`.
+        /// What was being done: `update`, `check` or `read`.
         operation: &'static str,
-        /// What the socket or the kernel said.
-        reason: String,
+        /// What the socket or the kernel said: the socket failed, the kernel refused, its
+        /// answer could not be read, or a dump kept being interrupted.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -286,10 +291,8 @@ impl Netfilter {
     pub async fn check(&mut self) -> Result<bool> {
         let Some(applied) = &self.applied else { return Ok(false) };
         let wanted = elements::element_counts(&self.config, applied);
-        let netlink = |err: socket::SocketError| Error::Netlink {
-            operation: "check",
-            reason: err.to_string(),
-        };
+        let netlink =
+            |err: socket::SocketError| Error::Netlink { operation: "check", source: Box::new(err) };
         let drifted = self
             .netlink(|socket| {
                 for (set, count) in &wanted {
@@ -357,7 +360,7 @@ impl Netfilter {
     /// The keys of the elements of `set` in the kernel; `None` if it does not exist.
     fn keys(&mut self, set: &str) -> Result<Option<Vec<Vec<u8>>>> {
         self.netlink(|socket| socket.keys(set))
-            .map_err(|err| Error::Netlink { operation: "read", reason: err.to_string() })
+            .map_err(|err| Error::Netlink { operation: "read", source: Box::new(err) })
     }
 
     /// Deletes the table, if it exists.
@@ -399,9 +402,9 @@ pub async fn listing() -> Result<String> {
         .args(["list", "table", "inet", TABLE])
         .output()
         .await
-        .map_err(|err| Error::List { reason: err.to_string() })?;
+        .map_err(Error::Spawn)?;
     if !out.status.success() {
-        return Err(Error::List { reason: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        return Err(Error::List { stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

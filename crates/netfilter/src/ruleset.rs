@@ -363,186 +363,181 @@ fn localhost_lookup(name: &'static str) -> Expression<'static> {
 }
 
 /// The rules, chain by chain, in order.
-fn rules(config: &Config) -> Vec<(&'static str, Vec<Statement<'static>>)> {
+/// A rule: its chain, and its statements.
+type ChainRule = (&'static str, Vec<Statement<'static>>);
+
+/// The table's rules, chain by chain, in order.
+fn rules(config: &Config) -> Vec<ChainRule> {
     let mark = config.masquerade_mark();
-    let set_mark = || {
+    let mut rules = vec![("nat-prerouting", vec![jump("local-traffic")])];
+    if config.localhost_node_ports {
+        rules.push(localhost_node_ports(mark));
+    }
+    rules.push(("nat-prerouting", vec![jump("mark-for-masquerade")]));
+    rules.push(("nat-output", vec![jump("mark-for-masquerade")]));
+    rules.extend(local_traffic(config));
+    rules.extend(mark_for_masquerade(config, mark));
+    rules.extend(postrouting(mark));
+    rules.extend(filter());
+    rules
+}
+
+/// Sets the masquerade bit.
+fn set_mark(mark: u32) -> Statement<'static> {
+    Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
+            meta(MetaKey::Mark),
+            Expression::Number(mark),
+        ]))),
+    })
+}
+
+/// A source outside the pod networks of `family`; `None` when none is configured.
+fn not_from_pods(config: &Config, family: Family) -> Option<Statement<'static>> {
+    let cidrs: Vec<&IpNetwork> =
+        (config.cluster_cidrs.iter()).filter(|c| c.is_ipv4() == (family == Family::Ipv4)).collect();
+    if cidrs.is_empty() {
+        return None;
+    }
+    let set = cidrs.iter().map(|c| nftables::expr::SetItem::Element(prefix(c))).collect();
+    Some(matches(
+        addr_field(family, "saddr"),
+        Operator::NEQ,
+        Expression::Named(NamedExpression::Set(set)),
+    ))
+}
+
+/// The protocol and destination port, as the NodePort sets key them.
+fn protocol_and_port() -> Expression<'static> {
+    concat(vec![meta(MetaKey::L4proto), payload("th", "dport")])
+}
+
+/// externalTrafficPolicy Local: traffic from outside the cluster (not from a pod, not from
+/// the node) is marked for the local-only firewall-mark virtual server.
+fn local_traffic(config: &Config) -> Vec<ChainRule> {
+    let set_mark_from = |key: Expression<'static>, map: String| {
         Statement::Mangle(Mangle {
             key: meta(MetaKey::Mark),
-            value: Expression::BinaryOperation(Box::new(BinaryOperation::OR(vec![
-                meta(MetaKey::Mark),
-                Expression::Number(mark),
-            ]))),
+            value: Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
+                key,
+                data: string(format!("@{map}")),
+            }))),
         })
     };
-    let mut rules = vec![
-        ("nat-prerouting", vec![jump("local-traffic")]),
-        ("nat-prerouting", vec![jump("mark-for-masquerade")]),
-        ("nat-output", vec![jump("mark-for-masquerade")]),
-    ];
-    // externalTrafficPolicy Local: traffic from outside the cluster (not from a pod, not from
-    // the node) is marked for the local-only firewall-mark virtual server.
+    let mut rules = Vec::new();
     for family in [Family::Ipv4, Family::Ipv6] {
-        let mut external = vec![matches(
-            meta(MetaKey::Nfproto),
-            Operator::EQ,
-            string(match family {
-                Family::Ipv4 => "ipv4",
-                Family::Ipv6 => "ipv6",
-            }),
-        )];
-        let cidrs: Vec<&IpNetwork> = config
-            .cluster_cidrs
-            .iter()
-            .filter(|c| c.is_ipv4() == (family == Family::Ipv4))
-            .collect();
-        if !cidrs.is_empty() {
-            external.push(matches(
-                addr_field(family, "saddr"),
-                Operator::NEQ,
-                Expression::Named(NamedExpression::Set(
-                    cidrs.iter().map(|c| nftables::expr::SetItem::Element(prefix(c))).collect(),
-                )),
-            ));
-        }
-        external.push(fib_type(FibFlag::Saddr, Operator::NEQ));
-        let set_mark_from = |key: Expression<'static>, map: String| {
-            Statement::Mangle(Mangle {
-                key: meta(MetaKey::Mark),
-                value: Expression::Named(NamedExpression::Map(Box::new(nftables::expr::Map {
-                    key,
-                    data: string(format!("@{map}")),
-                }))),
-            })
+        let name = match family {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
         };
+        let mut external = vec![matches(meta(MetaKey::Nfproto), Operator::EQ, string(name))];
+        external.extend(not_from_pods(config, family));
+        external.push(fib_type(FibFlag::Saddr, Operator::NEQ));
         let mut by_address = external.clone();
         by_address.push(set_mark_from(service_key(family), mark_map_name("local-traffic", family)));
         rules.push(("local-traffic", by_address));
         let mut by_node_port = external;
         by_node_port.push(fib_local(FibFlag::Daddr));
-        by_node_port.push(set_mark_from(
-            concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]),
-            mark_map_name("local-node-ports", family),
-        ));
+        by_node_port
+            .push(set_mark_from(protocol_and_port(), mark_map_name("local-node-ports", family)));
         rules.push(("local-traffic", by_node_port));
     }
-    // Localhost NodePorts: straight to an endpoint (IPVS cannot take them), marked for
-    // masquerade; the mark's low bits carry the bucket.
-    if config.localhost_node_ports {
-        rules.insert(
-            1,
-            (
-                "nat-output",
-                vec![
-                    matches(
-                        addr_field(Family::Ipv4, "daddr"),
-                        Operator::EQ,
-                        prefix(&IpNetwork::V4("127.0.0.0/8".parse().expect("a network"))),
-                    ),
-                    in_set(
-                        concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]),
-                        SetKind::LocalhostNodePorts,
-                        None,
-                    ),
-                    Statement::Mangle(Mangle {
-                        key: meta(MetaKey::Mark),
-                        value: Expression::Named(NamedExpression::Numgen(Numgen {
-                            mode: NgMode::Random,
-                            ng_mod: LOCALHOST_BUCKETS,
-                            offset: Some(mark),
-                        })),
-                    }),
-                    Statement::DNAT(Some(nftables::stmt::NAT {
-                        addr: Some(localhost_lookup(LOCALHOST_ADDRESSES)),
-                        family: Some(nftables::stmt::NATFamily::IP),
-                        port: Some(localhost_lookup(LOCALHOST_PORTS)),
-                        flags: None,
-                    })),
-                ],
-            ),
-        );
-    }
+    rules
+}
+
+/// Localhost NodePorts: straight to an endpoint (IPVS cannot take them), marked for
+/// masquerade; the mark's low bits carry the bucket.
+fn localhost_node_ports(mark: u32) -> ChainRule {
+    let bucket = Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: Expression::Named(NamedExpression::Numgen(Numgen {
+            mode: NgMode::Random,
+            ng_mod: LOCALHOST_BUCKETS,
+            offset: Some(mark),
+        })),
+    });
+    let to_endpoint = Statement::DNAT(Some(nftables::stmt::NAT {
+        addr: Some(localhost_lookup(LOCALHOST_ADDRESSES)),
+        family: Some(nftables::stmt::NATFamily::IP),
+        port: Some(localhost_lookup(LOCALHOST_PORTS)),
+        flags: None,
+    }));
+    let loopback = IpNetwork::V4("127.0.0.0/8".parse().expect("a network"));
+    let statements = vec![
+        matches(addr_field(Family::Ipv4, "daddr"), Operator::EQ, prefix(&loopback)),
+        in_set(protocol_and_port(), SetKind::LocalhostNodePorts, None),
+        bucket,
+        to_endpoint,
+    ];
+    ("nat-output", statements)
+}
+
+/// What is marked for masquerade: external IPs and load balancers with
+/// externalTrafficPolicy Cluster always, ClusterIPs from outside the pods (or all, with
+/// masquerade-all), NodePorts on every local address.
+fn mark_for_masquerade(config: &Config, mark: u32) -> Vec<ChainRule> {
+    let mut rules = Vec::new();
     for family in [Family::Ipv4, Family::Ipv6] {
         let f = Some(family);
-        // External IPs and load balancers with externalTrafficPolicy Cluster: always.
         rules.push((
             "mark-for-masquerade",
-            vec![in_set(service_key(family), SetKind::ExternalIps, f), set_mark()],
+            vec![in_set(service_key(family), SetKind::ExternalIps, f), set_mark(mark)],
         ));
-        // ClusterIPs: traffic from outside the pods (or all of it, with masquerade-all).
-        let cidrs: Vec<&IpNetwork> = config
-            .cluster_cidrs
-            .iter()
-            .filter(|c| c.is_ipv4() == (family == Family::Ipv4))
-            .collect();
         let mut cluster = Vec::new();
         if !config.masquerade_all {
-            if cidrs.is_empty() {
-                cluster.push(fib_local(FibFlag::Saddr));
-            } else {
-                cluster.push(matches(
-                    addr_field(family, "saddr"),
-                    Operator::NEQ,
-                    Expression::Named(NamedExpression::Set(
-                        cidrs.iter().map(|c| nftables::expr::SetItem::Element(prefix(c))).collect(),
-                    )),
-                ));
-            }
+            cluster
+                .push(not_from_pods(config, family).unwrap_or_else(|| fib_local(FibFlag::Saddr)));
         }
         cluster.push(in_set(service_key(family), SetKind::ClusterIps, f));
-        cluster.push(set_mark());
+        cluster.push(set_mark(mark));
         rules.push(("mark-for-masquerade", cluster));
     }
-    // NodePorts on every local address, externalTrafficPolicy Cluster.
     rules.push((
         "mark-for-masquerade",
         vec![
             fib_local(FibFlag::Daddr),
-            in_set(
-                concat(vec![meta(MetaKey::L4proto), payload("th", "dport")]),
-                SetKind::NodePorts,
-                None,
-            ),
-            set_mark(),
+            in_set(protocol_and_port(), SetKind::NodePorts, None),
+            set_mark(mark),
         ],
     ));
+    rules
+}
 
+/// Masquerade: hairpin traffic (a pod that reached itself through a Service), and what is
+/// marked, the mark cleared.
+fn postrouting(mark: u32) -> Vec<ChainRule> {
+    let mut rules = Vec::new();
     for family in [Family::Ipv4, Family::Ipv6] {
-        // Hairpin: a pod that reached itself through a Service.
+        let pair = concat(vec![addr_field(family, "saddr"), addr_field(family, "daddr")]);
         rules.push((
             "nat-postrouting",
-            vec![
-                in_set(
-                    concat(vec![addr_field(family, "saddr"), addr_field(family, "daddr")]),
-                    SetKind::Hairpin,
-                    Some(family),
-                ),
-                Statement::Masquerade(None),
-            ],
+            vec![in_set(pair, SetKind::Hairpin, Some(family)), Statement::Masquerade(None)],
         ));
     }
-    rules.push((
-        "nat-postrouting",
-        vec![
-            matches(
-                Expression::BinaryOperation(Box::new(BinaryOperation::AND(
-                    meta(MetaKey::Mark),
-                    Expression::Number(mark),
-                ))),
-                Operator::EQ,
-                Expression::Number(mark),
-            ),
-            Statement::Mangle(Mangle {
-                key: meta(MetaKey::Mark),
-                value: Expression::BinaryOperation(Box::new(BinaryOperation::XOR(
-                    meta(MetaKey::Mark),
-                    Expression::Number(mark),
-                ))),
-            }),
-            Statement::Masquerade(None),
-        ],
-    ));
+    let marked = matches(
+        Expression::BinaryOperation(Box::new(BinaryOperation::AND(
+            meta(MetaKey::Mark),
+            Expression::Number(mark),
+        ))),
+        Operator::EQ,
+        Expression::Number(mark),
+    );
+    let clear = Statement::Mangle(Mangle {
+        key: meta(MetaKey::Mark),
+        value: Expression::BinaryOperation(Box::new(BinaryOperation::XOR(
+            meta(MetaKey::Mark),
+            Expression::Number(mark),
+        ))),
+    });
+    rules.push(("nat-postrouting", vec![marked, clear, Statement::Masquerade(None)]));
+    rules
+}
 
-    rules.push(("filter-input", vec![ct_state_new(), jump("source-ranges")]));
+/// The filter: health-check NodePorts always open, loadBalancerSourceRanges enforced, and
+/// only Service ports open on Service addresses (kubernetes#72236).
+fn filter() -> Vec<ChainRule> {
+    let mut rules = vec![("filter-input", vec![ct_state_new(), jump("source-ranges")])];
     // Health-check NodePorts: nothing below may refuse them.
     rules.push((
         "filter-input",
@@ -563,24 +558,24 @@ fn rules(config: &Config) -> Vec<(&'static str, Vec<Statement<'static>>)> {
             ],
         ));
         // loadBalancerSourceRanges: other sources are dropped.
+        let service_and_source = concat(vec![
+            addr_field(family, "daddr"),
+            meta(MetaKey::L4proto),
+            payload("th", "dport"),
+            addr_field(family, "saddr"),
+        ]);
         rules.push((
             "source-ranges",
             vec![
                 in_set(service_key(family), SetKind::Firewalled, f),
                 matches(
-                    concat(vec![
-                        addr_field(family, "daddr"),
-                        meta(MetaKey::L4proto),
-                        payload("th", "dport"),
-                        addr_field(family, "saddr"),
-                    ]),
+                    service_and_source,
                     Operator::NEQ,
                     set_ref(set_name(SetKind::SourceRanges, f)),
                 ),
                 Statement::Drop(None),
             ],
         ));
-        // Only Service ports are open on Service addresses (kubernetes#72236).
         for kind in [SetKind::ClusterIps, SetKind::ExternalIps, SetKind::LocalExternalIps] {
             rules.push((
                 "vip-filter",
@@ -640,3 +635,4 @@ mod tests {
         assert!(text.contains(r#"{"prefix":{"addr":"10.244.0.0","len":16}}"#), "{text}");
     }
 }
+

@@ -141,9 +141,9 @@ pub enum Exposure {
 }
 
 /// For `$kept`, an API object as kube-ipvs keeps it (made `From` its API type `$api`, with
-/// `name` and `namespace` fields): `From<&$api>`, and kube-rs's `Lookup`, so that kube-rs's
-/// reflector stores hold it as they hold `$api`. The resourceVersion and UID are not kept
-/// (the watch tracks the resourceVersion itself).
+/// `name` and `namespace` fields): `From<&$api>`, and kube-rs's `Lookup`, which gives the
+/// change tracker's cache its key. The resourceVersion and UID are not kept (the watch tracks
+/// the resourceVersion itself).
 macro_rules! kept_api_object {
     ($kept:ty, $api:ty) => {
         impl From<&$api> for $kept {

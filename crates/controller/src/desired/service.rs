@@ -7,7 +7,7 @@ use std::{
 };
 
 use ipnetwork::IpNetwork;
-use ipvs_netlink::{Destination, Family, ServiceFlags, ServiceKey, VirtualService};
+use ipvs_netlink::{Destination, Family, Protocol, ServiceFlags, ServiceKey, VirtualService};
 use netfilter::{Elements, NodePort, ServicePort as NetfilterPort};
 
 use super::{
@@ -17,7 +17,7 @@ use super::{
         SCHEDULER_ANNOTATION, SCHEDULER_FLAGS_ANNOTATION, SCHEDULERS, ServicePortName,
         VirtualServer, VirtualServers,
     },
-    service_info::{Parsed, ServiceInfo, ServiceType},
+    service_info::{Parsed, ServiceInfo, ServiceInfoPort, ServiceType},
     slice::Slice,
 };
 
@@ -198,50 +198,56 @@ fn parse_ip(parsed: &Parsed<IpAddr>, what: &str, context: &mut Context<'_>) -> O
     }
 }
 
-/// What one Service asks of the node, given its EndpointSlices.
-pub fn service_state(
-    service: &ServiceInfo,
-    slices: &[&Slice],
-    node: &NodeInfo,
-    config: &ProxyConfig,
-) -> ServiceState {
-    let (namespace, name) = (service.namespace.clone(), service.name.clone());
-    let mut context =
-        Context { object: format!("Service {namespace}/{name}"), config, problems: Vec::new() };
-    let mut state = ServiceState::default();
-    let mut elements = Elements::default();
-    if skipped(service, config).is_some() {
-        return state;
-    }
-    if !service.has_spec {
-        context.problem("has no spec; skipped".into());
-        state.problems = context.problems;
-        return state;
+/// How a Service's virtual servers schedule: the same for each of them.
+struct Scheduling {
+    scheduler: String,
+    flags: ServiceFlags,
+    /// The session affinity timeout, with `sessionAffinity: ClientIP`.
+    affinity: Option<u32>,
+}
+
+impl Scheduling {
+    fn of(service: &ServiceInfo, context: &mut Context<'_>) -> Self {
+        let (scheduler, flags) = scheduler(service, context);
+        let affinity = service.affinity.map(|timeout| {
+            timeout.and_then(|t| u32::try_from(t).ok()).unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
+        });
+        Self { scheduler, flags, affinity }
     }
 
-    let (scheduler, scheduler_flags) = scheduler(service, &mut context);
-    let affinity = service.affinity.map(|timeout| {
-        timeout.and_then(|t| u32::try_from(t).ok()).unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
-    });
-    let (external_local, internal_local) = (service.external_local, service.internal_local);
+    /// The virtual service `key`, scheduled so.
+    fn virtual_service(&self, key: ServiceKey) -> VirtualService {
+        let service = VirtualService::new(key, self.scheduler.clone()).with_flags(self.flags);
+        match self.affinity {
+            Some(timeout) => service.persistent(timeout),
+            None => service,
+        }
+    }
+}
 
-    // Addresses, by kind.
-    let cluster_ips: Vec<IpAddr> = (service.cluster_ips.iter())
-        .filter_map(|ip| parse_ip(ip, "cluster IP", &mut context))
-        .collect();
-    let external_ips: Vec<IpAddr> = (service.external_ips.iter())
-        .filter_map(|ip| parse_ip(ip, "external IP", &mut context))
-        .collect();
-    let is_load_balancer = service.type_ == ServiceType::LoadBalancer;
-    let load_balancer_ips: Vec<IpAddr> = if is_load_balancer {
-        (service.load_balancer_ips.iter())
-            .filter_map(|ip| parse_ip(ip, "load-balancer IP", &mut context))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let source_ranges: Vec<IpNetwork> = if is_load_balancer {
-        (service.source_ranges.iter())
+/// A Service's addresses, by kind, those that parse.
+struct Addresses {
+    cluster_ips: Vec<IpAddr>,
+    external_ips: Vec<IpAddr>,
+    /// Only of a LoadBalancer.
+    load_balancer_ips: Vec<IpAddr>,
+    /// Only of a LoadBalancer.
+    source_ranges: Vec<IpNetwork>,
+}
+
+impl Addresses {
+    fn of(service: &ServiceInfo, context: &mut Context<'_>) -> Self {
+        let mut ips = |ips: &[Parsed<IpAddr>], what: &str| -> Vec<IpAddr> {
+            ips.iter().filter_map(|ip| parse_ip(ip, what, context)).collect()
+        };
+        let cluster_ips = ips(&service.cluster_ips, "cluster IP");
+        let external_ips = ips(&service.external_ips, "external IP");
+        if service.type_ != ServiceType::LoadBalancer {
+            let (load_balancer_ips, source_ranges) = (Vec::new(), Vec::new());
+            return Self { cluster_ips, external_ips, load_balancer_ips, source_ranges };
+        }
+        let load_balancer_ips = ips(&service.load_balancer_ips, "load-balancer IP");
+        let source_ranges = (service.source_ranges.iter())
             .filter_map(|range| match range {
                 Ok(range) => Some(*range),
                 Err(range) => {
@@ -251,160 +257,227 @@ pub fn service_state(
                     None
                 }
             })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    let has_node_ports = matches!(service.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
+            .collect();
+        Self { cluster_ips, external_ips, load_balancer_ips, source_ranges }
+    }
+}
 
-    for (index, port) in service.ports.iter().enumerate() {
-        let port_name = port.name.clone();
-        let owner = ServicePortName {
-            namespace: namespace.clone(),
-            name: name.clone(),
-            port: port_name.clone(),
-        };
-        let protocol = match &port.protocol {
-            Ok(protocol) => *protocol,
-            Err(name) => {
-                context.problem(format!("port {index} has unknown protocol {name:?}; skipped"));
-                continue;
-            }
-        };
-        let protocol_name = protocol.name();
-        let Some(number) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
-            context.problem(format!("port {index} has invalid port number {}; skipped", port.port));
-            continue;
-        };
-        let endpoints =
-            endpoints::collect(slices, &port_name, protocol_name, node, &mut context.problems);
-        let (cluster, local) = endpoints::categorize(&endpoints, node);
-        let internal_set = if internal_local { &local } else { &cluster };
-        // Virtual servers on external addresses serve in-cluster clients too, so they get every
-        // endpoint; with externalTrafficPolicy Local, external clients are marked over to a
-        // firewall-mark virtual server with only the local ones (see `LocalOnly`).
-        let external_set = &cluster;
-        let template = {
-            let mut t = VirtualService::new(
-                ServiceKey::Fwmark { family: Family::Ipv4, mark: 0 },
-                scheduler.clone(),
-            )
-            .with_flags(scheduler_flags);
-            if let Some(timeout) = affinity {
-                t = t.persistent(timeout);
-            }
-            t
-        };
-        let local_only = |key: LocalKey| LocalOnly {
-            key,
-            template: template.clone(),
-            destinations: local
-                .iter()
-                .filter(|e| Family::of(e.address) == key.family())
-                .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
-                .collect(),
-            owner: owner.clone(),
-        };
-        for endpoint in &local {
-            elements.hairpin.insert(endpoint.address);
+/// One Service port, with its endpoints.
+struct Port<'a> {
+    owner: ServicePortName,
+    protocol: Protocol,
+    number: u16,
+    /// Every endpoint that may serve.
+    cluster: Vec<&'a Endpoint>,
+    /// This node's.
+    local: Vec<&'a Endpoint>,
+}
+
+/// One Service's state, built port by port.
+struct Builder<'a> {
+    service: &'a ServiceInfo,
+    node: &'a NodeInfo,
+    scheduling: Scheduling,
+    state: ServiceState,
+    elements: Elements,
+}
+
+impl Builder<'_> {
+    /// A virtual server on `address` for `port`, with the endpoints of `chosen` of its family.
+    fn add(
+        &mut self,
+        port: &Port<'_>,
+        exposure: Exposure,
+        address: SocketAddr,
+        chosen: &[&Endpoint],
+    ) {
+        let key = ServiceKey::Inet { protocol: port.protocol, address };
+        let destinations = chosen
+            .iter()
+            .filter(|e| e.address.is_ipv4() == address.is_ipv4())
+            .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
+            .collect();
+        self.state.virtual_servers.insert(Arc::new(VirtualServer {
+            service: self.scheduling.virtual_service(key).into(),
+            destinations,
+            owner: port.owner.clone(),
+            exposure,
+        }));
+    }
+
+    /// The firewall-mark virtual server of `key` for external traffic with
+    /// `externalTrafficPolicy: Local`: this node's endpoints only.
+    fn local_only(&mut self, port: &Port<'_>, key: LocalKey) {
+        let template =
+            self.scheduling.virtual_service(ServiceKey::Fwmark { family: Family::Ipv4, mark: 0 });
+        let destinations = (port.local.iter())
+            .filter(|e| Family::of(e.address) == key.family())
+            .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
+            .collect();
+        let owner = port.owner.clone();
+        self.state.local_only.push(LocalOnly { key, template, destinations, owner });
+    }
+
+    /// The virtual servers on the cluster IPs; with `internalTrafficPolicy: Local`, this
+    /// node's endpoints only.
+    fn cluster_ips(&mut self, port: &Port<'_>, addresses: &Addresses) {
+        let internal = if self.service.internal_local { &port.local } else { &port.cluster };
+        for ip in &addresses.cluster_ips {
+            self.add(port, Exposure::ClusterIp, SocketAddr::new(*ip, port.number), internal);
+            self.elements.vips.insert(*ip);
+            self.elements.cluster_ips.insert(NetfilterPort::new(*ip, port.protocol, port.number));
         }
+    }
 
-        let add =
-            |state: &mut ServiceState, exposure, address: SocketAddr, chosen: &Vec<&Endpoint>| {
-                let key = ServiceKey::Inet { protocol, address };
-                let mut virtual_service =
-                    VirtualService::new(key, scheduler.clone()).with_flags(scheduler_flags);
-                if let Some(timeout) = affinity {
-                    virtual_service = virtual_service.persistent(timeout);
-                }
-                let destinations = chosen
-                    .iter()
-                    .filter(|e| e.address.is_ipv4() == address.is_ipv4())
-                    .map(|e| Destination::new(SocketAddr::new(e.address, e.port)))
-                    .collect();
-                state.virtual_servers.insert(Arc::new(VirtualServer {
-                    service: virtual_service.into(),
-                    destinations,
-                    owner: owner.clone(),
-                    exposure,
-                }));
-            };
-
-        for ip in &cluster_ips {
-            add(&mut state, Exposure::ClusterIp, SocketAddr::new(*ip, number), internal_set);
-            elements.vips.insert(*ip);
-            elements.cluster_ips.insert(NetfilterPort::new(*ip, protocol, number));
-        }
-        for (exposure, ips) in
-            [(Exposure::ExternalIp, &external_ips), (Exposure::LoadBalancer, &load_balancer_ips)]
-        {
+    /// The virtual servers on external and load-balancer IPs. They serve in-cluster clients
+    /// too, so they get every endpoint; with `externalTrafficPolicy: Local`, external clients
+    /// are marked over to a firewall-mark virtual server with only the local ones.
+    fn external_ips(&mut self, port: &Port<'_>, addresses: &Addresses) {
+        let kinds = [
+            (Exposure::ExternalIp, &addresses.external_ips),
+            (Exposure::LoadBalancer, &addresses.load_balancer_ips),
+        ];
+        for (exposure, ips) in kinds {
             for ip in ips {
-                add(&mut state, exposure, SocketAddr::new(*ip, number), external_set);
-                if !node.local_addresses.contains(ip) {
-                    elements.vips.insert(*ip);
+                self.add(port, exposure, SocketAddr::new(*ip, port.number), &port.cluster);
+                if !self.node.local_addresses.contains(ip) {
+                    self.elements.vips.insert(*ip);
                 }
-                let element = NetfilterPort::new(*ip, protocol, number);
-                if external_local {
-                    elements.local_external_ips.insert(element);
-                    state.local_only.push(local_only(LocalKey::Address(element)));
+                let element = NetfilterPort::new(*ip, port.protocol, port.number);
+                if self.service.external_local {
+                    self.elements.local_external_ips.insert(element);
+                    self.local_only(port, LocalKey::Address(element));
                 } else {
-                    elements.external_ips.insert(element);
+                    self.elements.external_ips.insert(element);
                 }
                 if exposure == Exposure::LoadBalancer {
-                    for range in &source_ranges {
-                        elements.source_ranges.insert((element, *range));
+                    for range in &addresses.source_ranges {
+                        self.elements.source_ranges.insert((element, *range));
                     }
                 }
-            }
-        }
-        if has_node_ports {
-            match port.node_port.map(u16::try_from) {
-                Some(Ok(node_port)) if node_port != 0 => {
-                    for ip in &node.node_port_addresses {
-                        add(
-                            &mut state,
-                            Exposure::NodePort,
-                            SocketAddr::new(*ip, node_port),
-                            external_set,
-                        );
-                    }
-                    let element = NodePort { protocol, port: node_port };
-                    if !external_local {
-                        elements.node_ports.insert(element);
-                    } else {
-                        let families: BTreeSet<Family> =
-                            node.node_port_addresses.iter().map(|ip| Family::of(*ip)).collect();
-                        for family in families {
-                            state.local_only.push(local_only(LocalKey::NodePort(family, element)));
-                        }
-                    }
-                    if config.localhost_node_ports {
-                        let endpoints = external_set
-                            .iter()
-                            .filter_map(|e| match e.address {
-                                IpAddr::V4(v4) => Some(SocketAddrV4::new(v4, e.port)),
-                                IpAddr::V6(_) => None,
-                            })
-                            .collect();
-                        elements.localhost_node_ports.insert(element, endpoints);
-                    }
-                }
-                None => {}
-                other => context
-                    .problem(format!("port {port_name:?} has invalid nodePort {other:?}; skipped")),
             }
         }
     }
-    if is_load_balancer && external_local {
+
+    /// The virtual servers on the node's NodePort addresses, and on 127.0.0.1 when localhost
+    /// NodePorts are on.
+    fn node_ports(&mut self, port: &Port<'_>, node_port: u16, localhost: bool) {
+        for ip in &self.node.node_port_addresses {
+            let address = SocketAddr::new(*ip, node_port);
+            self.add(port, Exposure::NodePort, address, &port.cluster);
+        }
+        let element = NodePort { protocol: port.protocol, port: node_port };
+        if !self.service.external_local {
+            self.elements.node_ports.insert(element);
+        } else {
+            let families: BTreeSet<Family> =
+                self.node.node_port_addresses.iter().map(|ip| Family::of(*ip)).collect();
+            for family in families {
+                self.local_only(port, LocalKey::NodePort(family, element));
+            }
+        }
+        if localhost {
+            let endpoints = (port.cluster.iter())
+                .filter_map(|e| match e.address {
+                    IpAddr::V4(v4) => Some(SocketAddrV4::new(v4, e.port)),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            self.elements.localhost_node_ports.insert(element, endpoints);
+        }
+    }
+
+    fn finish(mut self, context: Context<'_>) -> ServiceState {
+        self.state.problems = context.problems;
+        self.state.elements = self.elements.into();
+        self.state
+    }
+}
+
+/// A port's protocol and number, or why it is skipped.
+fn port_number(
+    index: usize,
+    port: &ServiceInfoPort,
+    context: &mut Context<'_>,
+) -> Option<(Protocol, u16)> {
+    let protocol = match &port.protocol {
+        Ok(protocol) => *protocol,
+        Err(name) => {
+            context.problem(format!("port {index} has unknown protocol {name:?}; skipped"));
+            return None;
+        }
+    };
+    let Some(number) = u16::try_from(port.port).ok().filter(|p| *p != 0) else {
+        context.problem(format!("port {index} has invalid port number {}; skipped", port.port));
+        return None;
+    };
+    Some((protocol, number))
+}
+
+/// What one Service asks of the node, given its EndpointSlices.
+pub fn service_state(
+    service: &ServiceInfo,
+    slices: &[&Slice],
+    node: &NodeInfo,
+    config: &ProxyConfig,
+) -> ServiceState {
+    if skipped(service, config).is_some() {
+        return ServiceState::default();
+    }
+    let object = format!("Service {}/{}", service.namespace, service.name);
+    let mut context = Context { object, config, problems: Vec::new() };
+    if !service.has_spec {
+        context.problem("has no spec; skipped".into());
+        return ServiceState { problems: context.problems, ..ServiceState::default() };
+    }
+    let scheduling = Scheduling::of(service, &mut context);
+    let addresses = Addresses::of(service, &mut context);
+    let has_node_ports = matches!(service.type_, ServiceType::NodePort | ServiceType::LoadBalancer);
+    let mut builder = Builder {
+        service,
+        node,
+        scheduling,
+        state: ServiceState::default(),
+        elements: Elements::default(),
+    };
+    for (index, service_port) in service.ports.iter().enumerate() {
+        let Some((protocol, number)) = port_number(index, service_port, &mut context) else {
+            continue;
+        };
+        let name = &service_port.name;
+        let endpoints =
+            endpoints::collect(slices, name, protocol.name(), node, &mut context.problems);
+        let (cluster, local) = endpoints::categorize(&endpoints, node);
+        let owner = ServicePortName {
+            namespace: service.namespace.clone(),
+            name: service.name.clone(),
+            port: name.clone(),
+        };
+        let port = Port { owner, protocol, number, cluster, local };
+        for endpoint in &port.local {
+            builder.elements.hairpin.insert(endpoint.address);
+        }
+        builder.cluster_ips(&port, &addresses);
+        builder.external_ips(&port, &addresses);
+        if has_node_ports {
+            match service_port.node_port.map(u16::try_from) {
+                Some(Ok(node_port)) if node_port != 0 => {
+                    builder.node_ports(&port, node_port, config.localhost_node_ports);
+                }
+                None => {}
+                other => context
+                    .problem(format!("port {name:?} has invalid nodePort {other:?}; skipped")),
+            }
+        }
+    }
+    if service.type_ == ServiceType::LoadBalancer && service.external_local {
         match service.health_check_node_port.map(u16::try_from) {
             Some(Ok(port)) if port != 0 => {
-                elements.health_check_node_ports.insert(port);
+                builder.elements.health_check_node_ports.insert(port);
             }
             None => {}
             other => context.problem(format!("invalid healthCheckNodePort {other:?}; skipped")),
         }
     }
-    state.problems = context.problems;
-    state.elements = elements.into();
-    state
+    builder.finish(context)
 }

@@ -2,8 +2,8 @@
 //! parsed. A k8s-openapi `Service` takes 824 bytes before anything in it is set, and a few
 //! hundred more on the heap; a [`ServiceInfo`] of one port about 350 bytes in all.
 //!
-//! Like [`Slice`](super::Slice), [`ServiceInfo`] implements kube-rs's `Lookup`, so kube-rs's
-//! reflector stores hold it as they hold the API type.
+//! Like [`Slice`](super::Slice), [`ServiceInfo`] implements kube-rs's `Lookup` (kind, name
+//! and namespace), which is all the change tracker's cache (`changes::Cache`) needs of it.
 
 use std::net::IpAddr;
 

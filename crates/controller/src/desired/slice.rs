@@ -3,8 +3,8 @@
 //! `ObjectReference`, hints and conditions inline); a [`Slice`] about a third of that. At
 //! 10,000 Services the difference is tens of MiB.
 //!
-//! [`Slice`] implements kube-rs's `Lookup` (kind, name and namespace), so kube-rs's reflector
-//! stores hold it as they hold the API type, without the 360 bytes of a whole `ObjectMeta`.
+//! [`Slice`] implements kube-rs's `Lookup` (kind, name and namespace), which is all the change
+//! tracker's cache (`changes::Cache`) needs of it: no 360 bytes of a whole `ObjectMeta`.
 
 use std::{
     collections::BTreeSet,

@@ -38,10 +38,11 @@ impl NodeIo for FakeNode {
         self.scopes.push(scope.clone());
         if self.fail > 0 {
             self.fail -= 1;
-            let reason = "the table is busy".into();
+            let busy = std::io::Error::from(std::io::ErrorKind::ResourceBusy);
+            let source = Box::new(busy);
             return Err(NodeError::Netfilter(netfilter::Error::Netlink {
                 operation: "update",
-                reason,
+                source,
             }));
         }
         let keys: Vec<ServiceKey> = match scope {
