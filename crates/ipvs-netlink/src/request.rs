@@ -81,6 +81,27 @@ pub enum Operation {
 }
 
 impl Operation {
+    /// The variant's name, such as `AddService`: the `kind` label of the message metrics.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::AddService => "AddService",
+            Self::UpdateService => "UpdateService",
+            Self::DeleteService => "DeleteService",
+            Self::GetService => "GetService",
+            Self::ListServices => "ListServices",
+            Self::AddDestination => "AddDestination",
+            Self::UpdateDestination => "UpdateDestination",
+            Self::DeleteDestination => "DeleteDestination",
+            Self::ListDestinations => "ListDestinations",
+            Self::Flush => "Flush",
+            Self::GetTimeouts => "GetTimeouts",
+            Self::SetTimeouts => "SetTimeouts",
+            Self::GetInfo => "GetInfo",
+            Self::Zero => "Zero",
+            Self::ResolveFamily => "ResolveFamily",
+        }
+    }
+
     /// A short name, such as `add_service`.
     pub fn name(self) -> &'static str {
         match self {
@@ -273,6 +294,31 @@ impl Request {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
+
+    #[test]
+    fn operation_kinds_are_the_variant_names() {
+        use Operation::*;
+        let all = [
+            AddService,
+            UpdateService,
+            DeleteService,
+            GetService,
+            ListServices,
+            AddDestination,
+            UpdateDestination,
+            DeleteDestination,
+            ListDestinations,
+            Flush,
+            GetTimeouts,
+            SetTimeouts,
+            GetInfo,
+            Zero,
+            ResolveFamily,
+        ];
+        for operation in all {
+            assert_eq!(format!("{operation:?}"), operation.kind());
+        }
+    }
 
     use super::*;
 

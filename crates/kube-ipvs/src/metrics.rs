@@ -260,7 +260,7 @@ impl Metrics {
     pub fn sent_messages(&self, totals: &HashMap<ipvs_netlink::Operation, u64>) {
         let mut sent = lock(&self.sent);
         for (operation, total) in totals {
-            let kind = format!("{operation:?}");
+            let kind = operation.kind().to_owned();
             let before = sent.insert(kind.clone(), *total).unwrap_or(0);
             self.netlink_messages
                 .get_or_create(&Kind { kind })

@@ -635,4 +635,3 @@ mod tests {
         assert!(text.contains(r#"{"prefix":{"addr":"10.244.0.0","len":16}}"#), "{text}");
     }
 }
-

@@ -21,7 +21,7 @@ use std::{
 use serde_json::{Value, json};
 use vm_tests::{
     checks::cluster::{
-        self as checks, Backends, ClusterView, NodeRef, Origin, Reply, Transport, Workload,
+        self as checks, Backend, Backends, ClusterView, NodeRef, Origin, Reply, Transport, Workload,
     },
     cluster::{
         objects::{self, Endpoint, NAMESPACE},
@@ -273,7 +273,10 @@ fn main() {
     let backends = |pods: &[String]| Backends {
         pods: pods
             .iter()
-            .map(|p| (p.clone(), nodes[placed.iter().find(|(n, _)| n == p).unwrap().1].0.clone()))
+            .map(|p| Backend {
+                pod: p.clone(),
+                node: nodes[placed.iter().find(|(n, _)| n == p).unwrap().1].0.clone(),
+            })
             .collect(),
     };
     let socket = |ip: Ipv4Addr, port| SocketAddr::new(IpAddr::V4(ip), port);

@@ -76,25 +76,34 @@ pub struct NodeRef {
     pub client: String,
 }
 
+/// A pod, and the node it runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backend {
+    /// The pod's name.
+    pub pod: String,
+    /// Its node's name.
+    pub node: String,
+}
+
 /// The pods behind one Service, by node.
 #[derive(Debug, Clone, Default)]
 pub struct Backends {
-    /// `(pod, node)` pairs.
-    pub pods: Vec<(String, String)>,
+    /// The pods.
+    pub pods: Vec<Backend>,
 }
 
 impl Backends {
     /// Every pod.
     pub fn all(&self) -> BTreeSet<String> {
-        self.pods.iter().map(|(pod, _)| pod.clone()).collect()
+        self.pods.iter().map(|b| b.pod.clone()).collect()
     }
 
     /// The pods on `nodes`.
     pub fn on(&self, nodes: &[&str]) -> BTreeSet<String> {
         self.pods
             .iter()
-            .filter(|(_, n)| nodes.contains(&n.as_str()))
-            .map(|(p, _)| p.clone())
+            .filter(|b| nodes.contains(&b.node.as_str()))
+            .map(|b| b.pod.clone())
             .collect()
     }
 }
@@ -345,7 +354,7 @@ mod tests {
         let set = |prefix: &str| Backends {
             pods: ["node-a", "node-b", "node-c"]
                 .iter()
-                .map(|n| (format!("{prefix}-{n}"), (*n).to_owned()))
+                .map(|n| Backend { pod: format!("{prefix}-{n}"), node: (*n).to_owned() })
                 .collect(),
         };
         let vip = |last: u8, port| SocketAddr::from(([10, 96, 1, last], port));
@@ -405,7 +414,7 @@ mod tests {
                     let pods = if target == w.web_tcp || target == w.web_udp {
                         w.web.all()
                     } else if target == w.sticky {
-                        [w.echo.pods[0].0.clone()].into()
+                        [w.echo.pods[0].pod.clone()].into()
                     } else if target == w.internal {
                         if w.local_nodes.contains(&node) {
                             w.echo.on(&[&node])

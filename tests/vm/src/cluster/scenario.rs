@@ -17,7 +17,9 @@ use super::{
     traffic::{Client, Count, Traffic},
     underlay,
 };
-use crate::checks::cluster::{self as checks, Backends, NodeRef, Outcome, Transport, Workload};
+use crate::checks::cluster::{
+    self as checks, Backend, Backends, NodeRef, Outcome, Transport, Workload,
+};
 
 /// The nodes: name, zone, address, pod CIDR octet.
 const NODES: [(&str, &str, Ipv4Addr, u8); 3] = [
@@ -171,7 +173,10 @@ fn backends(cluster: &Cluster, pods: &[String]) -> Backends {
     Backends {
         pods: pods
             .iter()
-            .map(|p| (p.clone(), cluster.nodes[cluster.pods[p].node].name.clone()))
+            .map(|p| Backend {
+                pod: p.clone(),
+                node: cluster.nodes[cluster.pods[p].node].name.clone(),
+            })
             .collect(),
     }
 }
