@@ -14,7 +14,7 @@ use crate::{
     Error,
     changes::Scope,
     desired::DesiredState,
-    reconcile::{KernelDigests, Owned, Ownership, Reconciler, SyncReport, read_digests},
+    reconcile::{KernelDigests, Owned, Ownership, Reconciler, Servers, SyncReport, read_digests},
 };
 
 /// The node's kernel state as the daemon's loop drives it: [`NodeSync`] on a real node, a
@@ -178,11 +178,11 @@ impl NodeSync {
             warn!(%err, "kube-ipvs0 address not synced");
         }
         let addresses_done = started.elapsed();
-        let keys = match scope {
-            Scope::Changed(delta) => Some(&delta.keys),
-            Scope::Everything => None,
+        let servers = match scope {
+            Scope::Changed(delta) => Servers::Only(&delta.keys),
+            Scope::Everything => Servers::All,
         };
-        let ipvs = self.reconciler.sync(&desired.virtual_servers, keys).await;
+        let ipvs = self.reconciler.sync(&desired.virtual_servers, servers).await;
         debug!(
             netfilter_us = netfilter_done.as_micros() as u64,
             addresses_us = (addresses_done - netfilter_done).as_micros() as u64,
@@ -220,7 +220,7 @@ impl NodeSync {
         let addresses_done = started.elapsed();
         let drift = self.reconciler.finish_check(digests, ownership).await;
         let read_done = started.elapsed();
-        self.reconciler.sync(&desired.virtual_servers, None).await;
+        self.reconciler.sync(&desired.virtual_servers, Servers::All).await;
         debug!(
             netfilter_us = netfilter_done.as_micros() as u64,
             addresses_us = (addresses_done - netfilter_done).as_micros() as u64,

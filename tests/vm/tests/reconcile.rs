@@ -10,7 +10,7 @@ use std::{
 
 use controller::{
     desired::{Exposure, ServicePortName, VirtualServer},
-    reconcile::{Reconciler, read_digests},
+    reconcile::{Reconciler, Servers, read_digests},
 };
 use ipvs_netlink::{Destination, IpvsHandle, Operation, ServiceKey, VirtualService};
 use vm_tests::{Pod, bind_vip, ipvsadm, sh};
@@ -49,7 +49,7 @@ async fn programmed(count: u16) -> (IpvsHandle, Reconciler, Table) {
     let mut reconciler =
         Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
     let table = desired((1..=count).map(|i| server(i, &[addr("10.244.0.2:8080")])).collect());
-    reconciler.sync(&table, None).await;
+    reconciler.sync(&table, Servers::All).await;
     (ipvs, reconciler, table)
 }
 
@@ -95,7 +95,7 @@ async fn a_second_start_over_a_programmed_node_writes_nothing() {
     );
     let ipvs = IpvsHandle::new().unwrap();
     let mut first = Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
-    let report = first.sync(&table, None).await;
+    let report = first.sync(&table, Servers::All).await;
     assert_eq!((report.applied, report.failed.len()), (60, 0));
     let programmed = ipvsadm(&["-Ln"]);
 
@@ -103,7 +103,7 @@ async fn a_second_start_over_a_programmed_node_writes_nothing() {
     let ipvs = IpvsHandle::new().unwrap();
     let mut second =
         Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(60)).await.unwrap();
-    let report = second.sync(&table, None).await;
+    let report = second.sync(&table, Servers::All).await;
     assert_eq!(report.applied, 0);
     assert_eq!(writes(&ipvs).await, 0, "no IPVS write on the second start");
     assert_eq!(ipvsadm(&["-Ln"]), programmed);
@@ -117,7 +117,7 @@ async fn one_endpoint_added_is_exactly_one_new_destination() {
 
     let (key, grown) = server(7, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")]);
     table.insert(key, grown);
-    let report = reconciler.sync(&table, Some(&BTreeSet::from([key]))).await;
+    let report = reconciler.sync(&table, Servers::Only(&BTreeSet::from([key]))).await;
     assert_eq!(report.applied, 1);
     let after = ipvs.sent_messages().await;
     let delta: u64 = after.iter().map(|(op, n)| n - before.get(op).copied().unwrap_or(0)).sum();
@@ -136,7 +136,7 @@ async fn the_shadow_shares_the_desired_destinations_and_copies_them_to_change_th
     let old = table.clone();
     let (key, grown) = server(2, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")]);
     table.insert(key, grown);
-    let report = reconciler.sync(&table, Some(&BTreeSet::from([key]))).await;
+    let report = reconciler.sync(&table, Servers::Only(&BTreeSet::from([key]))).await;
     assert_eq!(report.applied, 1);
     assert_eq!(old[&key].destinations.len(), 1, "the old desired destinations are untouched");
     assert_eq!(reconciler.shadow()[&key].destinations.len(), 2);
@@ -147,7 +147,7 @@ async fn the_shadow_shares_the_desired_destinations_and_copies_them_to_change_th
     let mut changed = table[&key].clone();
     Arc::make_mut(&mut changed).service = VirtualService::new(key, "lc").into();
     table.insert(key, changed);
-    let report = reconciler.sync(&table, Some(&BTreeSet::from([key]))).await;
+    let report = reconciler.sync(&table, Servers::Only(&BTreeSet::from([key]))).await;
     assert_eq!(report.applied, 1);
     assert_eq!(reconciler.shadow()[&key].service.scheduler, "lc");
     assert!(Arc::ptr_eq(&reconciler.shadow()[&key].service, &table[&key].service));
@@ -164,7 +164,7 @@ async fn drift_is_found_and_healed() {
     ipvsadm(&["-a", "-t", "10.96.0.10:1", "-r", "10.244.9.9:80", "-m"]);
     let drift = reconciler.full_check(&owned).await.unwrap();
     assert_eq!(drift.servers.len(), 5);
-    let report = reconciler.sync(&table, None).await;
+    let report = reconciler.sync(&table, Servers::All).await;
     assert!(report.failed.is_empty(), "{:?}", report.failed);
     // The stranger destination is drained first (it might carry connections): it has none.
     assert_eq!(
@@ -186,18 +186,18 @@ async fn a_check_whose_dump_is_older_than_a_sync_leaves_what_the_sync_wrote_alon
     table.insert(changed, server(1, &[addr("10.244.0.3:8080")]).1);
     let (added, added_server) = server(4, &[addr("10.244.0.2:8080")]);
     table.insert(added, added_server);
-    reconciler.sync(&table, Some(&BTreeSet::from([changed, added]))).await;
+    reconciler.sync(&table, Servers::Only(&BTreeSet::from([changed, added]))).await;
     ipvsadm(&["-D", "-t", "10.96.0.10:3"]);
 
     // The dump is older than the sync for those two: they are not drift, and their shadow
     // stays as the sync left it. The cleared one was not written since: drift, healed.
     let drift = reconciler.finish_check(dump, &owned).await;
     assert!(drift.servers.is_empty(), "the third went after the dump: {:?}", drift.servers);
-    let report = reconciler.sync(&table, None).await;
+    let report = reconciler.sync(&table, Servers::All).await;
     assert_eq!(report.applied, 0, "nothing written again for the two the sync wrote");
     let drift = reconciler.full_check(&owned).await.unwrap();
     assert_eq!(drift.servers, [ServiceKey::tcp(addr("10.96.0.10:3"))]);
-    reconciler.sync(&table, None).await;
+    reconciler.sync(&table, Servers::All).await;
     assert!(reconciler.full_check(&owned).await.unwrap().servers.is_empty(), "all healed");
 }
 
@@ -212,7 +212,7 @@ async fn a_removed_endpoint_drains_while_a_connection_is_open_and_goes_when_it_c
     let mut reconciler =
         Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(600)).await.unwrap();
     let (key, both) = server(80, &[pods[0].addr(8080), pods[1].addr(8080)]);
-    reconciler.sync(&desired(vec![(key, both)]), None).await;
+    reconciler.sync(&desired(vec![(key, both)]), Servers::All).await;
 
     // Hold a connection to pod1.
     let vip = SocketAddr::from((VIP, 80));
@@ -225,7 +225,7 @@ async fn a_removed_endpoint_drains_while_a_connection_is_open_and_goes_when_it_c
 
     // pod1's endpoint goes away: weight 0, kept while the connection lives.
     let (key, only_pod2) = server(80, &[pods[1].addr(8080)]);
-    reconciler.sync(&desired(vec![(key, only_pod2)]), None).await;
+    reconciler.sync(&desired(vec![(key, only_pod2)]), Servers::All).await;
     let listed = ipvsadm(&["-Ln"]);
     assert!(listed.contains("  -> 10.244.1.2:8080              Masq    0      1"), "{listed}");
     assert!(reconciler.drain().await.unwrap().is_empty(), "still in use");
@@ -257,20 +257,20 @@ async fn a_draining_endpoint_goes_when_the_bound_elapses_even_if_in_use() {
     let mut reconciler =
         Reconciler::adopt(ipvs.clone(), &owned, Duration::from_secs(2)).await.unwrap();
     let (key, with_pod) = server(80, &[pod.addr(8080)]);
-    reconciler.sync(&desired(vec![(key, with_pod)]), None).await;
+    reconciler.sync(&desired(vec![(key, with_pod)]), Servers::All).await;
     let _held = TcpStream::connect(SocketAddr::from((VIP, 80))).unwrap();
     let (key, empty) = server(80, &[]);
-    reconciler.sync(&desired(vec![(key, empty)]), None).await;
+    reconciler.sync(&desired(vec![(key, empty)]), Servers::All).await;
     assert!(reconciler.drain().await.unwrap().is_empty(), "within the bound");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(reconciler.drain().await.unwrap(), [(key, pod.addr(8080))]);
 
     // And a returning endpoint gets its weight back instead.
     let (key, back) = server(80, &[pod.addr(8080)]);
-    reconciler.sync(&desired(vec![(key, back.clone())]), None).await;
+    reconciler.sync(&desired(vec![(key, back.clone())]), Servers::All).await;
     let (_, gone) = server(80, &[]);
-    reconciler.sync(&desired(vec![(key, gone)]), None).await;
-    reconciler.sync(&desired(vec![(key, back)]), None).await;
+    reconciler.sync(&desired(vec![(key, gone)]), Servers::All).await;
+    reconciler.sync(&desired(vec![(key, back)]), Servers::All).await;
     assert!(ipvsadm(&["-Ln"]).contains("  -> 10.244.1.2:8080              Masq    1"));
     assert_eq!(reconciler.draining().count(), 0);
 }
@@ -303,7 +303,7 @@ async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
         Arc::make_mut(&mut server).service = VirtualService::new(key, "rr").into();
         desired(vec![(key, server)])
     };
-    reconciler.sync(&dns(&[pods[0].addr(5353), pods[1].addr(5353)]), None).await;
+    reconciler.sync(&dns(&[pods[0].addr(5353), pods[1].addr(5353)]), Servers::All).await;
 
     // A client that keeps one source port, as resolvers do.
     let socket = client.netns.run(|| std::net::UdpSocket::bind("0.0.0.0:40000").unwrap());
@@ -337,7 +337,7 @@ async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
     // kernel keeps the flows of a removed destination, so whatever goes, kube-ipvs deleted:
     // the gone endpoint's flow, and nothing else.
     sh("sysctl", &["-qw", "net.ipv4.vs.expire_nodest_conn=0"]);
-    let report = reconciler.sync(&dns(&[other.addr(5353)]), None).await;
+    let report = reconciler.sync(&dns(&[other.addr(5353)]), Servers::All).await;
     assert_eq!((report.applied, report.failed.len()), (1, 0));
     assert_eq!(report.stale_flows_deleted, 1, "{report:?}");
     assert!(reconciler.draining().next().is_none());
@@ -361,11 +361,14 @@ async fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_flows() {
 async fn a_failed_change_is_read_back_and_tried_again_from_the_kernels_state() {
     let ipvs = IpvsHandle::new().unwrap();
     let mut reconciler = Reconciler::adopt(ipvs, &owned, Duration::from_secs(60)).await.unwrap();
-    reconciler.sync(&desired(vec![server(1, &[addr("10.244.0.2:8080")])]), None).await;
+    reconciler.sync(&desired(vec![server(1, &[addr("10.244.0.2:8080")])]), Servers::All).await;
     // Someone deletes the virtual server; the shadow does not know.
     ipvsadm(&["-D", "-t", "10.96.0.10:1"]);
     let report = reconciler
-        .sync(&desired(vec![server(1, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")])]), None)
+        .sync(
+            &desired(vec![server(1, &[addr("10.244.0.2:8080"), addr("10.244.0.3:8080")])]),
+            Servers::All,
+        )
         .await;
     // Adding the destination failed (no such service); read back, the whole server was added.
     assert_eq!(report.failed.len(), 1, "{report:?}");

@@ -106,6 +106,15 @@ impl Ownership for Owned {
     }
 }
 
+/// Which virtual servers a [`Reconciler::sync`] compares.
+#[derive(Debug, Clone, Copy)]
+pub enum Servers<'a> {
+    /// Every one of the shadow and of the desired state.
+    All,
+    /// Only these (those a delta names).
+    Only(&'a BTreeSet<ServiceKey>),
+}
+
 /// What one [`Reconciler::sync`] did.
 #[derive(Debug, Default)]
 pub struct SyncReport {
@@ -226,17 +235,16 @@ impl Reconciler {
         self.draining.keys()
     }
 
-    /// Applies the difference for the virtual servers `keys` (all of the shadow and of
-    /// `desired` when `None`).
+    /// Applies the difference for the virtual servers `servers` names.
     pub async fn sync(
         &mut self,
         desired: &BTreeMap<ServiceKey, Arc<VirtualServer>>,
-        keys: Option<&BTreeSet<ServiceKey>>,
+        servers: Servers<'_>,
     ) -> SyncReport {
         let all: BTreeSet<ServiceKey>;
-        let keys = match keys {
-            Some(keys) => keys,
-            None => {
+        let keys = match servers {
+            Servers::Only(keys) => keys,
+            Servers::All => {
                 all = self.shadow.keys().chain(desired.keys()).copied().collect();
                 &all
             }
