@@ -1,8 +1,14 @@
-//! `cargo xtask bench`: benchmarks that need the VM print their table from inside it.
+//! `cargo xtask bench`: benchmarks that need the VM print their table from inside it. The
+//! daemon benchmark also hands its figures back, and charts are drawn from them
+//! ([`crate::charts`]).
 
-use anyhow::{Result, bail};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
 
 use crate::{
+    charts,
+    util::target_dir,
     vm::{self, GuestTask, VmOptions},
     vmtest::build_binary,
 };
@@ -14,18 +20,25 @@ pub(crate) enum Which {
     Ipvs,
     /// The desired state and the diff, from scratch and for one change (host).
     Controller,
-    /// The `kube-ipvs` daemon: cold start, one change, idle resync, memory, through the API
-    /// and through `--manifests`, against `ipvsadm -R` (VM).
+    /// The `kube-ipvs` daemon: cold start, one change, idle resync, memory, a rolling update,
+    /// through the API and through `--manifests`, against `ipvsadm -R` (VM).
     Daemon,
 }
 
-pub(crate) fn run(
-    which: Which,
-    services: usize,
-    destinations: usize,
-    nodes: usize,
-    options: &VmOptions,
-) -> Result<()> {
+/// What to run, and where the charts go.
+#[derive(Debug)]
+pub(crate) struct Sizes {
+    /// Virtual services (Services), one run each.
+    pub(crate) services: Vec<usize>,
+    /// Destinations (endpoints) per virtual service.
+    pub(crate) destinations: usize,
+    /// The daemon benchmark: the nodes the endpoints are spread over.
+    pub(crate) nodes: usize,
+    /// The daemon benchmark: the directory the charts are written to.
+    pub(crate) charts: PathBuf,
+}
+
+pub(crate) fn run(which: Which, sizes: &Sizes, options: &VmOptions) -> Result<()> {
     let binary = match which {
         Which::Ipvs => build_binary("ipvs-bench", true)?,
         Which::Daemon => build_binary("daemon-bench", true)?,
@@ -39,20 +52,56 @@ pub(crate) fn run(
             ]));
         }
     };
-    let mut argv =
-        vec![binary.to_string_lossy().into_owned(), "--services".into(), services.to_string()];
-    match which {
-        Which::Daemon => {
-            let daemon = crate::vmtest::build_shipped_daemon()?;
-            argv.extend(["--endpoints".into(), destinations.to_string()]);
-            argv.extend(["--nodes".into(), nodes.to_string()]);
-            argv.extend(["--kube-ipvs".into(), daemon.to_string_lossy().into_owned()]);
+    let daemon = match which {
+        Which::Daemon => Some(crate::vmtest::build_shipped_daemon()?),
+        _ => None,
+    };
+    let mut runs = Vec::new();
+    for &services in &sizes.services {
+        let mut argv =
+            vec![binary.to_string_lossy().into_owned(), "--services".into(), services.to_string()];
+        match &daemon {
+            Some(daemon) => {
+                argv.extend(["--endpoints".into(), sizes.destinations.to_string()]);
+                argv.extend(["--nodes".into(), sizes.nodes.to_string()]);
+                argv.extend(["--kube-ipvs".into(), daemon.to_string_lossy().into_owned()]);
+                argv.extend(["--results".into(), results_file()?.to_string_lossy().into_owned()]);
+            }
+            None => argv.extend(["--destinations".into(), sizes.destinations.to_string()]),
         }
-        _ => argv.extend(["--destinations".into(), destinations.to_string()]),
+        let results = vm::boot(GuestTask::Command { argv, fresh_netns: true }, options)?;
+        if !results.failed.is_empty() {
+            bail!("the benchmark failed in the VM at {services} Services");
+        }
+        if daemon.is_some() {
+            let file = results_file()?;
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("{}: the benchmark wrote no figures", file.display()))?;
+            runs.push(serde_json::from_str(&text)?);
+        }
     }
-    let results = vm::boot(GuestTask::Command { argv, fresh_netns: true }, options)?;
-    if !results.failed.is_empty() {
-        bail!("the benchmark failed in the VM");
+    if daemon.is_some() {
+        write_charts(&runs, &sizes.charts)?;
+    }
+    Ok(())
+}
+
+/// Where the guest writes the daemon benchmark's figures (the VM's run directory, which is
+/// emptied at each boot).
+fn results_file() -> Result<PathBuf> {
+    let run = target_dir().join("vm/run");
+    std::fs::create_dir_all(&run)?;
+    Ok(run.canonicalize()?.join("daemon-bench.json"))
+}
+
+fn write_charts(runs: &[serde_json::Value], dir: &Path) -> Result<()> {
+    let dir = crate::util::workspace_root().join(dir);
+    let dir = dir.as_path();
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(dir.join("daemon-bench.json"), serde_json::to_string_pretty(runs)?)?;
+    let written = charts::draw(runs, dir)?;
+    for chart in written {
+        println!("chart: {}", chart.display());
     }
     Ok(())
 }

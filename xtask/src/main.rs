@@ -6,6 +6,7 @@
 //! same binary runs as the guest-side runner (`xtask guest`).
 
 mod bench;
+mod charts;
 mod demo;
 mod e2e;
 mod guest;
@@ -76,9 +77,10 @@ enum Task {
         /// Which benchmark.
         #[arg(value_enum)]
         which: bench::Which,
-        /// Virtual services to program.
-        #[arg(long, default_value_t = 10_000)]
-        services: usize,
+        /// Virtual services to program: one size, or several (`1000,10000,50000`), each in a
+        /// VM of its own.
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        services: Vec<usize>,
         /// Destinations per virtual service.
         #[arg(long, default_value_t = 10)]
         destinations: usize,
@@ -86,6 +88,9 @@ enum Task {
         /// every so many; 1 puts them all on it).
         #[arg(long, default_value_t = 100)]
         nodes: usize,
+        /// The daemon benchmark: where its charts (SVG) and figures (JSON) are written.
+        #[arg(long, default_value = "target/bench")]
+        charts: std::path::PathBuf,
         #[command(flatten)]
         vm: vm::VmOptions,
     },
@@ -124,8 +129,9 @@ fn main() -> Result<()> {
         Task::Demo { cluster: true, vm } | Task::Cluster { vm } => demo::run_cluster(&vm),
         Task::E2e { keep } => e2e::run_e2e(keep),
         Task::Vmtest { filter, vm } => vmtest::run(filter.as_deref(), &vm),
-        Task::Bench { which, services, destinations, nodes, vm } => {
-            bench::run(which, services, destinations, nodes, &vm)
+        Task::Bench { which, services, destinations, nodes, charts, vm } => {
+            let sizes = bench::Sizes { services, destinations, nodes, charts };
+            bench::run(which, &sizes, &vm)
         }
         Task::Vm { command, vm } => vm::run_command(command, &vm),
         Task::Guest { plan } => guest::run(&plan),
