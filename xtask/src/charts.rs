@@ -107,7 +107,7 @@ pub(crate) fn draw(runs: &[Value], dir: &Path) -> Result<Vec<PathBuf>> {
         Line {
             name: "API write to watch event (the API server alone)",
             colour: BLACK,
-            points: distribution(&samples("api", "delivery")),
+            points: distribution(&samples("delivery", "delivery")),
         },
         Line {
             name: "rolling update, API write to kernel",
@@ -238,7 +238,8 @@ mod tests {
                                "delivery": [0.001, 0.003], "latency": [0.004, 0.02]}})
         };
         json!({"services": services, "baseline": baseline, "api": phase(cold),
-               "manifests": phase(cold / 2.0), "min_sync_1s": phase(cold), "churn": phase(cold)})
+               "manifests": phase(cold / 2.0), "min_sync_1s": phase(cold), "churn": phase(cold),
+               "delivery": phase(cold)})
     }
 
     #[test]

@@ -308,6 +308,7 @@ fn main() {
             "api-min-sync-1s" => runtime.block_on(api_phase(&args, Variant::MinSyncPeriod1s)),
             "manifests" => runtime.block_on(manifests_phase(&args)),
             "churn" => runtime.block_on(churn_phase(&args)),
+            "delivery" => runtime.block_on(delivery_phase(&args)),
             "baseline" => runtime.block_on(baseline_phase(&args)),
             other => panic!("unknown phase {other}"),
         };
@@ -333,21 +334,23 @@ fn main() {
         let text = String::from_utf8(out.stdout).unwrap();
         serde_json::from_str(text.lines().last().unwrap()).unwrap()
     };
-    let api = phase("api");
-    let no_estimation = phase("api-no-estimation");
-    let min_sync_1s = phase("api-min-sync-1s");
-    let manifests = phase("manifests");
-    let churn = phase("churn");
+    let phases = Phases {
+        api: phase("api"),
+        no_estimation: phase("api-no-estimation"),
+        min_sync_1s: phase("api-min-sync-1s"),
+        manifests: phase("manifests"),
+        churn: phase("churn"),
+        delivery: phase("delivery"),
+    };
     let baseline = phase("baseline").get("baseline");
-    print_table(n, m, &api, &no_estimation, &min_sync_1s, &manifests, baseline);
-    print_churn(&churn);
+    print_table(n, m, &phases, baseline);
+    print_churn(&phases.churn);
     if let Some(path) = &args.results {
-        let results = json!({
-            "services": n, "endpoints": m, "nodes": nodes,
-            "baseline": baseline.as_secs_f64(),
-            "api": api, "no_estimation": no_estimation, "min_sync_1s": min_sync_1s,
-            "manifests": manifests, "churn": churn,
-        });
+        let mut results = serde_json::to_value(&phases).unwrap();
+        results["services"] = n.into();
+        results["endpoints"] = m.into();
+        results["nodes"] = nodes.into();
+        results["baseline"] = baseline.as_secs_f64().into();
         std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
     }
 }
@@ -403,9 +406,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
     let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
     set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
         .expect("SCHED_IDLE for the measuring thread");
-    let delivery = Delivery::watch(api.address(), api.version()).await;
     let mut end_to_end = Vec::new();
-    let mut delivered = Vec::new();
     for change in 0..WARM_UP + 100 {
         let i = (change * 7919) % n;
         let fresh = n * m + change;
@@ -424,12 +425,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         end_to_end.push(applied.elapsed());
-        let address = endpoint(fresh).to_string();
-        let arrived = delivery.arrived(&address).unwrap_or_else(|| panic!("{address} not watched"));
-        delivered.push(arrived.saturating_duration_since(applied));
     }
-    let mut delivered = delivered.split_off(WARM_UP);
-    delivered.sort();
     let first_change = end_to_end[0];
     let mut end_to_end = end_to_end.split_off(WARM_UP);
     end_to_end.sort();
@@ -449,7 +445,6 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
     let secs = |v: &[Duration]| v.iter().map(Duration::as_secs_f64).collect();
     measured.samples.insert("daemon_side".into(), secs(&daemon_side));
     measured.samples.insert("end_to_end".into(), secs(&end_to_end));
-    measured.samples.insert("delivery".into(), secs(&delivered));
     measured.time("cold", cold_api);
     if variant != Variant::Shipped {
         assert!(daemon.stop().success());
@@ -507,6 +502,47 @@ async fn manifests_phase(args: &Args) -> Measured {
     assert!(from_files.stop().success());
     clean_up(args);
     measured.time("cold", cold_manifests);
+    measured
+}
+
+/// The baseline of one change's latency: the fake API server alone, with the same objects and
+/// the same 5 + 100 changes as the API phase, and no daemon; a watch of the benchmark's own
+/// notes when each new address arrives in an event.
+async fn delivery_phase(args: &Args) -> Measured {
+    let (n, m) = (args.services, args.endpoints);
+    let mut measured = Measured::default();
+    let api = FakeApiServer::start().await.unwrap();
+    for i in 0..n {
+        api.apply(service(i));
+        api.apply(slice(i, m, i * m, args.nodes));
+    }
+    let delivery = Delivery::watch(api.address(), api.version()).await;
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
+        .expect("SCHED_IDLE for the measuring thread");
+    let mut delivered = Vec::new();
+    for change in 0..WARM_UP + 100 {
+        let i = (change * 7919) % n;
+        let fresh = n * m + change;
+        let mut changed = slice(i, m - 1, i * m, args.nodes);
+        changed["endpoints"].as_array_mut().unwrap().push(endpoint_object(fresh, args.nodes));
+        let address = endpoint(fresh).to_string();
+        let applied = Instant::now();
+        api.apply(changed);
+        let arrived = loop {
+            if let Some(arrived) = delivery.arrived(&address) {
+                break arrived;
+            }
+            assert!(applied.elapsed() < Duration::from_secs(60), "change {change} never watched");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        delivered.push(arrived.saturating_duration_since(applied));
+    }
+    let mut delivered = delivered.split_off(WARM_UP);
+    delivered.sort();
+    measured
+        .samples
+        .insert("delivery".into(), delivered.iter().map(Duration::as_secs_f64).collect());
     measured
 }
 
@@ -719,15 +755,19 @@ async fn baseline_phase(args: &Args) -> Measured {
     measured
 }
 
-fn print_table(
-    n: usize,
-    m: usize,
-    api: &Measured,
-    no_estimation: &Measured,
-    min_sync_1s: &Measured,
-    manifests: &Measured,
-    baseline: Duration,
-) {
+/// What every phase but the baseline measured.
+#[derive(Debug, serde::Serialize)]
+struct Phases {
+    api: Measured,
+    no_estimation: Measured,
+    min_sync_1s: Measured,
+    manifests: Measured,
+    churn: Measured,
+    delivery: Measured,
+}
+
+fn print_table(n: usize, m: usize, phases: &Phases, baseline: Duration) {
+    let Phases { api, no_estimation, min_sync_1s, manifests, delivery, .. } = phases;
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let (cold_api, cold_manifests) = (api.get("cold"), manifests.get("cold"));
     let (daemon_side, end_to_end) = (api.sorted("daemon_side"), api.sorted("end_to_end"));
@@ -770,7 +810,7 @@ fn print_table(
     ));
     let p50_p99 =
         |v: &[Duration]| format!("{} / {}", ms(percentile(v, 0.5)), ms(percentile(v, 0.99)));
-    let delivery = api.sorted("delivery");
+    let delivery = delivery.sorted("delivery");
     rows.push((
         format!(
             "one endpoint change, API write to kernel, p50 / p99 (the shipped configuration: minSyncPeriod {})",
@@ -785,7 +825,7 @@ fn print_table(
         String::new(),
     ));
     rows.push((
-        "baseline: the fake API server's own write to watch event, p50 / p99".into(),
+        "baseline: the fake API server alone (no daemon), write to watch event, p50 / p99".into(),
         p50_p99(&delivery),
         String::new(),
     ));
