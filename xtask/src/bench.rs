@@ -81,7 +81,7 @@ pub(crate) fn run(which: Which, sizes: &Sizes, options: &VmOptions) -> Result<()
         }
     }
     if daemon.is_some() {
-        write_charts(&runs, &sizes.charts)?;
+        write_charts(runs, &sizes.charts)?;
     }
     Ok(())
 }
@@ -94,12 +94,24 @@ fn results_file() -> Result<PathBuf> {
     Ok(run.canonicalize()?.join("daemon-bench.json"))
 }
 
-fn write_charts(runs: &[serde_json::Value], dir: &Path) -> Result<()> {
+fn write_charts(runs: Vec<serde_json::Value>, dir: &Path) -> Result<()> {
     let dir = crate::util::workspace_root().join(dir);
     let dir = dir.as_path();
     std::fs::create_dir_all(dir)?;
-    std::fs::write(dir.join("daemon-bench.json"), serde_json::to_string_pretty(runs)?)?;
-    let written = charts::draw(runs, dir)?;
+    // The sizes not measured this time are kept from the figures already there, so that a
+    // large size can be run on its own and still be charted beside the others.
+    let file = dir.join("daemon-bench.json");
+    let earlier: Vec<serde_json::Value> = match std::fs::read_to_string(&file) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{}: not the benchmark's figures", file.display()))?,
+        Err(_) => Vec::new(),
+    };
+    let (runs, kept) = charts::merge(earlier, runs);
+    for services in kept {
+        println!("charts: the run at {services} Services is kept from {}", file.display());
+    }
+    std::fs::write(&file, serde_json::to_string_pretty(&runs)?)?;
+    let written = charts::draw(&runs, dir)?;
     for chart in written {
         println!("chart: {}", chart.display());
     }

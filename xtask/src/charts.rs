@@ -27,6 +27,23 @@ fn services(run: &Value) -> f64 {
     run["services"].as_f64().unwrap_or_default()
 }
 
+/// The runs to chart: every `fresh` run, and each `earlier` one of a size (Services,
+/// endpoints, nodes) not measured afresh. Returns them, and the sizes kept.
+pub(crate) fn merge(earlier: Vec<Value>, fresh: Vec<Value>) -> (Vec<Value>, Vec<f64>) {
+    let size =
+        |run: &Value| (run["services"].clone(), run["endpoints"].clone(), run["nodes"].clone());
+    let mut kept = Vec::new();
+    let mut runs = Vec::new();
+    for run in earlier {
+        if !fresh.iter().any(|f| size(f) == size(&run)) {
+            kept.push(services(&run));
+            runs.push(run);
+        }
+    }
+    runs.extend(fresh);
+    (runs, kept)
+}
+
 /// Draws every chart into `dir`; returns the files written.
 pub(crate) fn draw(runs: &[Value], dir: &Path) -> Result<Vec<PathBuf>> {
     let mut runs: Vec<&Value> = runs.iter().collect();
@@ -80,8 +97,15 @@ pub(crate) fn draw(runs: &[Value], dir: &Path) -> Result<Vec<PathBuf>> {
     against_services(&file, "Peak RSS", "MiB", &rss)?;
     written.push(file);
 
-    // The latency distribution at the largest size measured.
-    let largest = runs.last().ok_or_else(|| anyhow!("no run to chart"))?;
+    // The latency distribution at the largest size measured with every phase (the rolling
+    // update and the variants run up to the size the targets are set at).
+    let complete = |run: &&&Value| run["churn"].is_object();
+    let largest = runs
+        .iter()
+        .rev()
+        .find(complete)
+        .or(runs.last())
+        .ok_or_else(|| anyhow!("no run to chart"))?;
     let samples = |phase: &str, name: &str| -> Vec<f64> {
         largest[phase]["samples"][name]
             .as_array()
@@ -243,16 +267,32 @@ mod tests {
     }
 
     #[test]
+    fn a_fresh_run_replaces_the_earlier_one_of_its_size_and_keeps_the_others() {
+        let run = |services: u64, cold: f64| json!({"services": services, "endpoints": 10, "nodes": 100, "api": {"seconds": {"cold": cold}}});
+        let earlier = vec![run(1_000, 7.0), run(10_000, 26.0)];
+        let (runs, kept) = merge(earlier, vec![run(10_000, 20.0), run(50_000, 130.0)]);
+        assert_eq!(kept, [1_000.0]);
+        let cold: Vec<(f64, f64)> =
+            runs.iter().map(|r| (services(r), seconds(r, "api", "cold").unwrap())).collect();
+        assert_eq!(cold, [(1_000.0, 7.0), (10_000.0, 20.0), (50_000.0, 130.0)]);
+    }
+
+    #[test]
     fn every_chart_is_drawn_with_its_lines_named() {
         let dir = std::env::temp_dir().join(format!("charts-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let runs = [run(1_000, 4.0, 2.2, 24.0), run(10_000, 14.5, 21.3, 63.0)];
+        // The largest size runs without the variants and the rolling update.
+        let mut largest = run(50_000, 80.0, 110.0, 190.0);
+        for phase in ["min_sync_1s", "churn"] {
+            largest[phase] = Value::Null;
+        }
+        let runs = [run(1_000, 4.0, 2.2, 24.0), largest, run(10_000, 14.5, 21.3, 63.0)];
         let written = draw(&runs, &dir).unwrap();
         let names: Vec<String> =
             written.iter().map(|f| f.file_name().unwrap().to_string_lossy().into()).collect();
         assert_eq!(names, ["cold-start.svg", "rss.svg", "latency.svg"]);
         let cold = std::fs::read_to_string(dir.join("cold-start.svg")).unwrap();
-        for label in ["kube-ipvs through the API", "ipvsadm -R of the same rules", "Services"] {
+        for label in ["kube-ipvs through the API", "ipvsadm -R of the same rules", "50000"] {
             assert!(cold.contains(label), "{label} missing from the cold-start chart");
         }
         let latency = std::fs::read_to_string(dir.join("latency.svg")).unwrap();

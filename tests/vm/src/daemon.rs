@@ -124,7 +124,12 @@ impl Daemon {
 
     /// Waits until it has synced once (so every object was programmed).
     pub fn wait_synced(&mut self) {
-        eventually(Duration::from_secs(120), || {
+        self.wait_synced_within(Duration::from_secs(120));
+    }
+
+    /// Waits up to `limit` for its first sync.
+    pub fn wait_synced_within(&mut self, limit: Duration) {
+        eventually(limit, || {
             assert!(self.running(), "kube-ipvs exited:\n{}", self.log());
             (self.metric("kubeproxy_sync_proxy_rules_last_timestamp_seconds") > 0.0)
                 .then_some(())

@@ -162,10 +162,11 @@ fn ms(d: Duration) -> String {
     }
 }
 
-/// The daemon-side durations of the partial syncs in the log, in order.
-fn partial_syncs(log: &str) -> Vec<Duration> {
+/// The daemon-side durations of the partial syncs (or the full checks) in the log, in order.
+fn syncs(log: &str, full: bool) -> Vec<Duration> {
+    let kind = if full { "full=true" } else { "full=false" };
     log.lines()
-        .filter(|l| l.contains(" synced") && l.contains("full=false"))
+        .filter(|l| l.contains(" synced") && l.contains(kind))
         .filter_map(|l| l.split("reported_us=").nth(1)?.split_whitespace().next()?.parse().ok())
         .map(Duration::from_micros)
         .collect()
@@ -175,13 +176,18 @@ fn partial_syncs(log: &str) -> Vec<Duration> {
 fn print_slow_syncs(log: &str) {
     let lines: Vec<&str> = log.lines().collect();
     for (at, line) in lines.iter().enumerate() {
-        let slow = partial_syncs(line).first().is_some_and(|d| *d > Duration::from_millis(5));
+        let slow = syncs(line, false).first().is_some_and(|d| *d > Duration::from_millis(5));
         if slow {
             for context in &lines[at.saturating_sub(3)..=at] {
                 eprintln!("bench: slow change: {context}");
             }
         }
     }
+}
+
+/// How long a cold start may take: two minutes, more at 50,000 Services under emulation.
+fn cold_start_limit(args: &Args) -> Duration {
+    Duration::from_secs((args.services as u64 / 50).max(120))
 }
 
 /// Removes what the daemon programmed (`kube-ipvs cleanup`) before the phase ends. Left in
@@ -334,17 +340,22 @@ fn main() {
         let text = String::from_utf8(out.stdout).unwrap();
         serde_json::from_str(text.lines().last().unwrap()).unwrap()
     };
+    // The variants and the rolling update are measured up to the size the targets are set at;
+    // beyond it, what scales: cold start, one change, idle full checks, memory.
+    let variants = n <= VARIANTS_UP_TO;
     let phases = Phases {
         api: phase("api"),
-        no_estimation: phase("api-no-estimation"),
-        min_sync_1s: phase("api-min-sync-1s"),
+        no_estimation: variants.then(|| phase("api-no-estimation")),
+        min_sync_1s: variants.then(|| phase("api-min-sync-1s")),
         manifests: phase("manifests"),
-        churn: phase("churn"),
+        churn: variants.then(|| phase("churn")),
         delivery: phase("delivery"),
     };
     let baseline = phase("baseline").get("baseline");
     print_table(n, m, &phases, baseline);
-    print_churn(&phases.churn);
+    if let Some(churn) = &phases.churn {
+        print_churn(churn);
+    }
     if let Some(path) = &args.results {
         let mut results = serde_json::to_value(&phases).unwrap();
         results["services"] = n.into();
@@ -358,8 +369,8 @@ fn main() {
 /// How an API phase runs the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
-    /// With the configuration `deploy/` ships (its sync period set to 5 s, to measure idle
-    /// full checks in 16 s).
+    /// With the configuration `deploy/` ships (its sync period set to 5 s, to measure the
+    /// full checks while idle).
     Shipped,
     /// The same with IPVS's rate estimator off; only the cold start and the changes.
     NoEstimation,
@@ -392,7 +403,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
         Variant::MinSyncPeriod1s => daemon_args.extend(["--ipvs-min-sync-period", "1s"]),
     }
     let mut daemon = Daemon::start_binary(&args.binary, "bench-api", &daemon_args, LOG);
-    daemon.wait_synced();
+    daemon.wait_synced_within(cold_start_limit(args));
     let cold_api = started.elapsed();
     assert_eq!(kernel_size(&ipvs).await, (n, n * m), "every virtual server and destination");
     eprintln!("bench: cold start through the API: {cold_api:?}");
@@ -437,7 +448,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
         eprintln!("bench: {line}");
     }
     print_slow_syncs(&log);
-    let mut daemon_side = partial_syncs(&log);
+    let mut daemon_side = syncs(&log, false);
     let first_sync = daemon_side.first().copied().unwrap_or_default();
     let mut daemon_side = daemon_side.split_off(WARM_UP.min(daemon_side.len()));
     daemon_side.sort();
@@ -458,9 +469,22 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
         (draining == 0.0).then_some(()).ok_or(draining)
     });
     let (writes, cpu) = (ipvs_writes(&daemon.metrics()), cpu_time(daemon.pid()));
+    let checks_before = syncs(&daemon.log(), true).len();
+    // 16 s, and longer if three full checks have not ended by then (at 50,000 Services one
+    // takes longer than the period).
+    let idle_started = Instant::now();
     tokio::time::sleep(Duration::from_secs(16)).await;
+    vm_tests::daemon::eventually(Duration::from_secs(900), || {
+        let checks = syncs(&daemon.log(), true).len() - checks_before;
+        (checks >= 3).then_some(()).ok_or(checks)
+    });
+    let idle_for = idle_started.elapsed();
     let idle_writes = ipvs_writes(&daemon.metrics()) - writes;
     let idle_cpu = cpu_time(daemon.pid()) - cpu;
+    // The full checks of the idle period: nothing else ran, so the CPU time is theirs.
+    let mut full_checks = syncs(&daemon.log(), true).split_off(checks_before);
+    full_checks.sort();
+    measured.samples.insert("full_check".into(), secs(&full_checks));
     let status = status(daemon.pid());
     let parts = status.lines().filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"));
     eprintln!("bench: memory when idle: {}", parts.collect::<Vec<_>>().join(", "));
@@ -473,6 +497,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
     measured.time("first_change", first_change);
     measured.time("idle_cpu", idle_cpu);
     measured.figures.insert("idle_writes".into(), idle_writes as f64);
+    measured.time("idle_for", idle_for);
     measured
 }
 
@@ -495,7 +520,7 @@ async fn manifests_phase(args: &Args) -> Measured {
     let started = Instant::now();
     let mut from_files =
         Daemon::start_binary(&args.binary, "bench-manifests", &["--manifests", &dir_arg], LOG);
-    from_files.wait_synced();
+    from_files.wait_synced_within(cold_start_limit(args));
     let cold_manifests = started.elapsed();
     assert_eq!(kernel_size(&ipvs).await, (n, n * m));
     measured.figures.insert("rss".into(), memory(&status(from_files.pid()), "VmHWM:"));
@@ -573,7 +598,7 @@ async fn churn_phase(args: &Args) -> Measured {
     let daemon_args =
         ["--config", config.to_str().unwrap(), "--kubeconfig", kubeconfig.to_str().unwrap()];
     let mut daemon = Daemon::start_binary(&args.binary, "bench-churn", &daemon_args, LOG);
-    daemon.wait_synced();
+    daemon.wait_synced_within(cold_start_limit(args));
     assert_eq!(kernel_size(&ipvs).await, (n, n * m));
 
     // The samples are followed on a thread of their own, at the lowest priority. A change is
@@ -755,14 +780,18 @@ async fn baseline_phase(args: &Args) -> Measured {
     measured
 }
 
-/// What every phase but the baseline measured.
+/// The largest size at which the API variants and the rolling update run.
+const VARIANTS_UP_TO: usize = 10_000;
+
+/// What every phase but the baseline measured (the variants and the rolling update up to
+/// [`VARIANTS_UP_TO`] Services).
 #[derive(Debug, serde::Serialize)]
 struct Phases {
     api: Measured,
-    no_estimation: Measured,
-    min_sync_1s: Measured,
+    no_estimation: Option<Measured>,
+    min_sync_1s: Option<Measured>,
     manifests: Measured,
-    churn: Measured,
+    churn: Option<Measured>,
     delivery: Measured,
 }
 
@@ -774,6 +803,8 @@ fn print_table(n: usize, m: usize, phases: &Phases, baseline: Duration) {
     let (first_sync, first_change) = (api.get("first_sync"), api.get("first_change"));
     let idle_writes = api.figures["idle_writes"];
     let (idle_cpu, total_cpu) = (api.get("idle_cpu"), api.get("total_cpu"));
+    let full_checks = api.sorted("full_check");
+    let idle_for = api.get("idle_for");
     let (rss, rss_manifests) = (api.figures["rss"], manifests.figures["rss"]);
 
     let ratio = |a: Duration, b: Duration| format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64());
@@ -797,12 +828,14 @@ fn print_table(n: usize, m: usize, phases: &Phases, baseline: Duration) {
         format!("{} / {}", ms(percentile(&daemon_side, 0.5)), ms(percentile(&daemon_side, 0.99))),
         String::new(),
     ));
-    let quiet = no_estimation.sorted("daemon_side");
-    rows.push((
-        "the same with --ipvs-rate-estimation=false (the kernel's rate estimator off)".into(),
-        format!("{} / {}", ms(percentile(&quiet, 0.5)), ms(percentile(&quiet, 0.99))),
-        String::new(),
-    ));
+    if let Some(no_estimation) = no_estimation {
+        let quiet = no_estimation.sorted("daemon_side");
+        rows.push((
+            "the same with --ipvs-rate-estimation=false (the kernel's rate estimator off)".into(),
+            format!("{} / {}", ms(percentile(&quiet, 0.5)), ms(percentile(&quiet, 0.99))),
+            String::new(),
+        ));
+    }
     rows.push((
         "the first change after start, daemon-side / API write to kernel (not in the above)".into(),
         format!("{} / {}", ms(first_sync), ms(first_change)),
@@ -819,22 +852,37 @@ fn print_table(n: usize, m: usize, phases: &Phases, baseline: Duration) {
         p50_p99(&end_to_end),
         String::new(),
     ));
-    rows.push((
-        "the same with minSyncPeriod 1s".into(),
-        p50_p99(&min_sync_1s.sorted("end_to_end")),
-        String::new(),
-    ));
+    if let Some(min_sync_1s) = min_sync_1s {
+        rows.push((
+            "the same with minSyncPeriod 1s".into(),
+            p50_p99(&min_sync_1s.sorted("end_to_end")),
+            String::new(),
+        ));
+    }
     rows.push((
         "baseline: the fake API server alone (no daemon), write to watch event, p50 / p99".into(),
         p50_p99(&delivery),
         String::new(),
     ));
     rows.push((
-        "idle, 16 s with a 5 s sync period: IPVS writes".into(),
+        format!("idle, {} with a 5 s sync period: IPVS writes", ms(idle_for)),
         format!("{idle_writes}"),
         String::new(),
     ));
-    rows.push(("idle, 16 s with a 5 s sync period: CPU time".into(), ms(idle_cpu), String::new()));
+    rows.push((
+        format!("idle, {} with a 5 s sync period: CPU time", ms(idle_for)),
+        ms(idle_cpu),
+        String::new(),
+    ));
+    rows.push((
+        format!("one full check (idle), median of {}: duration / CPU time", full_checks.len()),
+        format!(
+            "{} / {}",
+            ms(percentile(&full_checks, 0.5)),
+            ms(idle_cpu / full_checks.len() as u32)
+        ),
+        String::new(),
+    ));
     rows.push(("daemon CPU time, whole API run".into(), ms(total_cpu), String::new()));
     rows.push((
         "peak RSS through the API / --manifests".into(),
