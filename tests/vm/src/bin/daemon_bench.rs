@@ -7,7 +7,8 @@
 //! server, destination and address programmed), one endpoint change (p50/p99 over 100
 //! changes, daemon-side and until the kernel has it; again with the kernel's rate estimator
 //! off), an idle periodic resync (IPVS writes and CPU time), and the daemon's peak RSS and CPU
-//! time. The endpoints are spread over `--nodes` nodes (100 unless told), as in a cluster: the
+//! time; up to 10,000 Services also a rolling update (1,000 endpoint changes a second for
+//! 30 s), beside the same changes written straight to the kernel. The endpoints are spread over `--nodes` nodes (100 unless told), as in a cluster: the
 //! node under test hosts every hundredth, which its hairpin set and its local-only virtual
 //! servers hold; `--nodes 1` puts them all on it, more pods than any node runs.
 
@@ -33,6 +34,8 @@ use vm_tests::{
 struct Args {
     /// Run one phase and print what it measured as JSON (in a fresh network namespace).
     phase: Option<String>,
+    /// Run only these phases (all unless told).
+    phases: Option<Vec<String>>,
     services: usize,
     endpoints: usize,
     /// The nodes the endpoints are spread over: this node hosts every `nodes`-th endpoint.
@@ -45,6 +48,7 @@ struct Args {
 fn parse_args() -> Args {
     let mut args = Args {
         phase: None,
+        phases: None,
         services: 10_000,
         endpoints: 10,
         nodes: 100,
@@ -60,6 +64,7 @@ fn parse_args() -> Args {
             "--nodes" => args.nodes = value.parse().expect("a number"),
             "--kube-ipvs" => args.binary = value.into(),
             "--phase" => args.phase = Some(value),
+            "--phases" => args.phases = Some(value.split(',').map(str::to_owned).collect()),
             "--results" => args.results = Some(value.into()),
             other => panic!("unknown flag {other}"),
         }
@@ -107,6 +112,32 @@ fn slice(i: usize, endpoints: usize, first: usize, nodes: usize) -> Value {
            "metadata": {"name": format!("s{i}-1"), "namespace": "bench", "labels": {"kubernetes.io/service-name": format!("s{i}")}},
            "addressType": "IPv4", "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
            "endpoints": endpoints})
+}
+
+/// Service `i`'s EndpointSlice with its newest endpoint replaced by the one numbered `fresh`.
+fn replaced(args: &Args, i: usize, fresh: usize) -> Value {
+    let m = args.endpoints;
+    let mut changed = slice(i, m - 1, i * m, args.nodes);
+    changed["endpoints"].as_array_mut().unwrap().push(endpoint_object(fresh, args.nodes));
+    changed
+}
+
+/// A fake API server holding the N Services and their EndpointSlices.
+async fn populated_api(args: &Args) -> FakeApiServer {
+    let api = FakeApiServer::start().await.unwrap();
+    for i in 0..args.services {
+        api.apply(service(i));
+        api.apply(slice(i, args.endpoints, i * args.endpoints, args.nodes));
+    }
+    api
+}
+
+/// From here on the calling thread yields its CPU to everything else (`SCHED_IDLE`): what
+/// measures stands for no one on a real node, and must not delay what it measures.
+fn yield_to_everything_else() {
+    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
+    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
+        .expect("SCHED_IDLE for the measuring thread");
 }
 
 fn ipvsadm_rules(args: &Args) -> String {
@@ -170,6 +201,18 @@ fn syncs(log: &str, full: bool) -> Vec<Duration> {
         .filter_map(|l| l.split("reported_us=").nth(1)?.split_whitespace().next()?.parse().ok())
         .map(Duration::from_micros)
         .collect()
+}
+
+/// Prints where a cold start's time went: the daemon's start, the lists, and the first sync
+/// (computed, then applied: netfilter, addresses, IPVS).
+fn print_cold_start(log: &str) {
+    let start = log.lines().filter(|l| l.contains("starting kube-ipvs")).take(1);
+    let listed = log.lines().filter(|l| l.contains(" listed"));
+    let first_sync =
+        log.lines().filter(|l| l.contains(" applied") || l.contains(" synced")).take(2);
+    for line in start.chain(listed).chain(first_sync) {
+        eprintln!("bench: cold start: {line}");
+    }
 }
 
 /// Prints the log lines around each partial sync slower than 5 ms: where the time went.
@@ -314,6 +357,7 @@ fn main() {
             "api-min-sync-1s" => runtime.block_on(api_phase(&args, Variant::MinSyncPeriod1s)),
             "manifests" => runtime.block_on(manifests_phase(&args)),
             "churn" => runtime.block_on(churn_phase(&args)),
+            "churn-kernel" => runtime.block_on(churn_kernel_phase(&args)),
             "delivery" => runtime.block_on(delivery_phase(&args)),
             "baseline" => runtime.block_on(baseline_phase(&args)),
             other => panic!("unknown phase {other}"),
@@ -343,25 +387,31 @@ fn main() {
     // The variants and the rolling update are measured up to the size the targets are set at;
     // beyond it, what scales: cold start, one change, idle full checks, memory.
     let variants = n <= VARIANTS_UP_TO;
+    let wanted = |name: &str| args.phases.as_ref().is_none_or(|p| p.iter().any(|w| w == name));
+    let run = |name: &str| wanted(name).then(|| phase(name));
+    let variant = |name: &str| if variants { run(name) } else { None };
     let phases = Phases {
-        api: phase("api"),
-        no_estimation: variants.then(|| phase("api-no-estimation")),
-        min_sync_1s: variants.then(|| phase("api-min-sync-1s")),
-        manifests: phase("manifests"),
-        churn: variants.then(|| phase("churn")),
-        delivery: phase("delivery"),
+        api: run("api"),
+        no_estimation: variant("api-no-estimation"),
+        min_sync_1s: variant("api-min-sync-1s"),
+        manifests: run("manifests"),
+        churn: variant("churn"),
+        churn_kernel: variant("churn-kernel"),
+        delivery: run("delivery"),
     };
-    let baseline = phase("baseline").get("baseline");
-    print_table(n, m, &phases, baseline);
+    let baseline = run("baseline").map(|b| b.get("baseline"));
+    if let Some(baseline) = baseline {
+        print_table(n, m, &phases, baseline);
+    }
     if let Some(churn) = &phases.churn {
-        print_churn(churn);
+        print_churn(churn, phases.churn_kernel.as_ref());
     }
     if let Some(path) = &args.results {
         let mut results = serde_json::to_value(&phases).unwrap();
         results["services"] = n.into();
         results["endpoints"] = m.into();
         results["nodes"] = nodes.into();
-        results["baseline"] = baseline.as_secs_f64().into();
+        results["baseline"] = baseline.map(|b| b.as_secs_f64()).into();
         std::fs::write(path, serde_json::to_string_pretty(&results).unwrap()).unwrap();
     }
 }
@@ -385,11 +435,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
     let ipvs = IpvsHandle::new().unwrap();
     let mut measured = Measured::default();
     // Through the API.
-    let api = FakeApiServer::start().await.unwrap();
-    for i in 0..n {
-        api.apply(service(i));
-        api.apply(slice(i, m, i * m, args.nodes));
-    }
+    let api = populated_api(args).await;
     let kubeconfig = kubeconfig_file("bench", &api.kubeconfig());
     let kubeconfig = kubeconfig.to_str().unwrap().to_owned();
     let started = Instant::now();
@@ -405,6 +451,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
     let mut daemon = Daemon::start_binary(&args.binary, "bench-api", &daemon_args, LOG);
     daemon.wait_synced_within(cold_start_limit(args));
     let cold_api = started.elapsed();
+    print_cold_start(&daemon.log());
     assert_eq!(kernel_size(&ipvs).await, (n, n * m), "every virtual server and destination");
     eprintln!("bench: cold start through the API: {cold_api:?}");
 
@@ -414,15 +461,11 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
     // The poll below stands for no one on a real node: from here on this thread yields the CPU
     // to everything else (the daemon, and the fake API server, which is not on the node
     // either), so that it does not delay the changes it measures.
-    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
-        .expect("SCHED_IDLE for the measuring thread");
+    yield_to_everything_else();
     let mut end_to_end = Vec::new();
     for change in 0..WARM_UP + 100 {
-        let i = (change * 7919) % n;
-        let fresh = n * m + change;
-        let mut changed = slice(i, m - 1, i * m, args.nodes);
-        changed["endpoints"].as_array_mut().unwrap().push(endpoint_object(fresh, args.nodes));
+        let (i, fresh) = (change * 7919 % n, n * m + change);
+        let changed = replaced(args, i, fresh);
         let key = ServiceKey::tcp(SocketAddr::from((cluster_ip(i), 80)));
         let wanted = SocketAddr::from((endpoint(fresh), 8080));
         let applied = Instant::now();
@@ -536,21 +579,13 @@ async fn manifests_phase(args: &Args) -> Measured {
 async fn delivery_phase(args: &Args) -> Measured {
     let (n, m) = (args.services, args.endpoints);
     let mut measured = Measured::default();
-    let api = FakeApiServer::start().await.unwrap();
-    for i in 0..n {
-        api.apply(service(i));
-        api.apply(slice(i, m, i * m, args.nodes));
-    }
+    let api = populated_api(args).await;
     let delivery = Delivery::watch(api.address(), api.version()).await;
-    let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-    set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle)
-        .expect("SCHED_IDLE for the measuring thread");
+    yield_to_everything_else();
     let mut delivered = Vec::new();
     for change in 0..WARM_UP + 100 {
-        let i = (change * 7919) % n;
-        let fresh = n * m + change;
-        let mut changed = slice(i, m - 1, i * m, args.nodes);
-        changed["endpoints"].as_array_mut().unwrap().push(endpoint_object(fresh, args.nodes));
+        let (i, fresh) = (change * 7919 % n, n * m + change);
+        let changed = replaced(args, i, fresh);
         let address = endpoint(fresh).to_string();
         let applied = Instant::now();
         api.apply(changed);
@@ -588,17 +623,14 @@ async fn churn_phase(args: &Args) -> Measured {
     }
     let ipvs = IpvsHandle::new().unwrap();
     let mut measured = Measured::default();
-    let api = FakeApiServer::start().await.unwrap();
-    for i in 0..n {
-        api.apply(service(i));
-        api.apply(slice(i, m, i * m, args.nodes));
-    }
+    let api = populated_api(args).await;
     let kubeconfig = kubeconfig_file("churn", &api.kubeconfig());
     let config = shipped_config();
     let daemon_args =
         ["--config", config.to_str().unwrap(), "--kubeconfig", kubeconfig.to_str().unwrap()];
     let mut daemon = Daemon::start_binary(&args.binary, "bench-churn", &daemon_args, LOG);
     daemon.wait_synced_within(cold_start_limit(args));
+    print_cold_start(&daemon.log());
     assert_eq!(kernel_size(&ipvs).await, (n, n * m));
 
     // The samples are followed on a thread of their own, at the lowest priority. A change is
@@ -607,8 +639,7 @@ async fn churn_phase(args: &Args) -> Measured {
     // coalesced, as it should be, and done when its successor is.
     let (sample_tx, sample_rx) = std::sync::mpsc::channel::<(ServiceKey, usize, Instant)>();
     let follower = std::thread::spawn(move || {
-        let idle = ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle);
-        set_thread_priority_and_policy(thread_native_id(), ThreadPriority::Min, idle).unwrap();
+        yield_to_everything_else();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let ipvs = runtime.block_on(async { IpvsHandle::new() }).unwrap();
         let mut pending: Vec<(ServiceKey, usize, Instant)> = Vec::new();
@@ -662,10 +693,8 @@ async fn churn_phase(args: &Args) -> Measured {
             tokio::time::sleep(wait).await;
         }
         for _ in 0..per_tick {
-            let i = (written * 7919) % n;
-            let fresh = n * m + 1_000 + written;
-            let mut changed = slice(i, m - 1, i * m, args.nodes);
-            changed["endpoints"].as_array_mut().unwrap().push(endpoint_object(fresh, args.nodes));
+            let (i, fresh) = churn_change(written, n, m);
+            let changed = replaced(args, i, fresh);
             api.apply(changed);
             last.insert(i, fresh);
             if written % CHURN_SAMPLE == 0 {
@@ -733,8 +762,67 @@ async fn churn_phase(args: &Args) -> Measured {
     measured
 }
 
-/// The churn phase's table.
-fn print_churn(churn: &Measured) {
+/// The rolling update's `written`-th change: Service `i` gets the endpoint numbered `fresh`
+/// in place of its newest one.
+fn churn_change(written: usize, n: usize, m: usize) -> (usize, usize) {
+    ((written * 7919) % n, n * m + 1_000 + written)
+}
+
+/// The rolling update's baseline: the kernel alone. The same changes on the same schedule,
+/// each written straight to IPVS as the least it takes (add the new destination, delete the
+/// one it replaces) by this process: no API server, no daemon, no graceful drain.
+async fn churn_kernel_phase(args: &Args) -> Measured {
+    use ipvs_netlink::{Change, Destination, VirtualService};
+    let (n, m) = (args.services, args.endpoints);
+    let ipvs = IpvsHandle::new().unwrap();
+    let key = |i: usize| ServiceKey::tcp(SocketAddr::from((cluster_ip(i), 80)));
+    let address = |e: usize| SocketAddr::from((endpoint(e), 8080));
+    let mut table = Vec::with_capacity(n * (m + 1));
+    for i in 0..n {
+        table.push(Change::AddService(VirtualService::new(key(i), "rr")));
+        let destinations = (i * m..(i + 1) * m).map(|e| Destination::new(address(e)));
+        table.extend(destinations.map(|d| Change::AddDestination(key(i), d)));
+    }
+    for chunk in table.chunks(4096) {
+        ipvs.apply(chunk).await.into_iter().collect::<Result<(), _>>().unwrap();
+    }
+    assert_eq!(kernel_size(&ipvs).await, (n, n * m));
+
+    let mut newest: std::collections::HashMap<usize, usize> =
+        (0..n).map(|i| (i, i * m + m - 1)).collect();
+    let cpu_before = cpu_time(std::process::id());
+    let started = Instant::now();
+    let tick = Duration::from_millis(10);
+    let per_tick = CHURN_RATE / 100;
+    let mut written = 0;
+    while written < CHURN_RATE * CHURN_SECONDS {
+        let due = started + tick * (written / per_tick) as u32;
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            tokio::time::sleep(wait).await;
+        }
+        let mut changes = Vec::with_capacity(2 * per_tick);
+        for _ in 0..per_tick {
+            let (i, fresh) = churn_change(written, n, m);
+            let replaced = newest.insert(i, fresh).unwrap();
+            changes.push(Change::AddDestination(key(i), Destination::new(address(fresh))));
+            changes.push(Change::DeleteDestination(key(i), address(replaced)));
+            written += 1;
+        }
+        ipvs.apply(&changes).await.into_iter().collect::<Result<(), _>>().unwrap();
+    }
+    let took = started.elapsed();
+    let cpu = cpu_time(std::process::id()) - cpu_before;
+    // Checked, not timed.
+    assert_eq!(kernel_size(&ipvs).await, (n, n * m));
+    let mut measured = Measured::default();
+    measured.time("took", took);
+    measured.time("cpu", cpu);
+    measured.figures.insert("changes".into(), written as f64);
+    measured
+}
+
+/// The churn phase's table, beside the kernel alone when it ran.
+fn print_churn(churn: &Measured, kernel: Option<&Measured>) {
     let latency = churn.sorted("latency");
     let burst = churn.get("burst");
     let changes = churn.figures["changes"];
@@ -765,6 +853,20 @@ fn print_churn(churn: &Measured) {
         ms(churn.get("cpu")),
         100.0 * churn.get("cpu").as_secs_f64() / (burst + churn.get("lag")).as_secs_f64()
     );
+    println!(
+        "| from the first write to the kernel holding every change | {} |",
+        ms(burst + churn.get("lag"))
+    );
+    if let Some(kernel) = kernel {
+        let took = kernel.get("took");
+        println!(
+            "| baseline: the kernel alone, the same {:.0} changes written straight to IPVS on the same schedule (add the new, delete the replaced): until done, achieved rate, CPU | {} , {:.0} a second, {} |",
+            kernel.figures["changes"],
+            ms(took),
+            kernel.figures["changes"] / took.as_secs_f64(),
+            ms(kernel.get("cpu"))
+        );
+    }
 }
 
 async fn baseline_phase(args: &Args) -> Measured {
@@ -787,16 +889,23 @@ const VARIANTS_UP_TO: usize = 10_000;
 /// [`VARIANTS_UP_TO`] Services).
 #[derive(Debug, serde::Serialize)]
 struct Phases {
-    api: Measured,
+    api: Option<Measured>,
     no_estimation: Option<Measured>,
     min_sync_1s: Option<Measured>,
-    manifests: Measured,
+    manifests: Option<Measured>,
     churn: Option<Measured>,
-    delivery: Measured,
+    churn_kernel: Option<Measured>,
+    delivery: Option<Measured>,
 }
 
+/// The table of the API, manifests and delivery phases; nothing unless all three ran.
 fn print_table(n: usize, m: usize, phases: &Phases, baseline: Duration) {
-    let Phases { api, no_estimation, min_sync_1s, manifests, delivery, .. } = phases;
+    let Phases { no_estimation, min_sync_1s, .. } = phases;
+    let (Some(api), Some(manifests), Some(delivery)) =
+        (&phases.api, &phases.manifests, &phases.delivery)
+    else {
+        return;
+    };
     let mut rows: Vec<(String, String, String)> = Vec::new();
     let (cold_api, cold_manifests) = (api.get("cold"), manifests.get("cold"));
     let (daemon_side, end_to_end) = (api.sorted("daemon_side"), api.sorted("end_to_end"));
