@@ -10,7 +10,7 @@ use std::{
 
 use controller::{
     changes::{ChangeTracker, Scope, desired_state},
-    desired::{DesiredState, NodeInfo, ProxyConfig, ServiceInfo, Slice},
+    desired::{DesiredState, NodeInfo, ProxyConfig, Slice},
     reconcile::{KernelState, plan},
 };
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
@@ -94,29 +94,6 @@ fn programmed(desired: &DesiredState) -> KernelState {
         .collect()
 }
 
-/// A change tracker that listed `services` and `slices`, computed once, as the daemon's
-/// first sync leaves it.
-fn listed(
-    services: &[Service],
-    slices: &[EndpointSlice],
-    config: &ProxyConfig,
-    node: &NodeInfo,
-) -> ChangeTracker {
-    let mut tracker = ChangeTracker::new(config.clone());
-    tracker.service(&Event::Init);
-    for service in services {
-        tracker.service(&Event::InitApply(Arc::new(ServiceInfo::from(service))));
-    }
-    tracker.service(&Event::InitDone);
-    tracker.slice(&Event::Init);
-    for slice in slices {
-        tracker.slice(&Event::InitApply(Arc::new(Slice::from(slice))));
-    }
-    tracker.slice(&Event::InitDone);
-    tracker.compute(node);
-    tracker
-}
-
 fn human(d: Duration) -> String {
     let us = d.as_secs_f64() * 1e6;
     if us >= 1000.0 { format!("{:.1} ms", us / 1000.0) } else { format!("{us:.1} µs") }
@@ -159,7 +136,7 @@ fn main() {
         // kept, the event tracked, the Service recomputed and joined, and its virtual servers
         // diffed against the kernel.
         let kernel = programmed(&desired);
-        let mut tracker = listed(&all_services, &slices, &config, &node);
+        let mut tracker = ChangeTracker::listed(&all_services, &slices, &node, &config);
         let mut incremental = Vec::new();
         for round in 0..200 {
             let i = (round * 7919) % services;

@@ -269,6 +269,31 @@ impl ChangeTracker {
     }
 }
 
+impl ChangeTracker {
+    /// A tracker that took `services` and `slices` as the watches' first lists deliver them,
+    /// and computed once for `node`: as the daemon's first sync leaves it.
+    pub fn listed<'a>(
+        services: impl IntoIterator<Item = &'a Service>,
+        slices: impl IntoIterator<Item = &'a EndpointSlice>,
+        node: &NodeInfo,
+        config: &ProxyConfig,
+    ) -> Self {
+        let mut tracker = ChangeTracker::new(config.clone());
+        tracker.service(&Event::Init);
+        for service in services {
+            tracker.service(&Event::InitApply(Arc::new(ServiceInfo::from(service))));
+        }
+        tracker.service(&Event::InitDone);
+        tracker.slice(&Event::Init);
+        for slice in slices {
+            tracker.slice(&Event::InitApply(Arc::new(Slice::from(slice))));
+        }
+        tracker.slice(&Event::InitDone);
+        tracker.compute(node);
+        tracker
+    }
+}
+
 /// What the node must hold for all these Services and EndpointSlices, as the daemon computes
 /// it once they are listed; its problems include the slices [waiting](ChangeTracker::waiting)
 /// for their Service.
@@ -278,18 +303,7 @@ pub fn desired_state<'a>(
     node: &NodeInfo,
     config: &ProxyConfig,
 ) -> DesiredState {
-    let mut tracker = ChangeTracker::new(config.clone());
-    tracker.service(&Event::Init);
-    for service in services {
-        tracker.service(&Event::InitApply(Arc::new(ServiceInfo::from(service))));
-    }
-    tracker.service(&Event::InitDone);
-    tracker.slice(&Event::Init);
-    for slice in slices {
-        tracker.slice(&Event::InitApply(Arc::new(Slice::from(slice))));
-    }
-    tracker.slice(&Event::InitDone);
-    tracker.compute(node);
+    let tracker = ChangeTracker::listed(services, slices, node, config);
     let mut problems = tracker.problems();
     problems.extend(tracker.waiting());
     problems.sort();
