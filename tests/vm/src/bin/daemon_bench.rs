@@ -193,11 +193,10 @@ fn ms(d: Duration) -> String {
     }
 }
 
-/// The daemon-side durations of the partial syncs (or the full checks) in the log, in order.
-fn syncs(log: &str, full: bool) -> Vec<Duration> {
-    let kind = if full { "full=true" } else { "full=false" };
+/// The daemon-side durations of the partial syncs in the log, in order.
+fn partial_syncs(log: &str) -> Vec<Duration> {
     log.lines()
-        .filter(|l| l.contains(" synced") && l.contains(kind))
+        .filter(|l| l.contains(" synced") && l.contains("full=false"))
         .filter_map(|l| l.split("reported_us=").nth(1)?.split_whitespace().next()?.parse().ok())
         .map(Duration::from_micros)
         .collect()
@@ -219,7 +218,7 @@ fn print_cold_start(log: &str) {
 fn print_slow_syncs(log: &str) {
     let lines: Vec<&str> = log.lines().collect();
     for (at, line) in lines.iter().enumerate() {
-        let slow = syncs(line, false).first().is_some_and(|d| *d > Duration::from_millis(5));
+        let slow = partial_syncs(line).first().is_some_and(|d| *d > Duration::from_millis(5));
         if slow {
             for context in &lines[at.saturating_sub(3)..=at] {
                 eprintln!("bench: slow change: {context}");
@@ -491,7 +490,7 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
         eprintln!("bench: {line}");
     }
     print_slow_syncs(&log);
-    let mut daemon_side = syncs(&log, false);
+    let mut daemon_side = partial_syncs(&log);
     let first_sync = daemon_side.first().copied().unwrap_or_default();
     let mut daemon_side = daemon_side.split_off(WARM_UP.min(daemon_side.len()));
     daemon_side.sort();
@@ -506,28 +505,28 @@ async fn api_phase(args: &Args, variant: Variant) -> Measured {
         return measured;
     }
 
-    // Idle: full checks every 5 s, nothing to write (once the replaced endpoints drained).
+    // Idle: full checks 5 s apart, nothing to write (once the replaced endpoints drained).
     vm_tests::daemon::eventually(Duration::from_secs(60), || {
         let draining = daemon.metric("kube_ipvs_draining_destinations");
         (draining == 0.0).then_some(()).ok_or(draining)
     });
+    // From the end of one full check to the end of the third after it: three whole cycles of
+    // check and 5 s pause. Nothing else runs, so the CPU time is the checks'.
+    let checks = "kube_ipvs_full_checks_total";
+    let ended = |daemon: &Daemon, count: f64| {
+        vm_tests::daemon::eventually(Duration::from_secs(900), || {
+            let done = daemon.metric(checks);
+            (done >= count).then_some(()).ok_or(done)
+        })
+    };
+    let first = daemon.metric(checks) + 1.0;
+    ended(&daemon, first);
     let (writes, cpu) = (ipvs_writes(&daemon.metrics()), cpu_time(daemon.pid()));
-    let checks_before = syncs(&daemon.log(), true).len();
-    // 16 s, and longer if three full checks have not ended by then (at 50,000 Services one
-    // takes longer than the period).
     let idle_started = Instant::now();
-    tokio::time::sleep(Duration::from_secs(16)).await;
-    vm_tests::daemon::eventually(Duration::from_secs(900), || {
-        let checks = syncs(&daemon.log(), true).len() - checks_before;
-        (checks >= 3).then_some(()).ok_or(checks)
-    });
+    ended(&daemon, first + IDLE_CHECKS as f64);
     let idle_for = idle_started.elapsed();
     let idle_writes = ipvs_writes(&daemon.metrics()) - writes;
     let idle_cpu = cpu_time(daemon.pid()) - cpu;
-    // The full checks of the idle period: nothing else ran, so the CPU time is theirs.
-    let mut full_checks = syncs(&daemon.log(), true).split_off(checks_before);
-    full_checks.sort();
-    measured.samples.insert("full_check".into(), secs(&full_checks));
     let status = status(daemon.pid());
     let parts = status.lines().filter(|l| l.starts_with("Rss") || l.starts_with("VmHWM"));
     eprintln!("bench: memory when idle: {}", parts.collect::<Vec<_>>().join(", "));
@@ -882,6 +881,9 @@ async fn baseline_phase(args: &Args) -> Measured {
     measured
 }
 
+/// The full checks the idle period lasts.
+const IDLE_CHECKS: u32 = 3;
+
 /// The largest size at which the API variants and the rolling update run.
 const VARIANTS_UP_TO: usize = 10_000;
 
@@ -912,7 +914,6 @@ fn print_table(n: usize, m: usize, phases: &Phases, baseline: Duration) {
     let (first_sync, first_change) = (api.get("first_sync"), api.get("first_change"));
     let idle_writes = api.figures["idle_writes"];
     let (idle_cpu, total_cpu) = (api.get("idle_cpu"), api.get("total_cpu"));
-    let full_checks = api.sorted("full_check");
     let idle_for = api.get("idle_for");
     let (rss, rss_manifests) = (api.figures["rss"], manifests.figures["rss"]);
 
@@ -974,22 +975,13 @@ fn print_table(n: usize, m: usize, phases: &Phases, baseline: Duration) {
         String::new(),
     ));
     rows.push((
-        format!("idle, {} with a 5 s sync period: IPVS writes", ms(idle_for)),
+        format!("idle, {IDLE_CHECKS} full checks 5 s apart ({}): IPVS writes", ms(idle_for)),
         format!("{idle_writes}"),
         String::new(),
     ));
     rows.push((
-        format!("idle, {} with a 5 s sync period: CPU time", ms(idle_for)),
-        ms(idle_cpu),
-        String::new(),
-    ));
-    rows.push((
-        format!("one full check (idle), median of {}: duration / CPU time", full_checks.len()),
-        format!(
-            "{} / {}",
-            ms(percentile(&full_checks, 0.5)),
-            ms(idle_cpu / full_checks.len() as u32)
-        ),
+        "one full check (idle): duration with the 5 s pause / CPU time".into(),
+        format!("{} / {}", ms(idle_for / IDLE_CHECKS), ms(idle_cpu / IDLE_CHECKS)),
         String::new(),
     ));
     rows.push(("daemon CPU time, whole API run".into(), ms(total_cpu), String::new()));
