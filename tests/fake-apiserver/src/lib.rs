@@ -27,6 +27,7 @@ use std::{
     collections::BTreeMap,
     convert::Infallible,
     net::SocketAddr,
+    ops::Bound,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -305,28 +306,42 @@ impl Shared {
     fn list(&self, resource: Resource, params: &Params) -> Response {
         let mut store = lock(&self.store);
         store.requests.push(format!("LIST {}", resource.plural()));
-        let offset: usize = match params.continue_.as_deref() {
-            None | Some("") => 0,
-            Some(token) => match token.parse() {
-                Ok(offset) => offset,
-                Err(_) => {
+        // As the real API server, a page goes on from the last key of the one before (the
+        // continue token names it), so that a page costs its own objects, not every object
+        // before it.
+        let first = (resource, String::new(), String::new());
+        let from = match params.continue_.as_deref() {
+            None | Some("") => Bound::Included(first),
+            Some(token) => match token.split_once('/') {
+                Some((namespace, name)) => {
+                    Bound::Excluded((resource, namespace.to_owned(), name.to_owned()))
+                }
+                None => {
                     let body =
                         status(400, "BadRequest", format!("invalid continue token {token:?}"));
                     return json_response(StatusCode::BAD_REQUEST, &body);
                 }
             },
         };
-        let matching: Vec<&Value> = store
-            .objects
-            .iter()
-            .filter(|((r, _, _), object)| *r == resource && params.matches(object))
-            .map(|(_, object)| object)
-            .collect();
         let limit = params.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
-        let page: Vec<&Value> = matching.iter().skip(offset).take(limit).copied().collect();
+        let mut page: Vec<&Value> = Vec::new();
+        let mut last = None;
+        let mut more = false;
+        let objects = store.objects.range((from, Bound::Unbounded));
+        for ((_, namespace, name), object) in objects.take_while(|((r, _, _), _)| *r == resource) {
+            if !params.matches(object) {
+                continue;
+            }
+            if page.len() == limit {
+                more = true;
+                break;
+            }
+            page.push(object);
+            last = Some(format!("{namespace}/{name}"));
+        }
         let mut metadata = json!({"resourceVersion": store.version.to_string()});
-        if offset + page.len() < matching.len() {
-            metadata["continue"] = (offset + page.len()).to_string().into();
+        if let (true, Some(last)) = (more, last) {
+            metadata["continue"] = last.into();
         }
         let body = json!({
             "kind": format!("{}List", resource.kind()),
@@ -769,5 +784,47 @@ mod tests {
         .unwrap();
         assert!(started.elapsed() < Duration::from_secs(5), "{text}");
         assert!(text.contains("BOOKMARK"), "{text}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_list_is_paged_from_the_last_key_of_the_page_before() {
+        let server = FakeApiServer::start().await.unwrap();
+        for name in ["e", "a", "d", "b", "c"] {
+            let metadata = json!({"name": name, "namespace": "ns"});
+            server.apply(json!({"kind": "Service", "metadata": metadata,
+                                "spec": {"clusterIP": "10.96.0.1"}}));
+        }
+        // A slice sorts after the Services: no page reads into it.
+        server.apply(json!({"kind": "EndpointSlice", "addressType": "IPv4", "endpoints": [],
+            "metadata": {"name": "a", "namespace": "ns",
+                         "labels": {"kubernetes.io/service-name": "a"}}}));
+        let address = server.address();
+        let page = move |token: Option<String>| async move {
+            let mut path = "/api/v1/services?limit=2".to_owned();
+            if let Some(token) = token {
+                path.push_str(&format!("&continue={token}"));
+            }
+            let text = tokio::task::spawn_blocking(move || get(address, &path)).await.unwrap();
+            let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
+            let list: Value = serde_json::from_str(body).unwrap();
+            let names: Vec<String> = (list["items"].as_array().unwrap().iter())
+                .map(|o| o["metadata"]["name"].as_str().unwrap().to_owned())
+                .collect();
+            (names, list["metadata"]["continue"].as_str().map(str::to_owned))
+        };
+        let mut seen = Vec::new();
+        let mut token = None;
+        loop {
+            let (names, next) = page(token).await;
+            assert!(names.len() <= 2, "{names:?}");
+            seen.extend(names);
+            match next {
+                Some(next) => token = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(seen, ["a", "b", "c", "d", "e"]);
+        let bad = tokio::task::spawn_blocking(move || get(address, "/api/v1/services?continue=x"));
+        assert!(bad.await.unwrap().contains("invalid continue token"));
     }
 }
